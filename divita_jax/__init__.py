@@ -1,0 +1,1 @@
+"""DIViTA: Dual Image and Video Transformer Architecture in JAX/Flax."""
