@@ -19,13 +19,20 @@ import ml_collections
 
 
 def parse_variants(arg: str | None) -> set[str]:
-  known = {"trailers12k", "image_only", "video_only", "early_fusion",
-           "fixed_clips", "runlocal"}
+  known = {
+    "trailers12k",
+    "image_only",
+    "video_only",
+    "early_fusion",
+    "fixed_clips",
+    "runlocal",
+  }
   variants = {v for v in (arg or "").split(",") if v}
   unknown = variants - known
   if unknown:
-    raise ValueError(f"Unknown config variant(s) {sorted(unknown)}; "
-                     f"known: {sorted(known)}.")
+    raise ValueError(
+      f"Unknown config variant(s) {sorted(unknown)}; known: {sorted(known)}."
+    )
   return variants
 
 
@@ -53,8 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Frozen backbones (divita_jax/models, divita_jax/extract.py) ----
   c.backbones = ml_collections.ConfigDict()
-  for name, kind, variant in (("image", "vit", "tiny/8"),
-                              ("video", "vivit", "tiny/8")):
+  for name, kind, variant in (
+    ("image", "vit", "tiny/8"),
+    ("video", "vivit", "tiny/8"),
+  ):
     b = ml_collections.ConfigDict()
     b.kind = kind  # vit (per frame, mean over T) | vivit (per clip).
     b.checkpoint = ""  # Converted checkpoint dir; "" = random init.
@@ -69,8 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- Representations ----
   c.reps = ml_collections.ConfigDict()
   c.reps.dir = ""  # Store root; "" = <workdir>/reps.
-  c.reps.zarr_image = ""  # reps config: official zarr group of the image branch.
-  c.reps.zarr_video = ""  # reps config: official zarr group of the video branch.
+  c.reps.zarr_image = (
+    ""  # reps config: official zarr group of the image branch.
+  )
+  c.reps.zarr_video = (
+    ""  # reps config: official zarr group of the video branch.
+  )
 
   # ---- DIViTA head (divita_jax/models/divita.py) ----
   c.model = ml_collections.ConfigDict()
@@ -104,8 +117,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.shape = (-1, 1)  # Sizes of mesh axes; -1 fills with the devices.
   c.mesh.axes = ("data", "model")
   # Logical axis name -> mesh axis (None = replicated).
-  c.mesh.rules = (("batch", "data"), ("embed", None), ("mlp", "model"),
-                  ("heads", "model"), ("clips", None), ("classes", None))
+  c.mesh.rules = (
+    ("batch", "data"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("clips", None),
+    ("classes", None),
+  )
 
   if "runlocal" in variants:
     c.dataset.num_trailers = 48

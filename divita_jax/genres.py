@@ -1,16 +1,16 @@
 """The 10 Trailers12k genres, in the order used everywhere."""
 
 GENRES = (
-    "action",
-    "adventure",
-    "comedy",
-    "crime",
-    "drama",
-    "fantasy",
-    "horror",
-    "romance",
-    "sci-fi",
-    "thriller",
+  "action",
+  "adventure",
+  "comedy",
+  "crime",
+  "drama",
+  "fantasy",
+  "horror",
+  "romance",
+  "sci-fi",
+  "thriller",
 )
 # Short names (first three letters) used as CSV columns in results tables.
 SHORT_NAMES = tuple(g[:3] for g in GENRES)

@@ -42,8 +42,9 @@ class NpyStore:
     array = np.asarray(array, np.float32)
     if array.ndim != 2:
       raise ValueError(
-          f"Representations of {trailer_id} must be [clips, features], got "
-          f"shape {array.shape}.")
+        f"Representations of {trailer_id} must be [clips, features], got "
+        f"shape {array.shape}."
+      )
     if not np.all(np.isfinite(array)):
       raise ValueError(f"Representations of {trailer_id} contain NaN/inf.")
     fd, tmp = tempfile.mkstemp(dir=self.path, suffix=".tmp")
@@ -93,5 +94,6 @@ class ZarrStore:
     array = np.asarray(self._group[trailer_id][...], np.float32)
     if not np.all(np.isfinite(array)):
       raise ValueError(
-          f"Representations of {trailer_id} in {self.path} contain NaN/inf.")
+        f"Representations of {trailer_id} in {self.path} contain NaN/inf."
+      )
     return array

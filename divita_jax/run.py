@@ -1,0 +1,138 @@
+"""The DIViTA protocol, stage by stage.
+
+ensure dataset (TFDS trailers12k) -> clip representations (extracted once,
+cached in the store) -> for each fold: train the head, evaluate the best
+validation checkpoint on validation and test -> results tables. Every stage
+resumes: a rerun with the same workdir skips finished work.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+import tfds_trailers12k
+from divita_jax import extract, genres, report, reps, train
+
+
+def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
+  """Builds the TFDS dataset if needed; returns (builder, index)."""
+  data_dir = config.dataset.data_dir or os.path.join(workdir, "tfds")
+  kwargs = {}
+  if config.dataset.config == "synthetic":
+    kwargs = dict(num_trailers=config.dataset.num_trailers, seed=config.seed)
+  if jax.process_index() == 0:
+    tfds_trailers12k.build(
+      config.dataset.config,
+      data_dir,
+      config.dataset.manual_dir or None,
+      **kwargs,
+    )
+  multihost_utils.sync_global_devices("dataset built")
+  builder = tfds_trailers12k.build(
+    config.dataset.config, data_dir, config.dataset.manual_dir or None, **kwargs
+  )
+  return builder, tfds_trailers12k.load_index(builder)
+
+
+def representation_readers(config, workdir, builder, index) -> dict:
+  """Readers (branch -> store) of the clip representations the head uses."""
+  if config.dataset.config == "reps":
+    paths = {b: config.reps[f"zarr_{b}"] for b in config.model.branches}
+    missing = [b for b, p in paths.items() if not p]
+    if missing:
+      raise ValueError(
+        f"config.reps.zarr_{missing[0]} must point to the "
+        f"official zarr group of the {missing[0]} branch."
+      )
+    return {b: reps.ZarrStore(p) for b, p in paths.items()}
+  store_root = config.reps.dir or os.path.join(workdir, "reps")
+  stores = extract.extract(
+    config,
+    tfds_trailers12k.data_source(builder),
+    list(index["ids"]),
+    store_root,
+  )
+  multihost_utils.sync_global_devices("representations extracted")
+  return stores
+
+
+def available(readers: dict, index: dict) -> np.ndarray:
+  """Boolean [N]: trailers with representations in every branch."""
+  return np.array(
+    [all(r.has(i) for r in readers.values()) for i in index["ids"]]
+  )
+
+
+def write_predictions(path: str, ids, probs: np.ndarray) -> None:
+  lines = ["id," + ",".join(genres.SHORT_NAMES)]
+  lines += [
+    f"{i}," + ",".join(f"{p:.6f}" for p in row) for i, row in zip(ids, probs)
+  ]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)
+
+
+def run_fold(config, workdir, readers, index, keep, fold) -> dict:
+  """Trains and evaluates one fold, or loads its finished result."""
+  out = os.path.join(workdir, "results", f"fold{fold}.json")
+  if os.path.exists(out):
+    with open(out) as f:
+      return json.load(f)
+  ids = [i for i, k in zip(index["ids"], keep) if k]
+  result = train.train_fold(
+    config,
+    os.path.join(workdir, f"fold{fold}"),
+    readers,
+    ids,
+    index["labels"][keep],
+    index["split_assignment"][keep],
+    fold,
+  )
+  summary = {k: result[k] for k in ("epoch", "val", "test")}
+  summary = json.loads(json.dumps(summary, default=float))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    for subset in ("val", "test"):
+      write_predictions(
+        os.path.join(workdir, "results", f"fold{fold}_{subset}_probs.csv"),
+        result[f"{subset}_ids"],
+        np.asarray(result[f"{subset}_probs"]),
+      )
+    with open(out + ".tmp", "w") as f:
+      json.dump(summary, f, indent=1)
+    os.replace(out + ".tmp", out)
+  return summary
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every stage; returns {fold: {'epoch', 'val', 'test'}}."""
+  os.makedirs(workdir, exist_ok=True)
+  builder, index = ensure_dataset(config, workdir)
+  readers = representation_readers(config, workdir, builder, index)
+  keep = available(readers, index)
+  if not keep.all():
+    logging.warning(
+      "%d trailers have no representations (skipped).", int((~keep).sum())
+    )
+  results = {}
+  for fold in config.folds:
+    results[fold] = run_fold(config, workdir, readers, index, keep, fold)
+    logging.info("Fold %d test: %s", fold, results[fold]["test"])
+  if jax.process_index() == 0:
+    title = (
+      f"DIViTA on trailers12k/{config.dataset.config}: "
+      f"{'+'.join(config.model.branches)}, {config.model.fusion} "
+      f"fusion, CAM {config.model.cam}, {config.clips.segmentation} "
+      "clips"
+    )
+    report.write_results(results, os.path.join(workdir, "results"), title)
+    with open(os.path.join(workdir, "results", "summary.md")) as f:
+      print(f.read())
+  return results
