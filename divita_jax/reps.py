@@ -97,3 +97,27 @@ class ZarrStore:
         f"Representations of {trailer_id} in {self.path} contain NaN/inf."
       )
     return array
+
+
+class MemoryStore:
+  """In-memory reader with the store interface (used by predict)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], tag: str = "memory"):
+    self.tag = tag
+    self._arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+  def has(self, trailer_id: str) -> bool:
+    return trailer_id in self._arrays
+
+  def ids(self) -> list[str]:
+    return sorted(self._arrays)
+
+  @property
+  def num_features(self) -> int:
+    return int(next(iter(self._arrays.values())).shape[1])
+
+  def read(self, trailer_id: str, mmap: bool = False) -> np.ndarray:
+    del mmap
+    if trailer_id not in self._arrays:
+      raise KeyError(f"No representations for {trailer_id} in memory.")
+    return self._arrays[trailer_id]
