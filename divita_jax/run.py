@@ -114,6 +114,9 @@ def run_fold(config, workdir, readers, index, keep, fold) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every stage; returns {fold: {'epoch', 'val', 'test'}}."""
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:  # predict.py rebuilds the run from this file.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   builder, index = ensure_dataset(config, workdir)
   readers = representation_readers(config, workdir, builder, index)
   keep = available(readers, index)
