@@ -26,6 +26,7 @@ def parse_variants(arg: str | None) -> set[str]:
     "early_fusion",
     "fixed_clips",
     "runlocal",
+    "reps",
   }
   variants = {v for v in (arg or "").split(",") if v}
   unknown = variants - known
@@ -69,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     b.checkpoint = ""  # Converted checkpoint dir; "" = random init.
     b.variant = variant  # Used when checkpoint == "": model size/patch.
     b.resolution = 32  # Input side in pixels (short side resize + crop).
-    b.normalization = "minus_one_one"  # imagenet | minus_one_one | zero_one.
+    # "" = the checkpoint's own convention; or imagenet|minus_one_one|zero_one.
+    b.normalization = ""
     b.batch_size = 16  # Clips per extraction step (global).
     b.dtype = "float32"  # Compute dtype: float32 | bfloat16.
     c.backbones[name] = b
@@ -78,12 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- Representations ----
   c.reps = ml_collections.ConfigDict()
   c.reps.dir = ""  # Store root; "" = <workdir>/reps.
-  c.reps.zarr_image = (
-    ""  # reps config: official zarr group of the image branch.
-  )
-  c.reps.zarr_video = (
-    ""  # reps config: official zarr group of the video branch.
-  )
+  # reps config: official zarr groups (relative paths: under manual_dir).
+  c.reps.zarr_image = ""  # Image branch, e.g. trailers_i_swin_fpc24.zarr.
+  c.reps.zarr_video = ""  # Video branch.
 
   # ---- DIViTA head (divita_jax/models/divita.py) ----
   c.model = ml_collections.ConfigDict()
@@ -137,7 +136,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.backbones.image.resolution = 224
     c.backbones.video.variant = "B/16x2"
     c.backbones.video.resolution = 224
-    c.backbones.video.checkpoint = ""
+    # Written by `python -m divita_jax.convert` (README, Conversion).
+    c.backbones.image.checkpoint = "checkpoints/vit_b16_in21k_in1k"
+    c.backbones.video.checkpoint = "checkpoints/vivit_b16x2_k400"
+    c.backbones.image.batch_size = 64
+    c.backbones.video.batch_size = 8
+  if "reps" in variants:  # Table 6 from the official zarr representations.
+    c.dataset.config = "reps"
+    c.reps.zarr_image = "trailers_i_swin_fpc24.zarr"
+    c.reps.zarr_video = "trailers_ik_swin_fps24_fpc24.zarr"
   if "image_only" in variants:
     c.model.branches = ("image",)
   if "video_only" in variants:

@@ -139,7 +139,10 @@ def extract(
   for b in branches:
     module, params, spec = make_backbone(config, b)
     feature_fns[b] = make_feature_fn(
-      module, params, config.backbones[b].kind, spec["normalization"]
+      module,
+      params,
+      config.backbones[b].kind,
+      config.backbones[b].normalization or spec["normalization"],
     )
   for resolution, group in by_resolution.items():
     _extract_group(

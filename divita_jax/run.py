@@ -49,7 +49,8 @@ def representation_readers(config, workdir, builder, index) -> dict:
         f"config.reps.zarr_{missing[0]} must point to the "
         f"official zarr group of the {missing[0]} branch."
       )
-    return {b: reps.ZarrStore(p) for b, p in paths.items()}
+    root = config.dataset.manual_dir
+    return {b: reps.ZarrStore(os.path.join(root, p)) for b, p in paths.items()}
   store_root = config.reps.dir or os.path.join(workdir, "reps")
   stores = extract.extract(
     config,
