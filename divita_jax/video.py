@@ -256,7 +256,8 @@ def _segment_grid(
   times = index.times
   t0 = times[start]
   t1 = times[end] if end < index.num_frames else index.duration
-  length = max(1, int(np.ceil((t1 - t0) * fps - 1e-6)))
+  # Tolerate timestamp rounding of up to 5% of a target frame.
+  length = max(1, int(np.ceil((t1 - t0) * fps - 0.05)))
   grid = t0 + np.arange(length) / fps
   seg = times[start:end]
   if len(seg) == 1:
@@ -264,7 +265,7 @@ def _segment_grid(
   right = np.clip(np.searchsorted(seg, grid), 1, len(seg) - 1)
   left = right - 1
   # Nearest timestamp, ties to the earlier frame.
-  near = np.where(grid - seg[left] <= seg[right] - grid, left, right)
+  near = np.where(grid - seg[left] <= seg[right] - grid + 1e-9, left, right)
   return start + near.astype(np.int64)
 
 
