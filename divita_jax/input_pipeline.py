@@ -1,0 +1,236 @@
+"""Grain pipelines of raw clips (extraction, fine-tuning); per-host sharding.
+
+The source is random access (`len` and `__getitem__`): the TFDS
+`trailers12k` data source (`tfds.data_source(...)`), or a plain list of
+records in tests. A record is a dict with at least 'id' (bytes or str),
+'video' (encoded mp4 bytes), 'shots' int32 [S, 2] (start, end-exclusive
+displayed-frame indices) and, for training, 'labels' [10] multi-hot.
+
+Order is deterministic given the seed; iterators of the returned datasets
+have `get_state()` / `set_state()`, so their position can be checkpointed.
+Clip-representation pipelines for the head live in rep_pipeline.py.
+"""
+
+import functools
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from divita_jax import video
+
+
+def process_shard(
+  indices: np.ndarray,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> np.ndarray:
+  """This process's share of `indices`: every process_count-th one.
+
+  Shares of different processes are disjoint, their union is `indices` and
+  their sizes differ by at most one. Defaults: jax.process_index() /
+  jax.process_count().
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+      f"process_index {process_index} not in [0, {process_count})"
+    )
+  return np.asarray(indices)[process_index::process_count]
+
+
+def global_batch(
+  local_batch: dict[str, np.ndarray], mesh: Mesh, data_axis: str = "data"
+) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax.Arrays split along `data_axis`.
+
+  Each process passes its own rows; the global batch is their concatenation
+  in process order (global rows = local rows * process_count).
+  """
+  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }
+
+
+def _as_str(x) -> str:
+  x = x.item() if isinstance(x, np.ndarray) else x
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _as_bytes(x) -> bytes:
+  x = x.item() if isinstance(x, np.ndarray) else x
+  return bytes(x)
+
+
+class _Subset:
+  """Random-access view of `source` at `indices` -> (index, record)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, k: int):
+    i = int(self._indices[k])
+    return i, self._source[i]
+
+
+def _trailer_clips(item, *, clip_kwargs: dict) -> dict:
+  """(index, record) -> all clips of the trailer, or its error."""
+  index, record = item
+  trailer_id = _as_str(record["id"])
+  try:
+    clips, info = video.sample_clips(
+      _as_bytes(record["video"]),
+      np.asarray(record["shots"]),
+      trailer_id=trailer_id,
+      **clip_kwargs,
+    )
+  except video.VideoError as e:
+    return {"index": index, "id": trailer_id, "error": str(e)}
+  return {
+    "index": index,
+    "id": trailer_id,
+    "clips": clips,  # uint8 [N, T, H, W, 3]
+    "shot_lengths": info["shot_lengths"],  # [N]
+    "frame_indices": info["frame_indices"],  # [N, T]
+  }
+
+
+def _read_options(num_threads: int) -> grain.ReadOptions:
+  return grain.ReadOptions(
+    num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 1)
+  )
+
+
+def _parallel(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+  if worker_count <= 0:
+    return ds
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+
+
+def clip_loader(
+  source,
+  indices: np.ndarray,
+  *,
+  clip_kwargs: dict,
+  seed: int = 0,
+  shuffle: bool = False,
+  num_epochs: int = 1,
+  worker_count: int = 0,
+  num_threads: int = 2,
+) -> grain.IterDataset:
+  """Every clip of each trailer at `indices` (feature extraction).
+
+  `indices` are used as given: pass `process_shard(...)` for per-host work.
+  Yields per trailer {'index': int, 'id': str, 'clips': uint8 [N, T, H, W,
+  3], 'shot_lengths': [N], 'frame_indices': [N, T]}, or {'index', 'id',
+  'error': str} when its video fails (the caller skips or stops).
+  clip_kwargs: keyword arguments of video.sample_clips. Decoding runs on
+  `num_threads` threads (PyAV releases the GIL) and, with worker_count > 0,
+  in that many processes.
+  """
+  ds = grain.MapDataset.source(_Subset(source, indices))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(functools.partial(_trailer_clips, clip_kwargs=clip_kwargs))
+  return _parallel(ds.to_iter_dataset(_read_options(num_threads)), worker_count)
+
+
+def _train_window(
+  item, rng: np.random.Generator, *, clip_kwargs: dict, num_clips: int
+) -> dict:
+  """(index, record) -> a random contiguous window of `num_clips` clips.
+
+  Only the window's frames are decoded. Trailers with fewer clips are padded
+  with zero clips; 'mask' is False there.
+  """
+  index, record = item
+  trailer_id = _as_str(record["id"])
+  kwargs = dict(clip_kwargs)
+  resolution = kwargs.pop("resolution", 224)
+  try:
+    with video.Video(_as_bytes(record["video"]), trailer_id) as v:
+      plan = video.plan_clips(
+        v.index, np.asarray(record["shots"]), trailer_id=trailer_id, **kwargs
+      )
+      total = len(plan["frame_indices"])
+      start = int(rng.integers(0, max(total - num_clips, 0) + 1))
+      window = slice(start, start + num_clips)
+      clips = v.read(plan["frame_indices"][window], resolution)
+  except video.VideoError as e:
+    logging.warning("Skipping a training trailer: %s", e)
+    return {"index": index, "id": trailer_id, "error": str(e)}
+  n = len(clips)
+  pad = num_clips - n
+  return {
+    "index": np.int64(index),
+    # [num_clips, T, H, W, 3]
+    "clips": np.pad(clips, [(0, pad)] + [(0, 0)] * 4),
+    "mask": np.arange(num_clips) < n,  # [num_clips]
+    "shot_lengths": np.pad(plan["shot_lengths"][window], (0, pad)),
+    "labels": np.asarray(record["labels"]),
+  }
+
+
+def _decoded(example: dict) -> bool:
+  return "error" not in example
+
+
+def clip_train_loader(
+  source,
+  indices: np.ndarray,
+  *,
+  clip_kwargs: dict,
+  num_clips: int,
+  global_batch_size: int,
+  seed: int = 0,
+  num_epochs: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int = 0,
+  num_threads: int = 2,
+) -> grain.IterDataset:
+  """Fine-tuning batches of raw clips, this process's share.
+
+  Each example is a random contiguous window of `num_clips` clips of one
+  trailer (padded and masked when shorter), reshuffled every epoch; the
+  window and the order depend only on `seed`. Yields {'clips': uint8 [B,
+  num_clips, T, H, W, 3], 'mask': bool [B, num_clips], 'shot_lengths' [B,
+  num_clips], 'labels' [B, 10], 'index' int64 [B]} with B =
+  global_batch_size / process_count; trailers whose video fails are skipped.
+  Every process gets the same number of examples per epoch (a share one
+  short repeats its first trailer), so all run the same number of steps.
+  `iter(ds)` has get_state()/set_state() for checkpointing.
+  """
+  if process_count is None:
+    process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by the "
+      f"{process_count} processes"
+    )
+  share = process_shard(indices, process_index, process_count)
+  per_process = -(-len(indices) // process_count)
+  share = np.resize(share, per_process)  # Equal lengths: wrap around.
+  ds = grain.MapDataset.source(_Subset(source, share)).seed(seed)
+  ds = ds.shuffle().repeat(num_epochs)
+  ds = ds.random_map(
+    functools.partial(
+      _train_window, clip_kwargs=clip_kwargs, num_clips=num_clips
+    )
+  )
+  ds = ds.to_iter_dataset(_read_options(num_threads))
+  ds = ds.filter(_decoded)
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  return _parallel(ds, worker_count)
