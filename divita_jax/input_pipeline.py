@@ -16,7 +16,7 @@ import functools
 import grain
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from divita_jax import video
@@ -115,6 +115,9 @@ def _read_options(num_threads: int) -> grain.ReadOptions:
 def _parallel(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
   if worker_count <= 0:
     return ds
+  if not flags.FLAGS.is_parsed():
+    # Grain's workers read its absl flags; outside absl.app use defaults.
+    flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
 
