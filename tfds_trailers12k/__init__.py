@@ -1,0 +1,179 @@
+"""Trailers12k as a TFDS dataset (`trailers12k`), and how to select folds.
+
+  builder = tfds_trailers12k.build("synthetic", data_dir, num_trailers=96)
+  source = tfds_trailers12k.data_source(builder)   # random access, 'all'
+  index = tfds_trailers12k.load_index(builder)     # ids, labels, folds
+  train = tfds_trailers12k.subset_indices(index["split_assignment"], 0,
+                                          "train")  # record indices
+
+Videos are stored once (split `all`); a fold's train / validation / test
+subset is a list of record indices into `data_source(builder)`.
+"""
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from divita_jax.genres import NUM_FOLDS, SUBSETS
+from tfds_trailers12k.tfds_trailers12k_dataset_builder import (
+  Trailers12k,
+  Trailers12kConfig,
+)
+
+__all__ = [
+  "Trailers12k",
+  "Trailers12kConfig",
+  "build",
+  "data_source",
+  "load_index",
+  "make_config",
+  "subset_indices",
+]
+_INDEX_FILE = "index.npz"
+
+
+def make_config(config: str, **config_kwargs) -> Trailers12kConfig:
+  """The named config with overrides, named uniquely after the overrides.
+
+  `build("synthetic", d, num_trailers=8)` gets its own config name (and
+  data directory), so builds of different sizes never share a cache.
+  """
+  base = {c.name: c for c in Trailers12k.BUILDER_CONFIGS}
+  if config not in base:
+    raise ValueError(
+      f"Unknown trailers12k config {config!r}; known: {sorted(base)}."
+    )
+  fields = {f.name for f in dataclasses.fields(Trailers12kConfig)}
+  unknown = set(config_kwargs) - fields
+  if unknown:
+    raise ValueError(
+      f"Unknown trailers12k config field(s) {sorted(unknown)} for {config!r}."
+    )
+  if "zarr_groups" in config_kwargs:
+    config_kwargs["zarr_groups"] = tuple(config_kwargs["zarr_groups"])
+  changed = {
+    k: v
+    for k, v in sorted(config_kwargs.items())
+    if v != getattr(base[config], k)
+  }
+  if not changed:
+    return base[config]  # TFDS wants the registered instance itself.
+  digest = hashlib.sha1(repr(changed).encode()).hexdigest()[:8]
+  return dataclasses.replace(
+    base[config],
+    **changed,
+    name=f"{config}_{digest}",
+    description=f"{base[config].description} Overrides: {changed}.",
+  )
+
+
+def _summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:
+  skipped = builder.info.metadata.get("skipped", [])
+  lines = [
+    f"trailers12k/{builder.builder_config.name}: "
+    f"{builder.info.splits.total_num_examples} trailers in "
+    f"{builder.data_dir} ({seconds:.1f} s); skipped {len(skipped)}."
+  ]
+  lines += [f"  skipped {s['id']}: {s['reason']}" for s in skipped]
+  return "\n".join(lines)
+
+
+def build(
+  config: str,
+  data_dir: str,
+  manual_dir: str | None = None,
+  num_workers: int = 0,
+  **config_kwargs,
+) -> tfds.core.DatasetBuilder:
+  """Builds trailers12k/<config> under data_dir if needed; returns it.
+
+  `config_kwargs` override `Trailers12kConfig` fields (e.g. num_trailers,
+  seed, detector, zarr_groups); `num_workers` processes decode/generate
+  (0 = all cores). Prints a summary including
+  the skipped trailers (also in `builder.info.metadata['skipped']`).
+  """
+  cfg = make_config(config, **config_kwargs)
+  builder = Trailers12k(config=cfg, data_dir=data_dir)
+  builder.num_workers = num_workers
+  start = time.time()
+  if not builder.is_prepared():
+    if cfg.kind != "synthetic" and not manual_dir:
+      raise ValueError(f"trailers12k/{config} needs manual_dir.")
+    builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+    )
+  print(_summary(builder, time.time() - start), flush=True)
+  return builder
+
+
+def data_source(builder: tfds.core.DatasetBuilder):
+  """Random-access source of split 'all' (record order = index order)."""
+  return builder.as_data_source(split="all")
+
+
+def _compute_index(builder) -> dict:
+  source = data_source(builder)
+  ids, labels, splits, num_shots = [], [], [], []
+  for i in range(len(source)):
+    ex = source[i]
+    ids.append(ex["id"].decode() if isinstance(ex["id"], bytes) else ex["id"])
+    labels.append(ex["labels"])
+    splits.append(ex["split_assignment"])
+    if "shots" in ex:
+      num_shots.append(len(ex["shots"]))
+    else:  # reps: number of clips of the first group.
+      num_shots.append(len(next(iter(ex["reps"].values()))))
+  return dict(
+    ids=np.asarray(ids, dtype=str),
+    labels=np.asarray(labels, np.int32).reshape(-1, 10),
+    split_assignment=np.asarray(splits, np.int32).reshape(-1, NUM_FOLDS),
+    num_shots=np.asarray(num_shots, np.int32),
+  )
+
+
+def load_index(builder: tfds.core.DatasetBuilder) -> dict:
+  """Per-record ids, labels, split_assignment, num_shots (record order).
+
+  Returns {'ids': list[str], 'labels': int32 [N, 10], 'split_assignment':
+  int32 [N, 3], 'num_shots': int32 [N]} (reps: num_shots = clips of the
+  first group). Computed once by reading the dataset, then cached as
+  index.npz in the builder's data directory.
+  """
+  path = os.path.join(builder.data_dir, _INDEX_FILE)
+  if not os.path.exists(path):
+    index = _compute_index(builder)
+    fd, tmp = tempfile.mkstemp(dir=builder.data_dir, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **index)
+    os.replace(tmp, path)  # Atomic: concurrent readers see all or nothing.
+  with np.load(path) as z:
+    index = {k: z[k] for k in z.files}
+  index["ids"] = [str(i) for i in index["ids"]]
+  return index
+
+
+def subset_indices(
+  split_assignment: np.ndarray, fold: int, subset: str
+) -> np.ndarray:
+  """Record indices of `subset` ('train'|'validation'|'test') of `fold`.
+
+  `split_assignment`: int32 [N, 3] from `load_index`. Returns int64 [M],
+  ascending.
+  """
+  split_assignment = np.asarray(split_assignment)
+  if split_assignment.ndim != 2 or split_assignment.shape[1] != NUM_FOLDS:
+    raise ValueError(
+      f"split_assignment must be [N, {NUM_FOLDS}], got "
+      f"{split_assignment.shape}."
+    )
+  if not isinstance(fold, (int, np.integer)) or not 0 <= fold < NUM_FOLDS:
+    raise ValueError(f"fold must be 0, 1 or 2, got {fold!r}.")
+  if subset not in SUBSETS:
+    raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}.")
+  return np.flatnonzero(split_assignment[:, fold] == SUBSETS.index(subset))

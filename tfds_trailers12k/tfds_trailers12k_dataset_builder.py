@@ -1,0 +1,286 @@
+"""TFDS builder `trailers12k`: trailers, shots, genres and folds.
+
+One stored split, `all`; the three official folds are per-example
+`split_assignment` rows (select them with `tfds_trailers12k.subset_indices`).
+Configs: `synthetic` (generated), `raw` (manual_dir: mtgc.csv, videos/,
+optional metadata.json), `reps` (manual_dir: mtgc.csv + official zarr v2
+representation groups). See README.md in this folder.
+
+Built with `file_format=array_record` (no TensorFlow needed):
+  tfds build tfds_trailers12k --config=synthetic --data_dir=DIR
+  tfds build tfds_trailers12k --config=raw --manual_dir=MANUAL --data_dir=DIR
+"""
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from divita_jax.genres import NUM_FOLDS, NUM_GENRES
+from tfds_trailers12k import mtgc, synthetic, transcode
+
+# Official Swin groups (paper's best); override with `zarr_groups`.
+DEFAULT_ZARR_GROUPS = (
+  "trailers_i_swin_fpc24.zarr",
+  "trailers_ik_swin_fps24_fpc24.zarr",
+)
+
+
+@dataclasses.dataclass(eq=False)
+class Trailers12kConfig(tfds.core.BuilderConfig):
+  """Config fields; which ones apply depends on `kind`."""
+
+  kind: str = "synthetic"  # synthetic | raw | reps.
+  # synthetic: trailers to generate and the generator's seed.
+  num_trailers: int = 96
+  seed: int = 0
+  # synthetic / raw: shot detection (divita_jax/shots.py; threshold 0 =
+  # the detector's default: 27 for content, 3.0 for adaptive).
+  detector: str = "content"
+  threshold: float = 0.0
+  min_shot_len: int = 6
+  downscale: int = 0  # 0 = auto, about 256 px wide.
+  max_flash_len: int = 2
+  # raw: re-encode to this height / fps (0 = keep the source's).
+  reencode_height: int = 0
+  reencode_fps: float = 0.0
+  # reps: zarr group directories inside manual_dir.
+  zarr_groups: tuple[str, ...] = DEFAULT_ZARR_GROUPS
+
+  def shot_kwargs(self) -> dict:
+    return dict(
+      detector=self.detector,
+      threshold=self.threshold or None,
+      min_shot_len=self.min_shot_len,
+      downscale=self.downscale,
+      max_flash_len=self.max_flash_len,
+    )
+
+
+def group_tag(group: str) -> str:
+  """Feature name of a zarr group: its directory name without `.zarr`."""
+  return epath.Path(group).name.removesuffix(".zarr")
+
+
+def _metadata_features() -> dict:
+  return {k: tfds.features.Text() for k in mtgc.METADATA_KEYS}
+
+
+def _features(cfg: Trailers12kConfig) -> tfds.features.FeaturesDict:
+  f = {
+    "id": tfds.features.Text(),
+    "labels": tfds.features.Tensor(shape=(NUM_GENRES,), dtype=np.int32),
+    "split_assignment": tfds.features.Tensor(
+      shape=(NUM_FOLDS,), dtype=np.int32
+    ),
+    **_metadata_features(),
+  }
+  if cfg.kind == "reps":
+    f["reps"] = tfds.features.FeaturesDict(
+      {
+        group_tag(g): tfds.features.Tensor(
+          shape=(None, None),
+          dtype=np.float32,
+          encoding=tfds.features.Encoding.ZLIB,
+        )
+        for g in cfg.zarr_groups
+      }
+    )
+    return tfds.features.FeaturesDict(f)
+  f.update(
+    video=tfds.features.Tensor(shape=(), dtype=np.object_),  # mp4 bytes.
+    fps=tfds.features.Scalar(dtype=np.float32),
+    num_frames=tfds.features.Scalar(dtype=np.int32),
+    height=tfds.features.Scalar(dtype=np.int32),
+    width=tfds.features.Scalar(dtype=np.int32),
+    shots=tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+  )
+  if cfg.kind == "synthetic":
+    f["true_shots"] = tfds.features.Tensor(shape=(None, 2), dtype=np.int32)
+  return tfds.features.FeaturesDict(f)
+
+
+def _map_in_pool(fn, items: list, num_workers: int, desc: str):
+  """Ordered map over worker processes with a trailers/s progress bar."""
+  workers = num_workers or multiprocessing.cpu_count()
+  workers = max(1, min(workers, len(items)))
+  bar = tfds.core.utils.tqdm(total=len(items), desc=desc, unit=" trailers")
+  if workers == 1:
+    for item in items:
+      yield fn(item)
+      bar.update(1)
+  else:
+    # spawn: the caller may be a multithreaded JAX/TF process (fork-unsafe).
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, ctx) as pool:
+      for result in pool.map(fn, items):
+        yield result
+        bar.update(1)
+  bar.close()
+
+
+class Trailers12k(tfds.core.GeneratorBasedBuilder):
+  """Trailers12k movie trailers with shot boundaries and genre labels."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+    Trailers12kConfig(
+      name="synthetic",
+      kind="synthetic",
+      description="Generated genre-correlated trailers (no download).",
+    ),
+    Trailers12kConfig(
+      name="raw",
+      kind="raw",
+      description="Your trailer videos + mtgc.csv; shots detected.",
+    ),
+    Trailers12kConfig(
+      name="reps",
+      kind="reps",
+      description="Official precomputed zarr clip representations.",
+    ),
+  ]
+  DEFAULT_CONFIG_NAME = "synthetic"
+  # Worker processes for decoding/generation (0 = all cores). An attribute,
+  # not a config field: it does not change the data.
+  num_workers = 0
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  raw: put `mtgc.csv`, `videos/<mid>.mp4` (any container FFmpeg reads) and
+  optionally `metadata.json` in manual_dir.
+  reps: put `mtgc.csv` and the official zarr groups (e.g.
+  trailers_i_swin_fpc24.zarr) in manual_dir.
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+      features=_features(self.builder_config),
+      supervised_keys=None,
+      homepage="https://github.com/richardtml/DIViTA",
+      metadata=tfds.core.MetadataDict(skipped=[]),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    cfg = self.builder_config
+    if cfg.kind not in ("synthetic", "raw", "reps"):
+      raise ValueError(f"Unknown trailers12k config kind {cfg.kind!r}.")
+    self.info.metadata["skipped"] = []
+    if cfg.kind == "synthetic":
+      return {"trailers": self._generate_examples(None)}
+    root = epath.Path(dl_manager.manual_dir)
+    return {"trailers": self._generate_examples(root)}
+
+  def _generate_examples(self, root: epath.Path | None):
+    """Yields (id, features) of the configured kind; skips bad trailers."""
+    if root is None:
+      yield from self._generate_synthetic()
+      return
+    # Parsed before any video work: a malformed file fails fast.
+    ann = mtgc.read_mtgc(root / "mtgc.csv")
+    meta = mtgc.read_metadata(root / "metadata.json")
+    if self.builder_config.kind == "raw":
+      yield from self._generate_raw(root, ann, meta)
+    else:
+      yield from self._generate_reps(root, ann, meta)
+
+  def _skip(self, mid: str, reason: str) -> None:
+    self.info.metadata["skipped"].append({"id": mid, "reason": reason})
+
+  def _common(self, mid, labels, split, meta: dict) -> dict:
+    return dict(
+      id=mid,
+      labels=np.asarray(labels, np.int32),
+      split_assignment=np.asarray(split, np.int32),
+      **{k: meta.get(k, "") for k in mtgc.METADATA_KEYS},
+    )
+
+  def _generate_synthetic(self):
+    cfg = self.builder_config
+    gen = synthetic.SyntheticConfig(
+      num_trailers=cfg.num_trailers, seed=cfg.seed
+    )
+    labels = synthetic.sample_labels(gen)  # [N, 10]
+    folds = synthetic.sample_folds(labels, gen.seed)  # [N, 3]
+    items = [
+      (i, gen, labels[i], cfg.shot_kwargs()) for i in range(gen.num_trailers)
+    ]
+    results = _map_in_pool(
+      synthetic.synthetic_example, items, self.num_workers, "synthetic trailers"
+    )
+    for (i, *_), (mid, ex, reason) in zip(items, results):
+      if ex is None:
+        self._skip(mid, reason)
+        continue
+      meta = dict(title=ex.pop("title"), year=ex.pop("year"))
+      yield mid, {**self._common(mid, labels[i], folds[i], meta), **ex}
+
+  def _generate_raw(self, root: epath.Path, ann: mtgc.Annotations, meta):
+    cfg = self.builder_config
+    videos = {}  # mid -> file; any container, mp4 preferred.
+    if (root / "videos").is_dir():
+      for p in sorted((root / "videos").iterdir()):
+        if p.stem not in videos or p.suffix.lower() == ".mp4":
+          videos[p.stem] = p
+    items, rows = [], []
+    for i, mid in enumerate(ann.ids):
+      if mid not in videos:
+        self._skip(mid, "missing file")
+        continue
+      rows.append(i)
+      items.append(
+        (
+          mid,
+          str(videos[mid]),
+          cfg.reencode_height,
+          cfg.reencode_fps,
+          cfg.shot_kwargs(),
+        )
+      )
+    results = _map_in_pool(
+      transcode.raw_example, items, self.num_workers, "raw trailers"
+    )
+    for i, (mid, ex, reason) in zip(rows, results):
+      if ex is None:
+        self._skip(mid, reason)
+        continue
+      yield (
+        mid,
+        {
+          **self._common(mid, ann.labels[i], ann.splits[i], meta.get(mid, {})),
+          **ex,
+        },
+      )
+
+  def _generate_reps(self, root: epath.Path, ann: mtgc.Annotations, meta):
+    import zarr  # Only the reps config needs zarr.
+
+    groups = {}
+    for g in self.builder_config.zarr_groups:
+      if not (root / g).is_dir():
+        raise FileNotFoundError(f"Zarr group {root / g} not found.")
+      groups[group_tag(g)] = zarr.open_group(str(root / g), mode="r")
+    for i, mid in enumerate(ann.ids):
+      missing = [t for t, grp in groups.items() if mid not in grp]
+      if missing:
+        self._skip(mid, f"missing representations in {missing}")
+        continue
+      reps = {}
+      for tag, grp in groups.items():
+        array = np.asarray(grp[mid][...], np.float32)  # [clips, features]
+        if array.ndim != 2 or not np.all(np.isfinite(array)):
+          raise ValueError(
+            f"Representations of {mid} in zarr group {tag}: expected "
+            f"finite float32 [clips, features], got shape {array.shape} "
+            "with NaN/inf or wrong rank."
+          )
+        reps[tag] = array
+      yield (
+        mid,
+        {
+          **self._common(mid, ann.labels[i], ann.splits[i], meta.get(mid, {})),
+          "reps": reps,
+        },
+      )
