@@ -1,0 +1,441 @@
+"""Conversion: HF parity, npz / Scenic layouts, strict errors, CLI."""
+
+import json
+import os
+
+import flax
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from divita_jax import convert, models
+from divita_jax.models import vit, vivit
+
+TOL = 1e-4
+
+
+def _randomise(model, seed):
+  """Every tensor random (incl. zero-initialised cls/posemb/biases)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g) * 0.2
+      is_scale = "layernorm" in name and name.endswith("weight")
+      p.copy_(noise + (1.0 if is_scale else 0.0))
+  return model.eval()
+
+
+def _hf_vit(tmp_path, cls_model, seed, **cfg):
+  config = transformers.ViTConfig(**cfg)
+  model = _randomise(cls_model(config), seed)
+  model.save_pretrained(tmp_path / "hf")
+  return model
+
+
+def _run_vit(ckpt, x):
+  module, params, _ = models.load_backbone(ckpt)
+  return jax.tree.map(np.asarray, jax.jit(module.apply)({"params": params}, x))
+
+
+HF_VIT_CASES = {
+  # ViTModel + pooler (-> pre_logits), HF defaults: exact GELU, eps 1e-12.
+  "model_defaults": (
+    transformers.ViTModel,
+    dict(
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      image_size=24,
+      patch_size=8,
+    ),
+  ),
+  # Classification model, odd sizes (5x5 grid, head dim 8, 3 heads),
+  # tanh GELU as the JAX originals.
+  "classifier_odd": (
+    transformers.ViTForImageClassification,
+    dict(
+      hidden_size=24,
+      num_hidden_layers=3,
+      num_attention_heads=3,
+      intermediate_size=40,
+      image_size=20,
+      patch_size=4,
+      num_labels=7,
+      hidden_act="gelu_pytorch_tanh",
+      layer_norm_eps=1e-6,
+    ),
+  ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_VIT_CASES))
+def test_hf_vit_parity(tmp_path, case):
+  cls_model, cfg = HF_VIT_CASES[case]
+  hf = _hf_vit(tmp_path, cls_model, 0, **cfg)
+  convert.main(
+    [
+      "--source",
+      "hf_vit",
+      "--input",
+      str(tmp_path / "hf"),
+      "--output",
+      str(tmp_path / "out"),
+    ]
+  )
+  r = cfg["image_size"]
+  x = np.random.RandomState(1).randn(2, r, r, 3).astype(np.float32)
+  feats, out = _run_vit(tmp_path / "out", x)
+  with torch.no_grad():
+    ref = hf(
+      torch.from_numpy(x.transpose(0, 3, 1, 2)), output_hidden_states=True
+    )
+  base = hf if cls_model is transformers.ViTModel else hf.vit
+  with torch.no_grad():
+    hidden = base(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(
+    out["encoded"], hidden.last_hidden_state.numpy(), atol=TOL, rtol=0
+  )
+  if cls_model is transformers.ViTModel:
+    np.testing.assert_allclose(feats, ref.pooler_output.numpy(), atol=TOL)
+  else:
+    np.testing.assert_allclose(out["logits"], ref.logits.numpy(), atol=TOL)
+
+
+def test_hf_vit_negative_controls(tmp_path):
+  """Silent mapping bugs (no shape error) must break parity."""
+  cfg = HF_VIT_CASES["classifier_odd"][1]
+  hf = _hf_vit(tmp_path, transformers.ViTModel, 3, **cfg)
+  config, sd = convert._hf_weights(str(tmp_path / "hf"))
+  flat, fields = convert.read_hf(str(tmp_path / "hf"), "vit")
+  _, spec = convert.read_source("hf_vit", str(tmp_path / "hf"))
+  x = np.random.RandomState(2).randn(1, 20, 20, 3).astype(np.float32)
+  with torch.no_grad():
+    want = hf(torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state
+  module = models.module_from_spec(spec)
+  w_out = sd["encoder.layer.0.attention.output.dense.weight"]
+  w_q = sd["encoder.layer.0.attention.attention.query.weight"]
+  att = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/"
+  broken = {
+    "no_transpose_out": (att + "out/kernel", w_out.reshape(3, 8, 24)),
+    "head_order_q": (
+      att + "query/kernel",
+      w_q.T.reshape(24, 8, 3).swapaxes(1, 2),
+    ),
+    "kh_kw_swap": ("embedding/kernel", flat["embedding/kernel"].swapaxes(0, 1)),
+    "posemb_shift": (
+      "Transformer/posembed_input/pos_embedding",
+      np.roll(flat["Transformer/posembed_input/pos_embedding"], 1, axis=1),
+    ),
+  }
+  good = convert.build_params(flat, spec)
+  _, out = jax.jit(module.apply)({"params": good}, x)
+  assert np.abs(np.asarray(out["encoded"]) - want.numpy()).max() <= TOL
+  for name, (key, value) in broken.items():
+    params = convert.build_params({**flat, key: value}, spec)
+    _, out = jax.jit(module.apply)({"params": params}, x)
+    diff = np.abs(np.asarray(out["encoded"]) - want.numpy()).max()
+    assert diff > 1e-2, (name, diff)
+  # Wrong GELU form: small but far above the tolerance.
+  exact = module.clone(gelu_approximate=not module.gelu_approximate)
+  _, out = jax.jit(exact.apply)({"params": good}, x)
+  assert np.abs(np.asarray(out["encoded"]) - want.numpy()).max() > TOL
+
+
+@pytest.mark.parametrize("frames", [2, 4])
+def test_hf_vivit_parity(tmp_path, frames):
+  config = transformers.VivitConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=24,
+    num_frames=frames,
+    tubelet_size=[2, 8, 8],
+    num_labels=5,
+  )
+  hf = _randomise(transformers.VivitForVideoClassification(config), frames)
+  hf.save_pretrained(tmp_path / "hf")
+  spec = convert.convert(
+    "hf_vivit", str(tmp_path / "hf"), str(tmp_path / "out")
+  )
+  assert (spec["num_frames"], spec["resolution"]) == (frames, 24)
+  module, params, _ = models.load_backbone(str(tmp_path / "out"))
+  x = np.random.RandomState(frames).randn(2, frames, 24, 24, 3)
+  x = x.astype(np.float32)
+  _, out = jax.jit(module.apply)({"params": params}, x)
+  with torch.no_grad():
+    px = torch.from_numpy(x.transpose(0, 1, 4, 2, 3))  # [N, T, C, H, W]
+    hidden = hf.vivit(px).last_hidden_state.numpy()
+    logits = hf(px).logits.numpy()
+  assert out["encoded"].shape == (2, 1 + frames // 2 * 9, 32)
+  np.testing.assert_allclose(out["encoded"], hidden, atol=TOL, rtol=0)
+  np.testing.assert_allclose(out["logits"], logits, atol=TOL, rtol=0)
+
+
+def _tiny_vit(classifier="token", depth=11, rep=None, classes=6):
+  """Depth 11 so natural-sort renumbering (encoderblock_10) is exercised."""
+  module = vit.ViT(
+    width=16,
+    depth=depth,
+    mlp_dim=24,
+    num_heads=2,
+    patch_size=4,
+    classifier=classifier,
+    representation_size=rep,
+    num_classes=classes,
+  )
+  x = np.zeros((1, 12, 12, 3), np.float32)
+  params = flax.linen.meta.unbox(jax.jit(module.init)(jax.random.key(7), x))[
+    "params"
+  ]
+  # Random everything (zero-initialised head, cls and biases included).
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.RandomState(0)
+  leaves = [rng.randn(*leaf.shape).astype(np.float32) * 0.3 for leaf in leaves]
+  return module, jax.tree.unflatten(tree, leaves)
+
+
+_PRE_LINEN = {
+  "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+  "LayerNorm_1": "LayerNorm_2",
+  "MlpBlock_0": "MlpBlock_3",
+}
+
+
+def _vit_jax_npz(params, path):
+  flat = traverse_util.flatten_dict(params, sep="/")
+  out = {}
+  for k, v in flat.items():
+    parts = [_PRE_LINEN.get(p, p) for p in k.split("/")]
+    k = "/".join(parts).replace("output_projection/", "head/")
+    out[k] = v
+  np.savez(path, **out)
+
+
+def _assert_same_tree(a, b, atol=0.0):
+  fa = traverse_util.flatten_dict(a, sep="/")
+  fb = traverse_util.flatten_dict(b, sep="/")
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_allclose(
+      np.asarray(fa[k]), np.asarray(fb[k]), atol=atol, err_msg=k
+    )
+
+
+def test_vit_jax_npz_layout(tmp_path):
+  module, params = _tiny_vit(rep=16)
+  _vit_jax_npz(params, tmp_path / "vit.npz")
+  convert.main(
+    [
+      "--source",
+      "vit_npz",
+      "--input",
+      str(tmp_path / "vit.npz"),
+      "--output",
+      str(tmp_path / "out"),
+    ]
+  )
+  m2, loaded, spec = models.load_backbone(str(tmp_path / "out"))
+  assert spec["model"]["depth"] == 11 and spec["resolution"] == 12
+  assert spec["feature_dim"] == 16 and spec["model"]["num_classes"] == 6
+  _assert_same_tree(params, loaded)
+  x = np.random.RandomState(0).randn(2, 12, 12, 3).astype(np.float32)
+  np.testing.assert_array_equal(
+    jax.jit(m2.apply)({"params": loaded}, x)[1]["logits"],
+    jax.jit(module.apply)({"params": params}, x)[1]["logits"],
+  )
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_big_vision_npz_layout(tmp_path, scan):
+  import ml_dtypes
+
+  module, params = _tiny_vit(depth=3)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  pe = flat.pop("Transformer/posembed_input/pos_embedding")
+  bv = {"pos_embedding": pe[:, 1:], "cls": flat.pop("cls") + pe[:, :1]}
+  bv.update(
+    {k.replace("output_projection/", "head/"): v for k, v in flat.items()}
+  )
+  if scan:  # One stacked encoderblock with a leading depth axis, bf16.
+    blocks = [k for k in bv if "encoderblock_" in k]
+    for k in [k for k in blocks if "encoderblock_0/" in k]:
+      stacked = np.stack(
+        [
+          bv.pop(k.replace("encoderblock_0/", f"encoderblock_{i}/"))
+          for i in range(3)
+        ]
+      )
+      bv[k.replace("encoderblock_0/", "encoderblock/")] = stacked
+    bv = {k: v.astype(ml_dtypes.bfloat16) for k, v in bv.items()}
+  np.savez(tmp_path / "bv.npz", **{f"params/{k}": v for k, v in bv.items()})
+  convert.convert("vit_npz", str(tmp_path / "bv.npz"), str(tmp_path / "out"))
+  _, loaded, _ = models.load_backbone(str(tmp_path / "out"))
+  lf = traverse_util.flatten_dict(jax.tree.map(np.asarray, loaded), sep="/")
+  np.testing.assert_array_equal(
+    lf["Transformer/posembed_input/pos_embedding"][:, 0], 0.0
+  )
+  x = np.random.RandomState(0).randn(2, 12, 12, 3).astype(np.float32)
+  want = jax.jit(module.apply)({"params": params}, x)[1]["encoded"]
+  got = jax.jit(module.apply)({"params": loaded}, x)[1]["encoded"]
+  np.testing.assert_allclose(got, want, atol=5e-2 if scan else 1e-5)
+  if not scan:
+    np.testing.assert_allclose(lf["cls"], params["cls"] + pe[:, :1])
+
+
+def _scenic_vivit(model_type):
+  module = vivit.ViViT(
+    width=16,
+    depth=2,
+    mlp_dim=24,
+    num_heads=2,
+    patch_size=4,
+    tubelet=2,
+    model_type=model_type,
+    temporal_depth=2,
+    num_classes=3,
+  )
+  x = np.zeros((1, 4, 8, 8, 3), np.float32)
+  params = flax.linen.meta.unbox(jax.jit(module.init)(jax.random.key(1), x))[
+    "params"
+  ]
+  rng = np.random.RandomState(1)
+  params = jax.tree.map(
+    lambda a: rng.randn(*a.shape).astype(np.float32) * 0.3, params
+  )
+  return module, params
+
+
+@pytest.mark.parametrize(
+  "model_type,layout",
+  [("spatio_temporal", "optimizer"), ("factorized_encoder", "params")],
+)
+def test_scenic_vivit_layout(tmp_path, model_type, layout):
+  module, params = _scenic_vivit(model_type)
+  state = (
+    {"optimizer": {"target": params, "state": {"step": 3}}}
+    if layout == "optimizer"
+    else {"params": params, "opt_state": {}}
+  )
+  state["global_step"] = np.int64(3)
+  (tmp_path / "checkpoint").write_bytes(
+    flax.serialization.msgpack_serialize(state)
+  )
+  args = ["--resolution", "8"] if model_type == "spatio_temporal" else []
+  convert.main(
+    [
+      "--source",
+      "scenic_vivit",
+      "--input",
+      str(tmp_path / "checkpoint"),
+      "--output",
+      str(tmp_path / "out"),
+    ]
+    + args
+  )
+  m2, loaded, spec = models.load_backbone(str(tmp_path / "out"))
+  assert spec["num_frames"] == 4 and spec["model"]["model_type"] == model_type
+  _assert_same_tree(params, loaded)
+  x = np.random.RandomState(0).randn(2, 4, 8, 8, 3).astype(np.float32)
+  np.testing.assert_array_equal(
+    jax.jit(m2.apply)({"params": loaded}, x)[0],
+    jax.jit(module.apply)({"params": params}, x)[0],
+  )
+
+
+def test_dont_load_and_drop(tmp_path):
+  _, params = _tiny_vit(depth=2)
+  _vit_jax_npz(params, tmp_path / "vit.npz")
+  spec = convert.convert(
+    "vit_npz",
+    str(tmp_path / "vit.npz"),
+    str(tmp_path / "re"),
+    dont_load=["head/.*", "output_projection/.*"],
+  )
+  _, loaded, _ = models.load_backbone(str(tmp_path / "re"))
+  assert spec["model"]["num_classes"] == 6
+  np.testing.assert_array_equal(loaded["output_projection"]["kernel"], 0.0)
+  np.testing.assert_array_equal(loaded["cls"], params["cls"])
+  spec = convert.convert(
+    "vit_npz",
+    str(tmp_path / "vit.npz"),
+    str(tmp_path / "dr"),
+    drop=["output_projection/.*"],
+  )
+  _, loaded, _ = models.load_backbone(str(tmp_path / "dr"))
+  assert "num_classes" not in spec["model"]
+  assert "output_projection" not in loaded
+  saved = json.loads((tmp_path / "dr" / "spec.json").read_text())
+  assert saved["source"]["drop"] == ["output_projection/.*"]
+
+
+def test_errors(tmp_path):
+  _, params = _tiny_vit(depth=2)
+  _vit_jax_npz(params, tmp_path / "vit.npz")
+  data = (tmp_path / "vit.npz").read_bytes()
+  (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+  with pytest.raises(convert.ConversionError, match="cut.npz"):
+    convert.convert("vit_npz", str(tmp_path / "cut.npz"), str(tmp_path / "a"))
+  (tmp_path / "checkpoint").write_bytes(
+    flax.serialization.msgpack_serialize({"params": params})[:-100]
+  )
+  with pytest.raises(convert.ConversionError, match="msgpack"):
+    convert.convert(
+      "scenic_vit", str(tmp_path / "checkpoint"), str(tmp_path / "b")
+    )
+  # A ViT checkpoint given as a ViViT one.
+  (tmp_path / "checkpoint").write_bytes(
+    flax.serialization.msgpack_serialize({"params": params})
+  )
+  with pytest.raises(convert.ConversionError, match="Wrong architecture"):
+    convert.convert(
+      "scenic_vivit", str(tmp_path / "checkpoint"), str(tmp_path / "c")
+    )
+  # A missing and an unknown key: both listed by name.
+  flat = dict(np.load(tmp_path / "vit.npz"))
+  flat.pop("Transformer/encoderblock_1/LayerNorm_2/scale")
+  flat["Transformer/extra/kernel"] = np.zeros(3, np.float32)
+  np.savez(tmp_path / "bad.npz", **flat)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert("vit_npz", str(tmp_path / "bad.npz"), str(tmp_path / "d"))
+  assert "missing keys ['Transformer/encoderblock_1/LayerNorm_1/scale']" in (
+    str(e.value)
+  )
+  assert "unexpected keys ['Transformer/extra/kernel']" in str(e.value)
+  assert not os.path.exists(tmp_path / "d")
+  # Shape mismatch.
+  flat = dict(np.load(tmp_path / "vit.npz"))
+  flat["Transformer/encoder_norm/bias"] = np.zeros(5, np.float32)
+  np.savez(tmp_path / "shape.npz", **flat)
+  with pytest.raises(convert.ConversionError, match="encoder_norm/bias"):
+    convert.convert("vit_npz", str(tmp_path / "shape.npz"), str(tmp_path / "e"))
+  with pytest.raises(SystemExit, match="convert: error"):
+    convert.main(
+      [
+        "--source",
+        "vit_npz",
+        "--input",
+        str(tmp_path / "cut.npz"),
+        "--output",
+        str(tmp_path / "f"),
+      ]
+    )
+
+
+def test_hf_wrong_architecture(tmp_path):
+  config = transformers.VivitConfig(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=16,
+    image_size=8,
+    num_frames=2,
+    tubelet_size=[2, 4, 4],
+  )
+  transformers.VivitModel(config).save_pretrained(tmp_path / "hf")
+  with pytest.raises(convert.ConversionError, match="wrong architecture"):
+    convert.convert("hf_vit", str(tmp_path / "hf"), str(tmp_path / "out"))
