@@ -1,0 +1,53 @@
+"""TFDS DatasetBuilderTestCase for the raw and reps configs on tiny data."""
+
+import tempfile
+
+import tensorflow_datasets as tfds
+
+from tfds_trailers12k import Trailers12k, dummy_data
+
+# tf.test.TestCase.test_session is a helper TFDS calls, not a test; as a
+# property it stays usable but is not collected (only callables are).
+_HIDDEN_SESSION = property(
+  lambda self: tfds.testing.DatasetBuilderTestCase.test_session.__get__(self)
+)
+
+
+class RawTest(tfds.testing.DatasetBuilderTestCase):
+  DATASET_CLASS = Trailers12k
+  BUILDER_CONFIG_NAMES_TO_TEST = ["raw"]
+  SPLITS = {"trailers": 3}
+  SKIP_CHECKSUMS = True
+  test_session = _HIDDEN_SESSION
+
+  @classmethod
+  def setUpClass(cls):
+    cls._tmp = tempfile.TemporaryDirectory()
+    dummy_data.write_raw(cls._tmp.name, num_good=3)
+    cls.EXAMPLE_DIR = cls._tmp.name
+    super().setUpClass()
+
+  @classmethod
+  def tearDownClass(cls):
+    super().tearDownClass()
+    cls._tmp.cleanup()
+
+
+class RepsTest(tfds.testing.DatasetBuilderTestCase):
+  DATASET_CLASS = Trailers12k
+  BUILDER_CONFIG_NAMES_TO_TEST = ["reps"]
+  SPLITS = {"trailers": 4}
+  SKIP_CHECKSUMS = True
+  test_session = _HIDDEN_SESSION
+
+  @classmethod
+  def setUpClass(cls):
+    cls._tmp = tempfile.TemporaryDirectory()
+    dummy_data.write_reps(cls._tmp.name, num=4)
+    cls.EXAMPLE_DIR = cls._tmp.name
+    super().setUpClass()
+
+  @classmethod
+  def tearDownClass(cls):
+    super().tearDownClass()
+    cls._tmp.cleanup()
