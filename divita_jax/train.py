@@ -576,7 +576,6 @@ def _run_epochs(config, f: _Fold, state, host: dict):
   tc = config.train
   steps = f.train.steps_per_epoch
   step = int(state.step)
-  it = rep_pipeline.iterate(f.train.dataset, state=host["iterator"])
   progress = periodic_actions.ReportProgress(
     num_train_steps=steps * tc.max_epochs,
     writer=f.writer,
@@ -585,6 +584,7 @@ def _run_epochs(config, f: _Fold, state, host: dict):
   )
   multi = jax.process_count() > 1
   with _Sigterm() as sigterm:
+    it = rep_pipeline.iterate(f.train.dataset, state=host["iterator"])
     for epoch in range(host["epochs_done"], tc.max_epochs):
       losses = []
       while step < (epoch + 1) * steps:

@@ -1,0 +1,203 @@
+"""Representation pipeline: windows, masks, determinism, state, processes."""
+
+import numpy as np
+import pytest
+
+from divita_jax import rep_pipeline, reps
+
+NUM_CLIPS = 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """12 trailers of 2..9 clips; feature 0 = trailer row, 1 = clip index."""
+  root = str(tmp_path_factory.mktemp("reps"))
+  stores = {b: reps.NpyStore(root, b) for b in ("image", "video")}
+  ids = [f"tt{i:04d}" for i in range(12)]
+  for i, tid in enumerate(ids):
+    n = 2 + (i * 5) % 8
+    clips = np.stack([np.full(n, i), np.arange(n), np.ones(n)], 1)
+    stores["image"].write(tid, clips)
+    stores["video"].write(tid, -clips)
+  labels = np.eye(12, 10, dtype=np.float32)
+  return stores, ids, labels
+
+
+def _train(data, process_index=0, process_count=1, indices=None, epochs=2):
+  stores, ids, labels = data
+  indices = np.arange(0, 12) if indices is None else indices
+  return rep_pipeline.train_data(
+    stores,
+    ids,
+    labels,
+    indices,
+    num_clips=NUM_CLIPS,
+    global_batch_size=4,
+    seed=3,
+    num_epochs=epochs,
+    process_index=process_index,
+    process_count=process_count,
+  )
+
+
+def _check_window(batch, stores_ids):
+  """Contiguous windows of the right trailer, zero padding, exact mask."""
+  for row in range(len(batch["mask"])):
+    img, mask = batch["image"][row], batch["mask"][row]
+    trailer = int(img[0, 0])
+    n = 2 + (trailer * 5) % 8
+    assert mask.sum() == min(n, NUM_CLIPS)
+    assert np.all(img[~mask] == 0)
+    clip = img[mask, 1]
+    np.testing.assert_array_equal(clip, clip[0] + np.arange(len(clip)))
+    assert clip[-1] < n
+    np.testing.assert_array_equal(batch["video"][row], -img)
+    np.testing.assert_array_equal(
+      batch["labels"][row],
+      np.eye(10)[trailer] if trailer < 10 else np.zeros(10),
+    )
+
+
+def test_train_windows_masks_and_epoch_coverage(data):
+  train = _train(data)
+  assert train.steps_per_epoch == 3
+  for epoch in range(2):
+    seen = []
+    for step in range(3):
+      batch = train.dataset[epoch * 3 + step]
+      assert batch["image"].shape == (4, NUM_CLIPS, 3)
+      assert batch["mask"].dtype == bool
+      assert batch["labels"].dtype == np.float32
+      _check_window(batch, data[1])
+      seen += list(batch["image"][:, 0, 0].astype(int))
+    assert sorted(seen) == list(range(12))  # Every trailer once per epoch.
+
+
+def test_train_deterministic_and_reshuffled_per_epoch(data):
+  a, b = _train(data), _train(data)
+  for i in range(6):
+    for k in a.dataset[i]:
+      np.testing.assert_array_equal(a.dataset[i][k], b.dataset[i][k])
+  first = [a.dataset[i]["image"][:, 0, 0] for i in range(3)]
+  second = [a.dataset[3 + i]["image"][:, 0, 0] for i in range(3)]
+  assert not np.array_equal(np.concatenate(first), np.concatenate(second))
+
+
+def test_two_processes_split_every_global_batch(data):
+  whole = _train(data)
+  parts = [_train(data, p, 2) for p in range(2)]
+  for i in range(6):
+    for k in ("image", "video", "mask", "labels"):
+      joined = np.concatenate([p.dataset[i][k] for p in parts])
+      np.testing.assert_array_equal(joined, whole.dataset[i][k])
+    assert len(parts[0].dataset[i]["mask"]) == 2
+
+
+def test_last_batch_wraps_so_every_trailer_is_seen(data):
+  train = _train(data, indices=np.arange(10))  # 10 trailers, batches of 4.
+  seen = np.concatenate(
+    [train.dataset[i]["image"][:, 0, 0] for i in range(3)]
+  ).astype(int)
+  assert len(seen) == 12 and set(seen) == set(range(10))
+
+
+def test_iterator_state_restores_exactly(data):
+  train = _train(data)
+  it = rep_pipeline.iterate(train.dataset)
+  for _ in range(4):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(2)]
+  resumed = rep_pipeline.iterate(train.dataset, state=state)
+  for want in expected:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_eval_covers_every_clip_once_and_pads(data):
+  stores, ids, labels = data
+  indices = np.array([1, 4, 7, 10])
+  parts = [
+    rep_pipeline.eval_data(
+      stores,
+      ids,
+      labels,
+      indices,
+      num_clips=NUM_CLIPS,
+      global_batch_size=4,
+      process_index=p,
+      process_count=2,
+    )
+    for p in range(2)
+  ]
+  assert parts[0].num_steps == parts[1].num_steps
+  clips = {}
+  for step in range(parts[0].num_steps):
+    batch = {
+      k: np.concatenate([p.dataset[step][k] for p in parts])
+      for k in parts[0].dataset[step]
+    }
+    for row in range(4):
+      pos = batch["trailer"][row]
+      assert batch["valid"][row] == (pos >= 0)
+      if pos < 0:
+        continue
+      img, mask = batch["image"][row], batch["mask"][row]
+      assert np.all(img[:, 0][mask] == indices[pos])
+      assert np.all(img[~mask] == 0)
+      clips.setdefault(int(pos), []).extend(img[mask, 1].astype(int))
+  for pos, i in enumerate(indices):
+    assert clips[pos] == list(range(2 + (i * 5) % 8))
+  # 7 windows (2 + 2 + 2 + 1) padded to 2 global batches of 4.
+  np.testing.assert_array_equal(parts[0].windows[:, 0] == -1, np.arange(8) == 7)
+
+
+def test_preload_reads_the_same(data):
+  stores, ids, labels = data
+  memory = rep_pipeline.preload(stores, ids)
+  a = _train(data)
+  b = rep_pipeline.train_data(
+    memory,
+    ids,
+    labels,
+    np.arange(12),
+    num_clips=NUM_CLIPS,
+    global_batch_size=4,
+    seed=3,
+    num_epochs=2,
+  )
+  for k in a.dataset[2]:
+    np.testing.assert_array_equal(a.dataset[2][k], b.dataset[2][k])
+
+
+def test_bad_inputs_have_clear_errors(data):
+  stores, ids, labels = data
+  with pytest.raises(ValueError, match="labels has 3 rows"):
+    rep_pipeline.train_data(
+      stores,
+      ids,
+      labels[:3],
+      [0],
+      num_clips=4,
+      global_batch_size=2,
+      seed=0,
+      num_epochs=1,
+    )
+  with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    rep_pipeline.train_data(
+      stores,
+      ids,
+      labels,
+      [0],
+      num_clips=4,
+      global_batch_size=4,
+      seed=0,
+      num_epochs=1,
+      process_index=0,
+      process_count=3,
+    )
+  with pytest.raises(ValueError, match="empty"):
+    rep_pipeline.eval_data(
+      stores, ids, labels, [], num_clips=4, global_batch_size=2
+    )
