@@ -152,13 +152,25 @@ class Video:
         f"frame indices {wanted[0]}..{wanted[-1]} are "
         f"outside the video's {n} frames"
       )
-    decoded = dict(self._decode(wanted, resolution))
-    if not wanted.size:
-      shape = (resolution or 0, resolution or 0, 3)
-      return np.zeros(frame_indices.shape + shape, np.uint8)
-    flat = [decoded[i] for i in frame_indices.reshape(-1)]
+    flat = frame_indices.reshape(-1)
+    # Positions of each wanted frame in `flat`, grouped in `wanted` order.
+    order = np.argsort(flat, kind="stable")
+    groups = np.split(
+      order,
+      np.cumsum(
+        np.bincount(np.searchsorted(wanted, flat), minlength=len(wanted))
+      )[:-1],
+    )
+    out = None  # Filled in place: never two copies of the frames.
+    for i, rgb in self._decode(wanted, resolution):
+      if out is None:
+        out = np.empty((len(flat),) + rgb.shape, np.uint8)
+      out[groups[np.searchsorted(wanted, i)]] = rgb
+    if out is None:
+      size = resolution or 0
+      out = np.zeros((0, size, size, 3), np.uint8)
     # [*frame_indices.shape, H, W, 3]
-    return np.stack(flat).reshape(frame_indices.shape + flat[0].shape)
+    return out.reshape(frame_indices.shape + out.shape[1:])
 
   def _decode(
     self, wanted: np.ndarray, resolution: int | None
@@ -167,8 +179,8 @@ class Video:
     index = self.index
     pts_to_index = {int(p): i for i, p in enumerate(index.pts)}
     frames, pos = None, -1  # Decoded-frame iterator; last index taken from it.
-    restarted = False
     for j in wanted:
+      restarted = False
       key = index.keyframes[np.searchsorted(index.keyframes, j, "right") - 1]
       if frames is None or key > pos + 1:  # Seeking skips frames: do it.
         frames, pos = self._seek(key), -1

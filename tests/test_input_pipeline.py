@@ -76,8 +76,12 @@ def train_loader(source, **kw):
   return input_pipeline.clip_train_loader(source, np.arange(len(source)), **kw)
 
 
-def take(it, n):
-  return [jax.tree.map(np.copy, b) for b in itertools.islice(it, n)]
+def take(it, n, close=True):
+  """n batches; closes the iterator (stops its prefetch threads) by default."""
+  out = [jax.tree.map(np.copy, b) for b in itertools.islice(it, n)]
+  if close:
+    it.close()
+  return out
 
 
 def assert_same(a, b):
@@ -125,7 +129,7 @@ def test_train_windows_masks_and_determinism(source):
 
 def test_restored_iterator_continues_identically(source):
   it = iter(train_loader(source))
-  take(it, 3)
+  take(it, 3, close=False)
   state = it.get_state()
   expected = take(it, 3)
   restored = iter(train_loader(source))
