@@ -1,5 +1,7 @@
 """DIViTA head: parity with a PyTorch re-implementation, masking, shapes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,21 +10,33 @@ import pytest
 import torch
 
 from configs.divita import get_config
-from divita_jax.models.divita import DIViTA, parse_cam
+from divita_jax.models.divita import DIViTA, load_reference_branch, parse_cam
 
 B, S, F = 4, 8, 12
-LENGTHS = np.array([8, 5, 3, 8])  # Real clips per example, padding at end.
+LENGTHS = np.array([8, 6, 3, 8])  # Real clips per example, padding at end.
 CAMS = ["tsfm_16_4_2_0.0", "savg", "gru_2_5", "conv_3_8_5_4"]
 
 # ---------------------------------------------------------------------------
-# PyTorch re-implementation of the reference head (input [B, S, F]).
+# PyTorch re-implementation of the reference head, with the reference's
+# module structure so that its state_dict keys are the reference's.
+
+
+class Fn(torch.nn.Module):
+  """A parameter-free step (MoveDim, mean, ...) inside nn.Sequential."""
+
+  def __init__(self, fn):
+    super().__init__()
+    self.fn = fn
+
+  def forward(self, x):
+    return self.fn(x)
 
 
 class TorchAttention(torch.nn.Module):
   def __init__(self, h, heads):
     super().__init__()
     self.heads = heads
-    self.q, self.k, self.v, self.o = (
+    self.W_q, self.W_k, self.W_v, self.W_o = (
       torch.nn.Linear(h, h, bias=False) for _ in range(4)
     )
 
@@ -30,109 +44,72 @@ class TorchAttention(torch.nn.Module):
     b, s, h = x.shape
     # Head-major split of the projected features.
     split = lambda t: t.view(b, s, self.heads, -1).movedim(1, 2)
-    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    q, k, v = split(self.W_q(x)), split(self.W_k(x)), split(self.W_v(x))
     w = torch.softmax(q @ k.transpose(-1, -2) / (h // self.heads) ** 0.5, -1)
-    return self.o((w @ v).movedim(1, 2).reshape(b, s, h))
+    return self.W_o((w @ v).movedim(1, 2).reshape(b, s, h))
+
+
+class TorchBlock(torch.nn.Module):
+  def __init__(self, h, heads, ff_mult, dropout):
+    super().__init__()
+    self.attention = TorchAttention(h, heads)
+    self.norm1, self.norm2 = torch.nn.LayerNorm(h), torch.nn.LayerNorm(h)
+    self.dropout = torch.nn.Dropout(dropout)
+    self.ff = torch.nn.Sequential(
+      torch.nn.Linear(h, ff_mult * h),
+      torch.nn.ReLU(),
+      torch.nn.Linear(ff_mult * h, h),
+    )
+
+  def forward(self, x):
+    x = self.dropout(self.norm1(self.attention(x) + x))
+    return self.dropout(self.norm2(self.ff(x) + x))
+
+
+def torch_cam(f, cam):
+  """(CAM on [B, F, S] as in the reference, its output width)."""
+  kind, kw = parse_cam(cam)
+  move = Fn(lambda x: x.movedim(1, 2))
+  if kind == "tsfm":
+    h = kw["hidden"]
+    block = TorchBlock(h, kw["heads"], kw["ff_mult"], kw["dropout"])
+    mean = Fn(lambda x: x.mean(1))
+    return torch.nn.Sequential(move, torch.nn.Linear(f, h), block, mean), h
+  if kind == "gru":
+    h = kw["hidden"]
+    gru = torch.nn.GRU(f, h, kw["layers"], batch_first=True)
+    steps = [Fn(lambda x: x[0]), torch.nn.ReLU(), Fn(lambda x: x.mean(1))]
+    return torch.nn.Sequential(move, gru, *steps), h
+  if kind == "conv":
+    steps, c = [], f
+    for i, (k, n) in enumerate(kw["layers"]):
+      steps += [torch.nn.Conv1d(c, n, k, 1, 1), torch.nn.ReLU()]
+      if i < len(kw["layers"]) - 1:
+        steps.append(torch.nn.AvgPool1d(2, 2))
+      c = n
+    return torch.nn.Sequential(*steps, Fn(lambda x: x.mean(2))), c
+  return torch.nn.Sequential(Fn(lambda x: x.mean(2)), torch.nn.ReLU()), f
 
 
 class TorchHead(torch.nn.Module):
   def __init__(self, f, cam, classes=10):
     super().__init__()
-    self.kind, kw = parse_cam(cam)
     self.bn = torch.nn.BatchNorm1d(f)
-    if self.kind == "tsfm":
-      h = kw["hidden"]
-      self.proj = torch.nn.Linear(f, h)
-      self.att = TorchAttention(h, kw["heads"])
-      self.norm1, self.norm2 = torch.nn.LayerNorm(h), torch.nn.LayerNorm(h)
-      self.ff = torch.nn.Sequential(
-        torch.nn.Linear(h, kw["ff_mult"] * h),
-        torch.nn.ReLU(),
-        torch.nn.Linear(kw["ff_mult"] * h, h),
-      )
-    elif self.kind == "gru":
-      h = kw["hidden"]
-      self.gru = torch.nn.GRU(f, h, kw["layers"], batch_first=True)
-    elif self.kind == "conv":
-      convs, c = [], f
-      for k, n in kw["layers"]:
-        convs.append(torch.nn.Conv1d(c, n, k, 1, 1))
-        c = h = n
-      self.convs = torch.nn.ModuleList(convs)
-    else:
-      h = f
+    self.cam, h = torch_cam(f, cam)
     self.cls = torch.nn.Linear(h, classes)
 
-  def forward(self, x):
-    x = self.bn(x.transpose(1, 2))  # [B, F, S]
-    if self.kind == "tsfm":
-      x = self.proj(x.transpose(1, 2))
-      x = self.norm1(self.att(x) + x)
-      x = self.norm2(self.ff(x) + x).mean(1)
-    elif self.kind == "gru":
-      x = torch.relu(self.gru(x.transpose(1, 2))[0]).mean(1)
-    elif self.kind == "conv":
-      for i, conv in enumerate(self.convs):
-        x = torch.relu(conv(x))
-        if i < len(self.convs) - 1:
-          x = torch.nn.functional.avg_pool1d(x, 2, 2)
-      x = x.mean(2)
-    else:
-      x = torch.relu(x.mean(2))
-    return self.cls(x)
+  def forward(self, x):  # [B, S, F], as our inputs.
+    return self.cls(self.cam(self.bn(x.transpose(1, 2))))
 
 
 def t2j(t):
   return jnp.asarray(t.detach().numpy())
 
 
-def torch_to_flax(head):
-  """Flax params and batch_stats of one Branch from a TorchHead."""
-  lin = lambda m: {"kernel": t2j(m.weight.T), "bias": t2j(m.bias)}
-  p = {
-    "bn": {"scale": t2j(head.bn.weight), "bias": t2j(head.bn.bias)},
-    "head": lin(head.cls),
-  }
-  stats = {
-    "bn": {"mean": t2j(head.bn.running_mean), "var": t2j(head.bn.running_var)}
-  }
-  if head.kind == "tsfm":
-    a = head.att
-    ln = lambda m: {"scale": t2j(m.weight), "bias": t2j(m.bias)}
-    attention = {
-      n: {"kernel": t2j(m.weight.T)}
-      for n, m in zip(["query", "key", "value", "out"], [a.q, a.k, a.v, a.o])
-    }
-    p["cam"] = {
-      "proj": lin(head.proj),
-      "block": {
-        "attention": attention,
-        "norm1": ln(head.norm1),
-        "norm2": ln(head.norm2),
-        "ff_in": lin(head.ff[0]),
-        "ff_out": lin(head.ff[2]),
-      },
-    }
-  elif head.kind == "gru":
-    g = lambda n: t2j(getattr(head.gru, n))
-    p["cam"] = {
-      f"layer_{i}": {
-        "input_kernel": g(f"weight_ih_l{i}").T,
-        "input_bias": g(f"bias_ih_l{i}"),
-        "hidden_kernel": g(f"weight_hh_l{i}").T,
-        "hidden_bias": g(f"bias_hh_l{i}"),
-      }
-      for i in range(head.gru.num_layers)
-    }
-  elif head.kind == "conv":
-    p["cam"] = {
-      f"conv_{i}": {
-        "kernel": t2j(c.weight.permute(2, 1, 0)),
-        "bias": t2j(c.bias),
-      }
-      for i, c in enumerate(head.convs)
-    }
-  return p, stats
+def reference_variables(head, cam, name="image"):
+  sd = {k: v.numpy() for k, v in head.state_dict().items()}
+  v = load_reference_branch(sd, cam)
+  return {k: {name: v[k]} for k in ("params", "batch_stats")}
 
 
 # ---------------------------------------------------------------------------
@@ -150,11 +127,14 @@ def padded_batch(seed, s=S, lengths=LENGTHS, garbage=0.0):
   return inputs, mask
 
 
+# Jitted (model is a hashable static argument): one compile per model and
+# shape is much cheaper than eager op-by-op dispatch.
+@functools.partial(jax.jit, static_argnums=0)
 def init(model, inputs, mask):
-  v = model.init(jax.random.key(0), inputs, mask, False)
-  return nn.unbox(v)
+  return nn.unbox(model.init(jax.random.key(0), inputs, mask, False))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def train_apply(model, variables, inputs, mask):
   return model.apply(
     variables,
@@ -164,6 +144,11 @@ def train_apply(model, variables, inputs, mask):
     rngs={"dropout": jax.random.key(1)},
     mutable=["batch_stats"],
   )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def eval_apply(model, variables, inputs, mask):
+  return model.apply(variables, inputs, mask, False)
 
 
 # ---------------------------------------------------------------------------
@@ -181,15 +166,14 @@ def test_parity_with_reference_zero_padding(cam):
     head.bn.bias.uniform_(-0.5, 0.5)
   inputs, mask = padded_batch(0)
   x = torch.from_numpy(inputs["image"])  # Zero-padded, as the reference.
-  params, stats = torch_to_flax(head)
   model = DIViTA(branches=("image",), cam=cam, mask_padding=False)
-  variables = {"params": {"image": params}, "batch_stats": {"image": stats}}
+  variables = reference_variables(head, cam)
   tol = dict(rtol=1e-5, atol=2e-5)
 
   head.eval()
   with torch.no_grad():
     want = head(x).numpy()
-  got = model.apply(variables, inputs, mask, False)
+  got = eval_apply(model, variables, inputs, mask)
   np.testing.assert_allclose(got, want, **tol)
 
   head.train()  # Batch statistics; the tsfm variant has dropout 0.
@@ -206,7 +190,7 @@ def test_late_fusion_averages_branch_logits():
   inputs, mask = padded_batch(1)
   model = DIViTA(cam="savg")
   variables = init(model, inputs, mask)
-  got = model.apply(variables, inputs, mask, False)
+  got = eval_apply(model, variables, inputs, mask)
   singles = [
     DIViTA(branches=(b,), cam="savg").apply(
       {k: {b: v[b]} for k, v in variables.items()}, inputs, mask, False
@@ -237,15 +221,16 @@ def test_masked_padding_changes_nothing(cam):
   )
   # Eval: each padded example equals the same example alone, unpadded.
   variables = {**variables, **upd}
-  out = model.apply(variables, long_inputs, long_mask, False)
-  for i, n in enumerate(LENGTHS):
+  out = eval_apply(model, variables, long_inputs, long_mask)
+  for i in [1, 2]:
+    n = LENGTHS[i]
     alone = {k: v[i : i + 1, :n] for k, v in inputs.items()}
-    want = model.apply(variables, alone, np.ones((1, n), bool), False)
+    want = eval_apply(model, variables, alone, np.ones((1, n), bool))
     np.testing.assert_allclose(out[i : i + 1], want, rtol=1e-5, atol=1e-5)
 
 
 def test_all_padding_example_is_finite_and_ignored():
-  model = DIViTA(cam="tsfm_16_4_2_0.25")
+  model = DIViTA(cam="tsfm_16_4_2_0.0")
   inputs, mask = padded_batch(3, lengths=np.array([8, 5, 0, 8]))
   variables = init(model, inputs, mask)
   out, upd = train_apply(model, variables, inputs, mask)
@@ -266,8 +251,8 @@ def test_tsfm_invariant_to_clip_order():
   variables = init(model, inputs, mask)
   perm = np.random.default_rng(0).permutation(S)  # Moves padding too.
   shuffled = {k: v[:, perm] for k, v in inputs.items()}
-  out = model.apply(variables, inputs, mask, False)
-  out_p = model.apply(variables, shuffled, mask[:, perm], False)
+  out = eval_apply(model, variables, inputs, mask)
+  out_p = eval_apply(model, variables, shuffled, mask[:, perm])
   np.testing.assert_allclose(out_p, out, rtol=1e-5, atol=1e-5)
 
 
@@ -277,8 +262,11 @@ def test_shapes_every_fusion_and_branch_set(cam):
   for branches in [("image",), ("video",), ("image", "video")]:
     for fusion in ["late", "early"]:
       model = DIViTA(branches, fusion, cam, num_classes=3)
-      boxed = model.init(jax.random.key(0), inputs, mask, False)
-      out, _ = train_apply(model, nn.unbox(boxed), inputs, mask)
+      # Tracing runs the real code; compiling 24 variants would be slow.
+      boxed = jax.eval_shape(lambda x, m: init(model, x, m), inputs, mask)
+      out, _ = jax.eval_shape(
+        lambda v, x, m: train_apply(model, v, x, m), boxed, inputs, mask
+      )
       assert out.shape == (B, 3) and out.dtype == jnp.float32
       names = list(boxed["params"])
       if fusion == "early" and len(branches) == 2:
@@ -289,8 +277,10 @@ def test_shapes_every_fusion_and_branch_set(cam):
 
 def test_default_params_are_logically_partitioned():
   inputs, mask = padded_batch(6)
-  model = DIViTA()
-  boxed = model.init(jax.random.key(0), inputs, mask, False)
+  model = DIViTA(branches=("image",))
+  boxed = jax.jit(lambda x, m: model.init(jax.random.key(0), x, m, False))(
+    inputs, mask
+  )
   leaves = jax.tree.leaves(
     boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
   )
@@ -307,8 +297,8 @@ def test_default_params_are_logically_partitioned():
   assert p["head"]["kernel"].shape == (128, 10)
   # Boxed and unboxed variables give the same logits.
   np.testing.assert_array_equal(
-    model.apply(boxed, inputs, mask, False),
-    model.apply(nn.unbox(boxed), inputs, mask, False),
+    eval_apply(model, boxed, inputs, mask),
+    eval_apply(model, nn.unbox(boxed), inputs, mask),
   )
 
 
@@ -338,3 +328,17 @@ def test_bad_inputs():
     DIViTA(fusion="mid").init(jax.random.key(0), inputs, mask, False)
   with pytest.raises(ValueError, match="batch, clips, features"):
     DIViTA().init(jax.random.key(0), inputs, mask[:, :3], False)
+
+
+def test_load_reference_branch_errors():
+  torch.manual_seed(0)
+  sd = {k: v.numpy() for k, v in TorchHead(F, "gru_1_6").state_dict().items()}
+  with pytest.raises(ValueError, match="CAM .gru_1_7. expects"):
+    load_reference_branch(sd, "gru_1_7")  # Hidden size differs.
+  with pytest.raises(ValueError, match="missing.*cam.1.weight_ih_l1"):
+    load_reference_branch(sd, "gru_2_6")
+  with pytest.raises(ValueError, match="unexpected.*cam.1.weight_hh_l0"):
+    load_reference_branch(sd, "savg")
+  lightning = {f"model.{k}": v for k, v in sd.items()}
+  v = load_reference_branch(lightning, "gru_1_6", prefix="model.")
+  assert v["params"]["cam"]["layer_0"]["input_kernel"].shape == (F, 18)

@@ -26,6 +26,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _CAM_FORMS = {
   "tsfm": "tsfm or tsfm_<hidden>_<heads>_<ffmult>_<dropout>",
@@ -446,3 +447,102 @@ class DIViTA(nn.Module):
       )
     logits = [branch(name=b)(xs[b], m, train) for b in self.branches]
     return jnp.mean(jnp.stack(logits), axis=0).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint surgery: the reference's PyTorch head -> one Branch.
+
+
+def _reference_names(kind: str, kw: dict) -> dict[str, tuple[str, ...]]:
+  """Reference state_dict key -> Flax path (collection first) for a CAM."""
+  lin = lambda src, *dst: {
+    f"{src}.weight": ("params", *dst, "kernel"),
+    f"{src}.bias": ("params", *dst, "bias"),
+  }
+  ln = lambda src, *dst: {
+    f"{src}.weight": ("params", *dst, "scale"),
+    f"{src}.bias": ("params", *dst, "bias"),
+  }
+  names = {
+    **ln("bn", "bn"),
+    "bn.running_mean": ("batch_stats", "bn", "mean"),
+    "bn.running_var": ("batch_stats", "bn", "var"),
+    **lin("cls", "head"),
+  }
+  if kind == "tsfm":  # cam = Sequential(MoveDim, Linear, Block, Avg)
+    blk = ("cam", "block")
+    names.update(lin("cam.1", "cam", "proj"))
+    for w, n in zip("qkvo", ("query", "key", "value", "out")):
+      names[f"cam.2.attention.W_{w}.weight"] = (
+        ("params",) + blk + ("attention", n, "kernel")
+      )
+    names.update(ln("cam.2.norm1", *blk, "norm1"))
+    names.update(ln("cam.2.norm2", *blk, "norm2"))
+    names.update(lin("cam.2.ff.0", *blk, "ff_in"))
+    names.update(lin("cam.2.ff.2", *blk, "ff_out"))
+  elif kind == "gru":  # cam = Sequential(MoveDim, GRU, ...)
+    for i in range(kw["layers"]):
+      for src, dst in [
+        ("weight_ih", "input_kernel"),
+        ("bias_ih", "input_bias"),
+        ("weight_hh", "hidden_kernel"),
+        ("bias_hh", "hidden_bias"),
+      ]:
+        names[f"cam.1.{src}_l{i}"] = ("params", "cam", f"layer_{i}", dst)
+  elif kind == "conv":  # cam = Sequential([Conv, ReLU, AvgPool] *, Conv, ...)
+    for i in range(len(kw["layers"])):
+      names.update(lin(f"cam.{3 * i}", "cam", f"conv_{i}"))
+  return names
+
+
+def load_reference_branch(state_dict, cam: str, prefix: str = "") -> dict:
+  """Variables of one `Branch` from the reference's `DIViTA` state_dict.
+
+  `state_dict` maps the reference's keys (e.g. `bn.weight`, `cam.1.weight`,
+  `cls.bias`; PyTorch Lightning checkpoints add `prefix="model."`) to
+  arrays (torch tensors: pass `.numpy()`). Returns {"params": ...,
+  "batch_stats": ...} to place under a branch name, e.g.
+  `{"params": {"image": v["params"]}, "batch_stats": {"image": ...}}`.
+  Missing or unexpected keys raise, naming them.
+  """
+  kind, kw = parse_cam(cam)
+  names = _reference_names(kind, kw)
+  sd = {
+    k[len(prefix) :]: v
+    for k, v in state_dict.items()
+    if k.startswith(prefix) and not k.endswith("num_batches_tracked")
+  }
+  missing = sorted(set(names) - set(sd))
+  unexpected = sorted(set(sd) - set(names))
+  if missing or unexpected:
+    raise ValueError(
+      f"Reference state_dict does not match CAM {cam!r}: missing "
+      f"{missing}, unexpected {unexpected}."
+    )
+  # Expected shapes from the Flax Branch (catches a CAM string that does
+  # not match the checkpoint's sizes).
+  f, classes = len(sd["bn.weight"]), len(sd["cls.bias"])
+  x = jax.ShapeDtypeStruct((1, 32, f), jnp.float32)
+  shapes = jax.eval_shape(
+    lambda x: nn.unbox(
+      Branch(cam, classes).init(jax.random.key(0), x, None, False)
+    ),
+    x,
+  )
+  out = {}
+  for key, path in names.items():
+    v = np.asarray(sd[key], np.float32)
+    if path[-1].endswith("kernel"):
+      # torch Linear [out, in], Conv1d [out, in, k] -> [in, out], [k, in, out].
+      v = v.T
+    want = functools.reduce(lambda d, p: d[p], path, shapes).shape
+    if v.shape != want:
+      raise ValueError(
+        f"Reference {key!r} gives Flax shape {v.shape} (kernels "
+        f"transposed), but CAM {cam!r} expects {want}."
+      )
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = jnp.asarray(v)
+  return out
