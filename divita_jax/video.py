@@ -145,22 +145,16 @@ class Video:
     None keeps the displayed size. Rotation metadata is applied.
     """
     frame_indices = np.asarray(frame_indices, np.int64)
-    wanted = np.unique(frame_indices)
+    flat = frame_indices.reshape(-1)
+    wanted, counts = np.unique(flat, return_counts=True)
     n = self.index.num_frames
     if wanted.size and (wanted[0] < 0 or wanted[-1] >= n):
       raise self._error(
         f"frame indices {wanted[0]}..{wanted[-1]} are "
         f"outside the video's {n} frames"
       )
-    flat = frame_indices.reshape(-1)
-    # Positions of each wanted frame in `flat`, grouped in `wanted` order.
-    order = np.argsort(flat, kind="stable")
-    groups = np.split(
-      order,
-      np.cumsum(
-        np.bincount(np.searchsorted(wanted, flat), minlength=len(wanted))
-      )[:-1],
-    )
+    # Positions in `flat` of each wanted frame, in `wanted` order.
+    groups = np.split(np.argsort(flat, kind="stable"), np.cumsum(counts)[:-1])
     out = None  # Filled in place: never two copies of the frames.
     for i, rgb in self._decode(wanted, resolution):
       if out is None:
