@@ -1,10 +1,15 @@
 """TFDS DatasetBuilderTestCase for the raw and reps configs on tiny data."""
 
+import os
+import subprocess
+import sys
 import tempfile
 
 import tensorflow_datasets as tfds
 
 from tfds_trailers12k import Trailers12k, dummy_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # tf.test.TestCase.test_session is a helper TFDS calls, not a test; as a
 # property it stays usable but is not collected (only callables are).
@@ -51,3 +56,22 @@ class RepsTest(tfds.testing.DatasetBuilderTestCase):
   def tearDownClass(cls):
     super().tearDownClass()
     cls._tmp.cleanup()
+
+
+def test_cli_build_of_the_folder(tmp_path):
+  manual = tmp_path / "manual"
+  dummy_data.write_raw(str(manual), num_good=2)
+  cmd = [
+    sys.executable,
+    "-m",
+    "tfds_trailers12k",
+    "--config=raw",
+    f"--manual_dir={manual}",
+    f"--data_dir={tmp_path / 'tfds'}",
+  ]
+  subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+  builder = tfds.builder_from_directory(
+    str(tmp_path / "tfds" / "trailers12k" / "raw" / "1.0.0")
+  )
+  assert builder.info.splits["trailers"].num_examples == 2
+  assert len(builder.as_data_source("all")) == 2

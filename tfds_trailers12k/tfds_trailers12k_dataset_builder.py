@@ -155,6 +155,11 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
   trailers_i_swin_fpc24.zarr) in manual_dir.
   """
 
+  def __init__(self, *, file_format=None, **kwargs):
+    # array_record by default (random access, no TensorFlow), also for the
+    # `tfds build` CLI, which passes file_format only when given.
+    super().__init__(file_format=file_format or "array_record", **kwargs)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
       features=_features(self.builder_config),
