@@ -167,13 +167,11 @@ def _encode(frames: list[np.ndarray], fps: int) -> bytes:
   return buf.getvalue()
 
 
-def make_trailer(index: int, cfg: SyntheticConfig, labels: np.ndarray):
-  """One trailer: dict with video bytes, true shots and transition kinds.
+def render_frames(index: int, cfg: SyntheticConfig, labels: np.ndarray):
+  """Frames (uint8 [H, W, 3] RGB list), true_shots [S, 2], kinds, flashes.
 
-  Keys: id, video (mp4 bytes), fps, num_frames, height, width, labels
-  (int32 [10]), true_shots (int32 [S, 2]), kinds (per boundary: 'hard',
-  'dissolve' or 'fade'), flashes (frame indices of single-frame flashes),
-  title, year.
+  kinds: per boundary 'hard', 'dissolve' or 'fade'; flashes: frame indices
+  of single-frame flashes.
   """
   rng = np.random.default_rng([cfg.seed, 2, index])
   genres = [GENRES[g] for g in np.flatnonzero(labels)]
@@ -221,6 +219,18 @@ def make_trailer(index: int, cfg: SyntheticConfig, labels: np.ndarray):
     prev_last, prev_len = frames[-1], n
   ends = starts[1:] + [len(frames)]
   true_shots = np.stack([starts, ends], axis=1).astype(np.int32)
+  return frames, true_shots, kinds, flashes
+
+
+def make_trailer(index: int, cfg: SyntheticConfig, labels: np.ndarray):
+  """One trailer: dict with video bytes, true shots and transition kinds.
+
+  Keys: id, video (mp4 bytes), fps, num_frames, height, width, labels
+  (int32 [10]), true_shots (int32 [S, 2]), kinds, flashes (see
+  `render_frames`), title, year.
+  """
+  frames, true_shots, kinds, flashes = render_frames(index, cfg, labels)
+  genres = [GENRES[g] for g in np.flatnonzero(labels)]
   return dict(
     id=trailer_id(index),
     video=_encode(frames, cfg.fps),
