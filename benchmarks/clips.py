@@ -23,6 +23,7 @@ import sys
 import time
 
 import av
+import cv2
 import numpy as np
 
 from divita_jax import video
@@ -87,11 +88,8 @@ def naive(path: str, frame_indices: np.ndarray, resolution: int) -> np.ndarray:
       rgb = frame.to_ndarray(format="rgb24")  # Full resolution.
       h, w = rgb.shape[:2]
       scale = resolution / min(h, w)
-      small = (
-        av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        .reformat(width=round(w * scale), height=round(h * scale))
-        .to_ndarray()
-      )
+      size = (round(w * scale), round(h * scale))
+      small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
       top = (small.shape[0] - resolution) // 2
       left = (small.shape[1] - resolution) // 2
       crop = small[top : top + resolution, left : left + resolution]

@@ -64,11 +64,6 @@ def _as_str(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def _as_bytes(x) -> bytes:
-  x = x.item() if isinstance(x, np.ndarray) else x
-  return bytes(x)
-
-
 class _Subset:
   """Random-access view of `source` at `indices` -> (index, record)."""
 
@@ -90,7 +85,7 @@ def _trailer_clips(item, *, clip_kwargs: dict) -> dict:
   trailer_id = _as_str(record["id"])
   try:
     clips, info = video.sample_clips(
-      _as_bytes(record["video"]),
+      record["video"],
       np.asarray(record["shots"]),
       trailer_id=trailer_id,
       **clip_kwargs,
@@ -163,7 +158,7 @@ def _train_window(
   kwargs = dict(clip_kwargs)
   resolution = kwargs.pop("resolution", 224)
   try:
-    with video.Video(_as_bytes(record["video"]), trailer_id) as v:
+    with video.Video(record["video"], trailer_id) as v:
       plan = video.plan_clips(
         v.index, np.asarray(record["shots"]), trailer_id=trailer_id, **kwargs
       )
@@ -211,9 +206,10 @@ def clip_train_loader(
   window and the order depend only on `seed`. Yields {'clips': uint8 [B,
   num_clips, T, H, W, 3], 'mask': bool [B, num_clips], 'shot_lengths' [B,
   num_clips], 'labels' [B, 10], 'index' int64 [B]} with B =
-  global_batch_size / process_count; trailers whose video fails are skipped.
-  Every process gets the same number of examples per epoch (a share one
-  short repeats its first trailer), so all run the same number of steps.
+  global_batch_size / process_count. Every process gets the same number of
+  trailers per epoch (a share one short repeats its first trailer), so all
+  run the same number of steps, unless a video fails: failing trailers are
+  skipped with a warning (extraction records them; filter them out first).
   `iter(ds)` has get_state()/set_state() for checkpointing.
   """
   if process_count is None:

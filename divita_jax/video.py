@@ -63,11 +63,14 @@ class VideoIndex:
 class Video:
   """An open video: `index` its frames, `read` a few of them.
 
-  Use as a context manager; `video` is encoded bytes or a file path.
+  Use as a context manager; `video` is encoded bytes (also as a numpy object
+  scalar, as TFDS returns them) or a file path.
   """
 
   def __init__(self, video: bytes | str | os.PathLike, trailer_id: str = ""):
     self.trailer_id = trailer_id
+    if isinstance(video, np.ndarray):  # A TFDS object scalar of bytes.
+      video = video.item()
     if isinstance(video, (bytes, bytearray, memoryview)):
       video = io.BytesIO(video)
     try:
