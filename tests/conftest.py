@@ -1,8 +1,43 @@
 """Test setup: 8 fake CPU devices for sharding tests, CPU-only JAX."""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+# The tiny end-to-end run shared by the pipeline, predict and notebook tests.
+# Tests using it carry `@pytest.mark.xdist_group("pipeline")` so that, under
+# `pytest -n 2 --dist loadgroup`, they share one worker and one run.
+TINY_RUN_FLAGS = (
+  "--config=configs/divita.py:runlocal",
+  "--config.dataset.num_trailers=24",
+  "--config.train.max_epochs=2",
+)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """Workdir of `python -m divita_jax.main` on a tiny synthetic config."""
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "divita_jax.main",
+      *TINY_RUN_FLAGS,
+      f"--workdir={workdir}",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return str(workdir)
