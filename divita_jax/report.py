@@ -46,7 +46,12 @@ def read_csv(path: str) -> list[dict]:
 
 
 def mean_std(rows: list[dict], key: str) -> str:
+  """Mean +- sample std over folds; folds where the metric is undefined (a
+  genre without positives in that fold's subset: NaN) are left out."""
   values = np.array([r[key] for r in rows], np.float64)
+  values = values[np.isfinite(values)]
+  if not len(values):
+    return "n/a"
   std = values.std(ddof=1) if len(values) > 1 else 0.0
   return f"{values.mean():.2f} +- {std:.2f}"
 

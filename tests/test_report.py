@@ -28,3 +28,9 @@ def test_write_results_round_trip(tmp_path):
 def test_summary_uses_sample_std():
   rows = [{"uap": v} for v in (70.0, 72.0, 74.0)]
   assert report.mean_std(rows, "uap") == "72.00 +- 2.00"  # ddof=1.
+
+
+def test_summary_skips_undefined_folds():
+  rows = [{"hor": v} for v in (float("nan"), 50.0, 70.0)]
+  assert report.mean_std(rows, "hor") == "60.00 +- 14.14"
+  assert report.mean_std([{"hor": float("nan")}], "hor") == "n/a"
