@@ -302,6 +302,34 @@ def test_default_params_are_logically_partitioned():
   )
 
 
+def test_default_cams_shard_on_2x4_mesh():
+  """Every default CAM's variables shard on a 2x4 mesh under the config's
+  rules; the default tsfm's sharded forward equals the unsharded one."""
+  inputs, mask = padded_batch(8)
+  # Auto axes, as sharding.make_mesh builds them (jax.make_mesh is Explicit).
+  devices = np.asarray(jax.devices()[:8]).reshape(2, 4)
+  mesh = jax.sharding.Mesh(devices, ("data", "model"))
+  rules = get_config().mesh.rules
+  for cam in ["savg", "gru", "conv", "tsfm"]:
+    model = DIViTA(cam=cam)
+    init = lambda x, m: model.init(jax.random.key(0), x, m, False)
+    abstract = jax.eval_shape(init, inputs, mask)
+    shardings = nn.logical_to_mesh_sharding(
+      nn.get_partition_spec(abstract), mesh, rules
+    )
+    # shard_shape raises when a mesh axis does not divide its dimension.
+    jax.tree.map(
+      lambda s, a: s.shard_shape(a.shape), shardings, nn.unbox(abstract)
+    )
+  variables = nn.unbox(jax.jit(init, out_shardings=shardings)(inputs, mask))
+  block = variables["params"]["video"]["cam"]["block"]
+  assert block["ff_in"]["kernel"].sharding.shard_shape((128, 768)) == (128, 192)
+  want = eval_apply(model, jax.device_get(variables), inputs, mask)
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  got = eval_apply(model, variables, *jax.device_put((inputs, mask), batch))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_parse_cam():
   assert parse_cam("tsfm") == (
     "tsfm",

@@ -15,9 +15,12 @@ the window (real clips first), which is what the input pipeline produces.
 
 Logical axis names of the parameters (for `nn.logical_to_mesh_axes`):
 `embed` input representation features, `hidden` CAM width (transformer
-width, GRU state, conv channels feeding the next layer), `mlp` feed-forward
-hidden / GRU gates / conv output channels, `heads` attention heads x head
-dim (head-major), `classes` logits. Names without a rule are replicated.
+width, GRU state, conv input channels after the first layer), `mlp`
+transformer feed-forward hidden, `heads` attention heads x head dim
+(head-major), `classes` logits, `gates` fused GRU gates (3 x hidden),
+`channels` conv output channels. Names without a rule are replicated; a
+mesh axis must divide the dimensions mapped to it (the default tsfm's 128
+and 768 divide by 2, 4 and 8).
 """
 
 import functools
@@ -285,10 +288,10 @@ class GRULayer(nn.Module):
     param = lambda name, shape, names: self.param(
       name, _partitioned(uni, names), shape, jnp.float32
     )
-    wi = param("input_kernel", (f, 3 * h), (self.in_axis, "mlp"))
-    bi = param("input_bias", (3 * h,), ("mlp",))
-    wh = param("hidden_kernel", (h, 3 * h), ("hidden", "mlp"))
-    bh = param("hidden_bias", (3 * h,), ("mlp",))
+    wi = param("input_kernel", (f, 3 * h), (self.in_axis, "gates"))
+    bi = param("input_bias", (3 * h,), ("gates",))
+    wh = param("hidden_kernel", (h, 3 * h), ("hidden", "gates"))
+    bh = param("hidden_bias", (3 * h,), ("gates",))
     gi = x @ wi.astype(self.dtype) + bi.astype(self.dtype)  # [B, S, 3h]
     mask = jnp.ones(x.shape[:2], bool) if mask is None else mask
 
@@ -344,14 +347,14 @@ class ConvCAM(nn.Module):
     zero = lambda t, m: t if m is None else t * m[..., None].astype(t.dtype)
     for i, (k, filters) in enumerate(self.layers):
       fan_in = k * x.shape[-1]
-      names = (None, "embed" if i == 0 else "hidden", "mlp")
+      names = (None, "embed" if i == 0 else "hidden", "channels")
       x = nn.Conv(
         filters,
         (k,),
         padding=((1, 1),),
         dtype=self.dtype,
         kernel_init=_torch_kernel(names),
-        bias_init=_torch_bias(fan_in, ("mlp",)),
+        bias_init=_torch_bias(fan_in, ("channels",)),
         name=f"conv_{i}",
       )(x)  # [B, S + 3 - k, filters]
       x = nn.relu(x)
