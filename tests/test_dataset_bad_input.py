@@ -1,9 +1,11 @@
 """Bad input: skipped trailers with reasons, malformed mtgc.csv, NaN reps."""
 
+import av
 import numpy as np
 import pytest
 
 import tfds_trailers12k
+from divita_jax import shots
 from tfds_trailers12k import dummy_data, mtgc
 
 
@@ -117,3 +119,26 @@ def test_reps_build_and_nan_error(tmp_path):
     tfds_trailers12k.build(
       "reps", str(tmp_path / "tfds2"), str(tmp_path / "nan")
     )
+
+
+def test_raw_other_container_is_stored_as_mp4(tmp_path):
+  manual = tmp_path / "manual"
+  dummy_data.write_raw(str(manual), num_good=1)
+  (mp4,) = (manual / "videos").iterdir()
+  # Remux the same H.264 stream into Matroska.
+  mkv = mp4.with_suffix(".mkv")
+  with av.open(str(mp4)) as src, av.open(str(mkv), "w") as dst:
+    out = dst.add_stream_from_template(src.streams.video[0])
+    for packet in src.demux(src.streams.video[0]):
+      if packet.dts is not None:
+        packet.stream = out
+        dst.mux(packet)
+  mp4.unlink()
+  builder = tfds_trailers12k.build(
+    "raw", str(tmp_path / "tfds"), str(manual), num_workers=1
+  )
+  ex = tfds_trailers12k.data_source(builder)[0]
+  assert ex["video"][4:8] == b"ftyp"  # Re-encoded into mp4.
+  assert ex["shots"][-1, 1] == ex["num_frames"] > 0
+  stored = shots.analyze(ex["video"])
+  assert stored.num_frames == ex["num_frames"]
