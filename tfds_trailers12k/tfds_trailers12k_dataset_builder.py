@@ -11,6 +11,7 @@ Built with `file_format=array_record` (no TensorFlow needed):
   tfds build tfds_trailers12k --config=raw --manual_dir=MANUAL --data_dir=DIR
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
@@ -116,8 +117,16 @@ def _map_in_pool(fn, items: list, num_workers: int, desc: str):
     # spawn: the caller may be a multithreaded JAX/TF process (fork-unsafe).
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, ctx) as pool:
-      for result in pool.map(fn, items):
-        yield result
+      # A bounded window of futures, so finished videos waiting behind a
+      # slow one do not pile up in memory.
+      pending = collections.deque()
+      for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= 2 * workers:
+          yield pending.popleft().result()
+          bar.update(1)
+      while pending:
+        yield pending.popleft().result()
         bar.update(1)
   bar.close()
 
