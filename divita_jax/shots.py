@@ -105,8 +105,8 @@ class ShotDetector:
     self._min_shot_len = min_shot_len
     self._max_flash_len = max_flash_len
     self._fps = fps
-    # Recent HSV frames by index: the detector may report a cut a few
-    # frames late (AdaptiveDetector's window), we need frames cut-1, cut.
+    # Recent frames by index: the detector may report a cut a few frames
+    # late (AdaptiveDetector's window); the flash test needs cut-1 and cut.
     self._recent: dict[int, np.ndarray] = {}
     self._keep = max_flash_len + 8
     self._cuts: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -116,13 +116,16 @@ class ShotDetector:
     """Feeds the next frame (uint8 [h, w, 3] BGR, already downscaled)."""
     index = self.num_frames
     self.num_frames += 1
-    self._recent[index] = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2HSV)
+    self._recent[index] = frame_bgr
     self._recent.pop(index - self._keep, None)
     timecode = FrameTimecode(index, fps=self._fps)
     for cut in self._detector.process_frame(timecode, frame_bgr):
       c = cut.frame_num
       if c > 0 and c - 1 in self._recent and c in self._recent:
-        self._cuts.append((c, self._recent[c - 1], self._recent[c]))
+        before, at = (
+          cv2.cvtColor(self._recent[i], cv2.COLOR_BGR2HSV) for i in (c - 1, c)
+        )
+        self._cuts.append((c, before, at))
 
   def _drop_flashes(self) -> list[int]:
     cuts, kept, i = self._cuts, [], 0
