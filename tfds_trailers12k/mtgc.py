@@ -20,10 +20,19 @@ COLUMNS = ("mid",) + GENRES + SPLIT_COLUMNS
 METADATA_KEYS = ("title", "year", "imdb_id", "youtube_id")
 # Accepted spellings in metadata.json for each stored field.
 _ALIASES = {
-  "title": ("title", "name", "original_title"),
+  "title": ("title", "name", "original_title", "originalTitle"),
   "year": ("year", "release_year", "startYear"),
-  "imdb_id": ("imdb_id", "imdbid", "imdb", "tconst", "mid"),
-  "youtube_id": ("youtube_id", "yt_id", "youtube", "trailer_id", "ytid"),
+  "imdb_id": ("imdb_id", "imdbId", "imdbid", "imdb", "tconst", "mid"),
+  "youtube_id": (
+    "youtube_id",
+    "youtubeId",
+    "yt_id",
+    "ytid",
+    "youtube",
+    "youtube_trailer_key",
+    "trailer_id",
+    "trailers",
+  ),
 }
 
 
@@ -104,7 +113,7 @@ def read_metadata(path: epath.PathLike) -> dict[str, dict[str, str]]:
   except json.JSONDecodeError as e:
     raise ValueError(f"metadata.json {path} is not valid JSON: {e}") from e
   if isinstance(data, list):
-    data = {str(e.get("mid", e.get("imdb_id", ""))): e for e in data}
+    data = {_pick(e, "imdb_id"): e for e in data if isinstance(e, dict)}
   if not isinstance(data, dict):
     raise ValueError(f"metadata.json {path}: expected an object or a list.")
   out = {}
