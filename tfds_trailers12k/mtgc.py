@@ -58,8 +58,10 @@ def read_mtgc(path: epath.PathLike) -> Annotations:
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"mtgc.csv not found: {path}")
-  rows = list(csv.DictReader(path.read_text().splitlines()))
-  header = list(rows[0].keys()) if rows else []
+  reader = csv.DictReader(path.read_text().splitlines())
+  header = [c.strip() for c in reader.fieldnames or []]
+  reader.fieldnames = header
+  rows = list(reader)
   missing = [c for c in COLUMNS if c not in header]
   if missing:
     raise ValueError(
