@@ -1,0 +1,58 @@
+"""One JAX process of the multi-host test: trains a tiny head, dumps params.
+
+  python tests/multihost_worker.py STORE WORKDIR OUT.npz NUM_PROCESSES \
+    PROCESS_ID PORT DEVICES_PER_PROCESS
+"""
+
+import os
+import sys
+
+store, workdir, out, num_processes, process_id, port, devices = sys.argv[1:]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if int(num_processes) > 1:
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+  )
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import divita  # noqa: E402
+from divita_jax import reps, train  # noqa: E402
+
+
+def main():
+  problem = np.load(os.path.join(store, "problem.npz"))
+  ids = [str(i) for i in problem["ids"]]
+  readers = {b: reps.NpyStore(store, b) for b in ("image", "video")}
+  config = divita.get_config()
+  config.model.cam = "tsfm_16_4_2_0.1"
+  config.mesh.shape = (-1, 2)  # 2 x 2 over 4 devices, whatever the hosts.
+  config.train.num_clips = 6
+  config.train.batch_size = 8
+  config.train.eval_batch_size = 8
+  config.train.learning_rate = 3e-3
+  config.train.max_epochs = 3
+  result = train.train_fold(
+    config, workdir, readers, ids, problem["labels"], problem["split"], 0
+  )
+  variables, _ = train.load_best(config, workdir)
+  params = multihost_utils.process_allgather(variables["params"], tiled=True)
+  flat = {
+    jax.tree_util.keystr(k): np.asarray(v)
+    for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
+  if jax.process_index() == 0:
+    np.savez(
+      out, test_probs=result["test_probs"], uap=result["test"]["uap"], **flat
+    )
+
+
+main()
