@@ -44,12 +44,14 @@ def _hard_cut_scores(trailer, detected, tol=2):
   return tp, fp, len(unmatched)
 
 
-@pytest.mark.parametrize("detector", ["content", "adaptive"])
-def test_hard_cut_f1_and_flashes(trailers, detector):
+@pytest.mark.parametrize(
+  "detector,downscale", [("content", 0), ("adaptive", 0), ("content", 2)]
+)
+def test_hard_cut_f1_and_flashes(trailers, detector, downscale):
   tp = fp = fn = num_flashes = flash_cuts = 0
   for t in trailers:
     cuts = shots.cuts_from_shots(
-      shots.detect_shots(t["video"], detector=detector)
+      shots.detect_shots(t["video"], detector=detector, downscale=downscale)
     )
     a, b, c = _hard_cut_scores(t, cuts)
     tp, fp, fn = tp + a, fp + b, fn + c
