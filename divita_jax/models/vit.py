@@ -96,6 +96,22 @@ class MlpBlock(nn.Module):
     )(x)
 
 
+def attention(q, k, v):
+  """Softmax(q k^T / sqrt(head_dim)) v over [B, N, heads, head_dim].
+
+  Heads-major einsums with float32 logits: on XLA CPU this runs ~2x faster
+  than jax.nn.dot_product_attention's token-major layout (benchmarks/).
+  """
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, N, hd]
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum(
+    "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
+  )
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+  return y.transpose(0, 2, 1, 3)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with flax MHDPA's parameter layout.
 
@@ -124,8 +140,7 @@ class SelfAttention(nn.Module):
       )(x)  # [B, N, heads, head_dim]
       for name in ("query", "key", "value")
     ]
-    # XLA attention: scale 1/sqrt(head_dim), softmax in float32.
-    y = jax.nn.dot_product_attention(*qkv)  # [B, N, heads, head_dim]
+    y = attention(*qkv)  # [B, N, heads, head_dim]
     return nn.DenseGeneral(
       width,
       axis=(-2, -1),
