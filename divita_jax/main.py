@@ -7,6 +7,8 @@ Multi-host (TPU pod slices, SLURM, multi-GPU hosts): pass
 `--distributed` alone where `jax.distributed.initialize()` finds them itself.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -42,9 +44,18 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of orbax (several lines per checkpoint)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    noisy = "/orbax/" in record.pathname
+    return not noisy or record.levelno >= std_logging.WARNING
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   from divita_jax import run  # Imported after the runtime is initialized.
 
