@@ -339,7 +339,14 @@ def test_parse_cam():
   assert parse_cam("conv") == ("conv", dict(layers=((3, 128),)))
   assert parse_cam("conv_3_64_5_32")[1]["layers"] == ((3, 64), (5, 32))
   assert parse_cam("savg") == ("savg", {})
-  for bad in ["tsfm_128_4", "tsfm_a_4_6_0.1", "gru_1", "conv_3", "savg_2"]:
+  for bad in [
+    "tsfm_128_4",
+    "tsfm_a_4_6_0.1",
+    "gru_1",
+    "conv_3",
+    "savg_2",
+    "tsfm_",
+  ]:
     with pytest.raises(ValueError, match=f"Invalid CAM '{bad}': expected"):
       parse_cam(bad)
   with pytest.raises(ValueError, match="not divisible"):

@@ -46,13 +46,14 @@ def parse_cam(cam: str) -> tuple[str, dict]:
   `savg` -> ("savg", {}); `gru` -> ("gru", {layers: 1, hidden: 115});
   `conv` -> ("conv", {layers: ((3, 128),)}); explicit variants override.
   """
-  kind, _, rest = cam.partition("_")
+  if not isinstance(cam, str):
+    raise ValueError(f"CAM must be a string, got {cam!r}.")
+  kind, *parts = cam.split("_")
   if kind not in _CAM_FORMS:
     raise ValueError(
       f"Unknown CAM {cam!r}: expected one of {' | '.join(_CAM_FORMS.values())}."
     )
   bad = ValueError(f"Invalid CAM {cam!r}: expected {_CAM_FORMS[kind]}.")
-  parts = rest.split("_") if rest else []
   try:
     if kind == "tsfm":
       if not parts:
