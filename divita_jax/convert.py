@@ -3,6 +3,7 @@ r"""Converts public ViT / ViViT checkpoints into divita_jax backbones.
   python -m divita_jax.convert --source {vit_npz,hf_vit,hf_vivit,
     scenic_vit,scenic_vivit} --input PATH --output DIR [--dont_load RE ...]
     [--drop RE ...] [--resolution R] [--num_frames T] [--normalization N]
+    [--inflate_tubelet 2 --kernel_init {central,average}]
 
 Sources:
 - vit_npz: vit_jax / AugReg `.npz` (pre-linen block names, posemb with a
@@ -22,6 +23,9 @@ parameters; --drop removes matching source keys before the architecture is
 read (e.g. drop the head or pre_logits). The numerics of the source are kept
 (HF ViT: exact GELU and its LayerNorm epsilon), so outputs match it.
 
+--inflate_tubelet turns a ViT source into a spatio-temporal ViViT (Scenic's
+2-D -> 3-D initialisation: inflated patch kernel, posemb tiled in time).
+
 Output: DIR/params (orbax) and DIR/spec.json (see divita_jax.models).
 """
 
@@ -34,6 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from divita_jax import models
+from divita_jax.models import surgery
 
 Flat = dict[str, np.ndarray]
 _HF_ACT = {
@@ -387,7 +392,8 @@ def infer_model(
       f"posemb {pe.shape}: {n} tokens are not a square "
       "grid (give --resolution / --num_frames)."
     )
-  return model, grid * kernel.shape[1], num_frames or 1
+  frames = 1 if kind == "vit" else num_frames
+  return model, grid * kernel.shape[1], frames
 
 
 def _match(patterns: Sequence[str], key: str) -> bool:
@@ -471,6 +477,44 @@ def read_source(
   return flat, spec
 
 
+def inflate(params, spec, *, tubelet, num_frames, kernel_init="central"):
+  """ViT params/spec -> spatio-temporal ViViT (Scenic 2-D -> 3-D init).
+
+  Patch kernel inflated ('central' or 'average' frame), posemb grid tiled
+  over num_frames // tubelet steps, blocks copied, head dropped.
+  """
+  if spec["kind"] != "vit":
+    raise ConversionError(f"Inflation needs a ViT, got {spec['kind']!r}.")
+  if num_frames % tubelet:
+    raise ConversionError(f"num_frames {num_frames} % tubelet {tubelet} != 0.")
+  drop = ("num_classes", "representation_size")
+  model = {k: v for k, v in spec["model"].items() if k not in drop}
+  model.update(tubelet=tubelet, model_type="spatio_temporal")
+  new = models.make_spec(
+    "vivit",
+    model,
+    variant=None,
+    normalization=spec["normalization"],
+    resolution=spec["resolution"],
+    num_frames=num_frames,
+    source=dict(spec["source"], inflated=kernel_init),
+  )
+  target = models.init_params(models.module_from_spec(new), new)
+  vit_params = {
+    k: v
+    for k, v in params.items()
+    if k not in ("output_projection", "pre_logits")
+  }
+  out = surgery.vit_to_vivit(
+    vit_params,
+    target,
+    vit_grid=models.token_grid(spec),
+    vivit_grid=models.token_grid(new),
+    kernel_init=kernel_init,
+  )
+  return out, new
+
+
 def convert(
   source: str,
   path: str,
@@ -481,8 +525,14 @@ def convert(
   resolution=None,
   num_frames=None,
   normalization=None,
+  inflate_tubelet=None,
+  kernel_init="central",
 ) -> dict:
-  """Reads, checks and writes a backbone checkpoint; returns its spec."""
+  """Reads, checks and writes a backbone checkpoint; returns its spec.
+
+  inflate_tubelet: write a spatio-temporal ViViT initialised from the ViT
+  source instead (num_frames frames, default 2 * tubelet).
+  """
   flat, spec = read_source(
     source,
     path,
@@ -492,6 +542,14 @@ def convert(
     normalization=normalization,
   )
   params = build_params(flat, spec, dont_load)
+  if inflate_tubelet:
+    params, spec = inflate(
+      params,
+      spec,
+      tubelet=inflate_tubelet,
+      num_frames=num_frames or 2 * inflate_tubelet,
+      kernel_init=kernel_init,
+    )
   spec["source"]["dont_load"] = list(dont_load)
   spec["source"]["drop"] = list(drop)
   models.save_backbone(output, params, spec)
@@ -526,6 +584,17 @@ def main(argv=None):
     choices=sorted(models.NORMALIZATIONS),
     help="Input convention (default minus_one_one).",
   )
+  p.add_argument(
+    "--inflate_tubelet",
+    type=int,
+    help="ViT sources: write a spatio-temporal ViViT with this tubelet.",
+  )
+  p.add_argument(
+    "--kernel_init",
+    default="central",
+    choices=["central", "average"],
+    help="Frame initialiser of --inflate_tubelet.",
+  )
   a = p.parse_args(argv)
   try:
     spec = convert(
@@ -537,6 +606,8 @@ def main(argv=None):
       resolution=a.resolution,
       num_frames=a.num_frames,
       normalization=a.normalization,
+      inflate_tubelet=a.inflate_tubelet,
+      kernel_init=a.kernel_init,
     )
   except (ConversionError, FileNotFoundError, FileExistsError) as e:
     raise SystemExit(f"convert: error: {e}") from None

@@ -347,6 +347,33 @@ def test_scenic_vivit_layout(tmp_path, model_type, layout):
   )
 
 
+def test_cli_inflates_vit_npz_to_vivit(tmp_path):
+  module, params = _tiny_vit(classifier="gap", depth=2, classes=None)
+  _vit_jax_npz(params, tmp_path / "vit.npz")
+  args = ["--source", "vit_npz", "--input", str(tmp_path / "vit.npz")]
+  convert.main(
+    args
+    + [
+      "--output",
+      str(tmp_path / "out"),
+      "--inflate_tubelet",
+      "2",
+      "--num_frames",
+      "4",
+      "--kernel_init",
+      "average",
+    ]
+  )
+  m2, loaded, spec = models.load_backbone(str(tmp_path / "out"))
+  assert spec["kind"] == "vivit" and spec["num_frames"] == 4
+  assert loaded["embedding"]["kernel"].shape == (2, 4, 4, 3, 16)
+  frame = np.random.RandomState(3).randn(2, 12, 12, 3).astype(np.float32)
+  video = np.repeat(frame[:, None], 4, axis=1)
+  want = jax.jit(module.apply)({"params": params}, frame)[0]
+  got = jax.jit(m2.apply)({"params": loaded}, video)[0]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_dont_load_and_drop(tmp_path):
   _, params = _tiny_vit(depth=2)
   _vit_jax_npz(params, tmp_path / "vit.npz")
