@@ -1,7 +1,8 @@
 """Shot boundary detection: PyAV decoding + PySceneDetect detectors.
 
 A video is decoded once with PyAV (threaded decoding); every frame is
-downscaled and converted to BGR by swscale in the same call and fed to a
+shrunk (point sampling, like the CLI's unfiltered resize at these factors)
+and converted to BGR by swscale in the same call and fed to a
 PySceneDetect detector (`ContentDetector` or `AdaptiveDetector`). The
 detector's raw cuts are then cleaned by two rules of ours:
 
