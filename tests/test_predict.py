@@ -1,0 +1,150 @@
+"""predict CLI on synthetic trailers of the shared tiny run's test subset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import tfds_trailers12k
+from divita_jax import genres, predict
+
+pytestmark = pytest.mark.xdist_group("pipeline")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trailers(trained_workdir, tmp_path_factory):
+  """Two fold-0 test trailers written as files, plus their TFDS records."""
+  config = predict.load_config(trained_workdir)
+  builder = tfds_trailers12k.build(
+    "synthetic",
+    os.path.join(trained_workdir, "tfds"),
+    num_trailers=config.dataset.num_trailers,
+    seed=config.seed,
+  )
+  source = tfds_trailers12k.data_source(builder)
+  index = tfds_trailers12k.load_index(builder)
+  test = tfds_trailers12k.subset_indices(index["split_assignment"], 0, "test")
+  folder = tmp_path_factory.mktemp("videos")
+  records = {}
+  for i in test[:2]:
+    ex = source[int(i)]
+    trailer_id = index["ids"][i]
+    data = ex["video"]
+    data = data.item() if isinstance(data, np.ndarray) else data
+    (folder / f"{trailer_id}.mp4").write_bytes(data)
+    records[trailer_id] = ex
+  return str(folder), records
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_workdir):
+  """id -> probabilities [10] that the evaluation wrote for fold 0 test."""
+  path = os.path.join(trained_workdir, "results", "fold0_test_probs.csv")
+  ids, probs = predict.read_probs_csv(path)
+  return dict(zip(ids, probs))
+
+
+def test_probabilities_equal_evaluation(trained_workdir, trailers, evaluated):
+  folder, records = trailers
+  run = predict.load_run(trained_workdir, fold=0)
+  paths = predict.find_videos([folder])
+  results, errors = predict.classify(run, paths, progress=False)
+  assert errors == []
+  assert sorted(r["id"] for r in results) == sorted(records)
+  for r in results:
+    ex = records[r["id"]]
+    # Same shots as the dataset stored: same detector settings.
+    np.testing.assert_array_equal(r["shots"], ex["shots"])
+    assert r["num_frames"] == int(ex["num_frames"])
+    probs = np.array([r["genres"][g] for g in genres.GENRES])
+    np.testing.assert_allclose(probs, evaluated[r["id"]], atol=1e-5, rtol=0)
+
+
+def test_cli_json_with_a_corrupt_file(trained_workdir, trailers, evaluated):
+  folder, records = trailers
+  bad = os.path.join(folder, "corrupt.mp4")
+  good = sorted(os.path.join(folder, f"{i}.mp4") for i in records)
+  with open(bad, "wb") as f:
+    f.write(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+  try:
+    proc = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "divita_jax.predict",
+        f"--workdir={trained_workdir}",
+        "--json",
+        good[0],
+        bad,
+        good[1],
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+  finally:
+    os.remove(bad)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f"error: {bad}:" in proc.stderr
+  assert "1 of 3 file(s) failed" in proc.stderr
+  out = json.loads(proc.stdout)
+  assert [o["path"] for o in out] == good  # The others still classified.
+  for o in out:
+    assert set(o) == {"id", "path", "genres", "shots", "fps", "num_frames"}
+    assert list(o["genres"]) == list(genres.GENRES)
+    ex = records[o["id"]]
+    assert o["shots"] == ex["shots"].tolist()
+    assert o["num_frames"] == int(ex["num_frames"])
+    assert o["fps"] == pytest.approx(float(ex["fps"]), rel=1e-5)
+    probs = [o["genres"][g] for g in genres.GENRES]
+    np.testing.assert_allclose(probs, evaluated[o["id"]], atol=1e-5, rtol=0)
+
+
+def test_table_and_plot(trained_workdir, trailers, tmp_path, capsys):
+  folder, records = trailers
+  trailer_id = sorted(records)[0]
+  png = str(tmp_path / "pred.png")
+  rc = predict.main(
+    [
+      os.path.join(folder, f"{trailer_id}.mp4"),
+      f"--workdir={trained_workdir}",
+      f"--plot={png}",
+      "--no_progress",
+    ]
+  )
+  out = capsys.readouterr().out
+  assert rc == 0
+  lines = out.strip().splitlines()
+  assert lines[0].startswith(trailer_id)
+  num_shots = len(records[trailer_id]["shots"])
+  assert lines[1].strip().startswith(f"{num_shots} shots, ")
+  rows = [line[2:].split() for line in lines[3:]]
+  assert sorted(r[0] for r in rows) == sorted(genres.GENRES)
+  probs = [float(r[1]) for r in rows]
+  assert probs == sorted(probs, reverse=True)
+  # '*' marks genres at or above 0.5.
+  assert [line[0] == "*" for line in lines[3:]] == [p >= 0.5 for p in probs]
+  image = matplotlib.image.imread(png)
+  assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600
+  assert image[..., :3].std() > 0.05  # Thumbnails and bars, not blank.
+
+
+def test_bad_workdir_and_fold(trained_workdir, tmp_path, capsys):
+  assert predict.main([str(tmp_path), f"--workdir={tmp_path}"]) == 2
+  err = capsys.readouterr().err
+  assert "config.json is missing" in err and str(tmp_path) in err
+  rc = predict.main(["x.mp4", f"--workdir={trained_workdir}", "--fold=5"])
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert "Fold 5 was not trained" in err and "fold0" in err
+
+
+def test_empty_folder_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="holds no video files"):
+    predict.find_videos([str(tmp_path)])
