@@ -29,6 +29,8 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax
 import flax.linen as nn
@@ -197,14 +199,6 @@ def state_shardings(config, model, tx, mesh, num_features: dict):
   return init, abstract, shardings
 
 
-def init_state(config, model, tx, mesh, num_features: dict):
-  """Sharded TrainState from `config.seed` and its shardings."""
-  init, _, shardings = state_shardings(config, model, tx, mesh, num_features)
-  rng = jax.random.PRNGKey(config.seed)
-  state = jax.jit(lambda r: _unbox(init(r)), out_shardings=shardings)(rng)
-  return state, shardings
-
-
 # ------------------------------------------------------------- step fns
 
 
@@ -276,6 +270,43 @@ def compile_steps(model, tx, mesh, shardings):
   return train, evaluate
 
 
+class Programs(NamedTuple):
+  """Model, optimizer and jitted programs of one config on one mesh."""
+
+  model: nn.Module
+  tx: optax.GradientTransformation
+  init: Callable  # rng -> sharded TrainState
+  abstract: TrainState  # ShapeDtypeStructs with shardings
+  shardings: TrainState  # NamedShardings
+  train_step: Callable  # (state, batch, lr) -> (state, loss); donates state
+  eval_step: Callable  # (variables, batch) -> probabilities, replicated
+
+
+_PROGRAMS = {}
+
+
+def programs(config, mesh, num_features: dict) -> Programs:
+  """Cached per process, so every fold (and predict) compiles once."""
+  key = (
+    config.model.to_json(),
+    config.train.to_json(),
+    sharding.logical_rules(config.mesh),
+    mesh,
+    tuple(sorted(num_features.items())),
+  )
+  if key not in _PROGRAMS:
+    model, tx = make_model(config), make_optimizer(config.train)
+    init_boxed, abstract, shardings = state_shardings(
+      config, model, tx, mesh, num_features
+    )
+    init = jax.jit(lambda r: _unbox(init_boxed(r)), out_shardings=shardings)
+    train_fn, eval_fn = compile_steps(model, tx, mesh, shardings)
+    _PROGRAMS[key] = Programs(
+      model, tx, init, abstract, shardings, train_fn, eval_fn
+    )
+  return _PROGRAMS[key]
+
+
 # --------------------------------------------------------------- evaluation
 
 
@@ -300,27 +331,15 @@ def bce_probs(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def predict_probs(config, variables, readers: dict, ids) -> np.ndarray:
-  """Per-trailer probabilities [len(ids), classes] from `variables`."""
-  model = make_model(config)
+  """Per-trailer probabilities [len(ids), classes] from `variables`
+  ({'params', 'batch_stats'}, e.g. from `load_best`)."""
   mesh = sharding.make_mesh(config.mesh)
   readers = _branch_readers(config, readers)
-  num_features = {b: r.num_features for b, r in readers.items()}
-  _, abstract, shardings = state_shardings(
-    config, model, make_optimizer(config.train), mesh, num_features
-  )
-  var_shardings = {
-    "params": shardings.params,
-    "batch_stats": shardings.batch_stats,
-  }
+  num_features = {b: int(r.num_features) for b, r in readers.items()}
+  p = programs(config, mesh, num_features)
   variables = jax.device_put(
-    {
-      "params": variables["params"],
-      "batch_stats": variables.get("batch_stats", {}),
-    },
-    var_shardings,
-  )
-  _, eval_fn = compile_steps(
-    model, make_optimizer(config.train), mesh, shardings
+    {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+    _variables(p.shardings),
   )
   labels = np.zeros((len(ids), config.model.num_classes), np.float32)
   data = rep_pipeline.eval_data(
@@ -332,7 +351,7 @@ def predict_probs(config, variables, readers: dict, ids) -> np.ndarray:
     global_batch_size=config.train.eval_batch_size,
   )
   return trailer_probs(
-    eval_fn, variables, data, mesh, config.model.branches, len(ids)
+    p.eval_step, variables, data, mesh, config.model.branches, len(ids)
   )
 
 
@@ -432,11 +451,8 @@ def load_best(config, fold_dir: str):
   host = best.restore(
     step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
   )["host"]
-  model = make_model(config)
   mesh = sharding.make_mesh(config.mesh)
-  _, abstract, _ = state_shardings(
-    config, model, make_optimizer(config.train), mesh, host["num_features"]
-  )
+  abstract = programs(config, mesh, host["num_features"]).abstract
   variables, host = _restore(best, "variables", _variables(abstract))
   if variables is None:
     raise ValueError(
@@ -681,9 +697,8 @@ def train_fold(
   for name in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(tc[name], mesh, f"config.train.{name}")
 
-  model, tx = make_model(config), make_optimizer(tc)
-  state, shardings = init_state(config, model, tx, mesh, num_features)
-  train_fn, eval_fn = compile_steps(model, tx, mesh, shardings)
+  p = programs(config, mesh, num_features)
+  state = p.init(jax.random.PRNGKey(config.seed))
   writer = metric_writers.create_default_writer(
     fold_dir, just_logging=jax.process_index() > 0
   )
@@ -697,8 +712,8 @@ def train_fold(
   )
   f = _Fold(
     mesh,
-    train_fn,
-    eval_fn,
+    p.train_step,
+    p.eval_step,
     rep_pipeline.train_data(
       readers,
       ids,
@@ -715,10 +730,7 @@ def train_fold(
     writer,
   )
 
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-  )
-  restored, host = _restore(f.latest, "state", abstract)
+  restored, host = _restore(f.latest, "state", p.abstract)
   if restored is None:
     host = _initial_host(config, num_features)
     parameter_overview.log_parameter_overview(
@@ -738,14 +750,19 @@ def train_fold(
     state, host = _run_epochs(config, f, state, host)
   del state
 
-  variables, best = _restore(f.best, "variables", _variables(abstract))
+  variables, best = _restore(f.best, "variables", _variables(p.abstract))
   if variables is None:
     raise ValueError(f"No readable best checkpoint under {fold_dir}/best.")
   out = {"epoch": best["epoch"]}
   for name, key in (("validation", "val"), ("test", "test")):
     data = f.val if name == "validation" else eval_data(name)
     probs = trailer_probs(
-      eval_fn, variables, data, mesh, config.model.branches, len(subsets[name])
+      p.eval_step,
+      variables,
+      data,
+      mesh,
+      config.model.branches,
+      len(subsets[name]),
     )
     out[key] = metrics_lib.compute_metrics(probs, labels[subsets[name]])
     out[f"{key}_probs"] = probs

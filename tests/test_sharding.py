@@ -43,14 +43,12 @@ def _config(mesh_shape):
 
 def _step(config, devices, batch):
   mesh = sharding.make_mesh(config.mesh, devices)
-  model, tx = train.make_model(config), train.make_optimizer(config.train)
-  num_features = {"image": 6, "video": 4}
-  state, shardings = train.init_state(config, model, tx, mesh, num_features)
-  step, _ = train.compile_steps(model, tx, mesh, shardings)
+  p = train.programs(config, mesh, {"image": 6, "video": 4})
+  state = p.init(jax.random.PRNGKey(config.seed))
   lr = np.float32(config.train.learning_rate)
-  state, loss1 = step(state, train.global_batch(batch, mesh), lr)
-  state, loss2 = step(state, train.global_batch(batch, mesh), lr)
-  return state, np.array([loss1, loss2]), shardings
+  state, loss1 = p.train_step(state, train.global_batch(batch, mesh), lr)
+  state, loss2 = p.train_step(state, train.global_batch(batch, mesh), lr)
+  return state, np.array([loss1, loss2]), p.shardings
 
 
 def test_sharded_step_equals_single_device_step():

@@ -147,11 +147,8 @@ def test_sigterm_then_rerun_equals_uninterrupted(problem, tmp_path):
 def _final(config, fold_dir):
   """Leaves of the best variables and of the latest train state."""
   best, _ = train.load_best(config, fold_dir)
-  model, tx = train.make_model(config), train.make_optimizer(config.train)
   mesh = train.sharding.make_mesh(config.mesh)
-  _, abstract, _ = train.state_shardings(
-    config, model, tx, mesh, {"image": 12, "video": 8}
-  )
+  abstract = train.programs(config, mesh, {"image": 12, "video": 8}).abstract
   latest, _ = train._managers(fold_dir)
   state, host = train._restore(latest, "state", abstract)
   assert host["done"]
