@@ -148,7 +148,11 @@ def load_index(builder: tfds.core.DatasetBuilder) -> dict:
   path = os.path.join(builder.data_dir, _INDEX_FILE)
   if not os.path.exists(path):
     index = _compute_index(builder)
-    fd, tmp = tempfile.mkstemp(dir=builder.data_dir, suffix=".tmp")
+    try:
+      fd, tmp = tempfile.mkstemp(dir=builder.data_dir, suffix=".tmp")
+    except OSError:  # Read-only dataset directory: no cache, same result.
+      index["ids"] = [str(i) for i in index["ids"]]
+      return index
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **index)
     os.replace(tmp, path)  # Atomic: concurrent readers see all or nothing.
