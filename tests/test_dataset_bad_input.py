@@ -1,5 +1,7 @@
 """Bad input: skipped trailers with reasons, malformed mtgc.csv, NaN reps."""
 
+import os
+
 import av
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 import tfds_trailers12k
 from divita_jax import shots
 from tfds_trailers12k import dummy_data, mtgc
+from tfds_trailers12k import tfds_trailers12k_dataset_builder as builder_module
 
 
 def test_raw_build_skips_bad_videos_with_reasons(tmp_path):
@@ -142,3 +145,16 @@ def test_raw_other_container_is_stored_as_mp4(tmp_path):
   assert ex["shots"][-1, 1] == ex["num_frames"] > 0
   stored = shots.analyze(ex["video"])
   assert stored.num_frames == ex["num_frames"]
+
+
+def _die_on_two(item):
+  if item == 2:
+    os._exit(3)  # Like a decoder segfault: the worker process is gone.
+  return item * 10
+
+
+def test_worker_crash_is_skipped_not_fatal():
+  out = builder_module.map_in_pool(
+    _die_on_two, [0, 1, 2, 3, 4], 2, "test", lambda item: ("crash", item)
+  )
+  assert list(out) == [0, 10, ("crash", 2), 30, 40]

@@ -23,6 +23,7 @@ from etils import epath
 from divita_jax.genres import NUM_FOLDS, NUM_GENRES
 from tfds_trailers12k import mtgc, synthetic, transcode
 
+_CRASHED = "worker process crashed while decoding (corrupt or hostile file)"
 # Official Swin groups (paper's best); override with `zarr_groups`.
 DEFAULT_ZARR_GROUPS = (
   "trailers_i_swin_fpc24.zarr",
@@ -104,8 +105,22 @@ def _features(cfg: Trailers12kConfig) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(f)
 
 
-def _map_in_pool(fn, items: list, num_workers: int, desc: str):
-  """Ordered map over worker processes with a trailers/s progress bar."""
+def _run_isolated(fn, item, ctx):
+  """fn(item) in a fresh one-worker pool; None if that process dies."""
+  with concurrent.futures.ProcessPoolExecutor(1, ctx) as pool:
+    try:
+      return pool.submit(fn, item).result()
+    except concurrent.futures.process.BrokenProcessPool:
+      return None
+
+
+def map_in_pool(fn, items: list, num_workers: int, desc: str, crashed):
+  """Ordered map over worker processes with a trailers/s progress bar.
+
+  A worker that dies (e.g. a decoder crash on a hostile file) does not stop
+  the build: the items in flight are re-run one per process, and the one
+  that kills its process yields `crashed(item)` instead.
+  """
   workers = num_workers or multiprocessing.cpu_count()
   workers = max(1, min(workers, len(items)))
   bar = tfds.core.utils.tqdm(total=len(items), desc=desc, unit=" trailers")
@@ -113,21 +128,34 @@ def _map_in_pool(fn, items: list, num_workers: int, desc: str):
     for item in items:
       yield fn(item)
       bar.update(1)
-  else:
-    # spawn: the caller may be a multithreaded JAX/TF process (fork-unsafe).
-    ctx = multiprocessing.get_context("spawn")
+    bar.close()
+    return
+  # spawn: the caller may be a multithreaded JAX/TF process (fork-unsafe).
+  ctx = multiprocessing.get_context("spawn")
+  todo = collections.deque(items)
+  while todo:
+    # A bounded window of futures, so finished videos waiting behind a
+    # slow one do not pile up in memory.
+    pending = collections.deque()
     with concurrent.futures.ProcessPoolExecutor(workers, ctx) as pool:
-      # A bounded window of futures, so finished videos waiting behind a
-      # slow one do not pile up in memory.
-      pending = collections.deque()
-      for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= 2 * workers:
-          yield pending.popleft().result()
+      try:
+        while todo or pending:
+          while todo and len(pending) < 2 * workers:
+            item = todo.popleft()
+            pending.append((item, pool.submit(fn, item)))
+          result = pending[0][1].result()
+          pending.popleft()
+          yield result
           bar.update(1)
-      while pending:
-        yield pending.popleft().result()
-        bar.update(1)
+      except concurrent.futures.process.BrokenProcessPool:
+        pass
+    for item, future in pending:  # Only after a crash: find the culprit.
+      if future.done() and future.exception() is None:
+        result = future.result()  # Finished before the crash.
+      else:
+        result = _run_isolated(fn, item, ctx)
+      yield crashed(item) if result is None else result
+      bar.update(1)
   bar.close()
 
 
@@ -221,8 +249,12 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
     items = [
       (i, gen, labels[i], cfg.shot_kwargs()) for i in range(gen.num_trailers)
     ]
-    results = _map_in_pool(
-      synthetic.synthetic_example, items, self.num_workers, "synthetic trailers"
+    results = map_in_pool(
+      synthetic.synthetic_example,
+      items,
+      self.num_workers,
+      "synthetic trailers",
+      lambda item: (synthetic.trailer_id(item[0]), None, _CRASHED),
     )
     for (i, *_), (mid, ex, reason) in zip(items, results):
       if ex is None:
@@ -253,8 +285,12 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
           cfg.shot_kwargs(),
         )
       )
-    results = _map_in_pool(
-      transcode.raw_example, items, self.num_workers, "raw trailers"
+    results = map_in_pool(
+      transcode.raw_example,
+      items,
+      self.num_workers,
+      "raw trailers",
+      lambda item: (item[0], None, _CRASHED),
     )
     for i, (mid, ex, reason) in zip(rows, results):
       if ex is None:
