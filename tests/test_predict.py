@@ -49,23 +49,11 @@ def evaluated(trained_workdir):
   return dict(zip(ids, probs))
 
 
-def test_probabilities_equal_evaluation(trained_workdir, trailers, evaluated):
-  folder, records = trailers
-  run = predict.load_run(trained_workdir, fold=0)
-  paths = predict.find_videos([folder])
-  results, errors = predict.classify(run, paths, progress=False)
-  assert errors == []
-  assert sorted(r["id"] for r in results) == sorted(records)
-  for r in results:
-    ex = records[r["id"]]
-    # Same shots as the dataset stored: same detector settings.
-    np.testing.assert_array_equal(r["shots"], ex["shots"])
-    assert r["num_frames"] == int(ex["num_frames"])
-    probs = np.array([r["genres"][g] for g in genres.GENRES])
-    np.testing.assert_allclose(probs, evaluated[r["id"]], atol=1e-5, rtol=0)
-
-
-def test_cli_json_with_a_corrupt_file(trained_workdir, trailers, evaluated):
+def test_cli_equals_evaluation_with_a_corrupt_file(
+  trained_workdir, trailers, evaluated
+):
+  """The real CLI: JSON, per-file error, exit code 1, and probabilities equal
+  to those the evaluation wrote (same shots, backbones, windows)."""
   folder, records = trailers
   bad = os.path.join(folder, "corrupt.mp4")
   good = sorted(os.path.join(folder, f"{i}.mp4") for i in records)
@@ -94,6 +82,9 @@ def test_cli_json_with_a_corrupt_file(trained_workdir, trailers, evaluated):
   assert f"error: {bad}:" in proc.stderr
   assert "1 of 3 file(s) failed" in proc.stderr
   out = json.loads(proc.stdout)
+  # Distinct trailers get distinct probabilities: equality is not trivial.
+  a, b = (evaluated[i] for i in sorted(records))
+  assert np.abs(a - b).max() > 1e-3
   assert [o["path"] for o in out] == good  # The others still classified.
   for o in out:
     assert set(o) == {"id", "path", "genres", "shots", "fps", "num_frames"}
