@@ -198,18 +198,25 @@ def head_probs(run: Run, items: list[dict]) -> np.ndarray:
   return train.predict_probs(run.config, run.variables, readers, keys)
 
 
-def classify(run: Run, paths: list[str], progress: bool = True):
+def classify(
+  run: Run, paths: list[str], progress: bool = True, keep_video: bool = True
+):
   """(results, errors) for `paths`; a failing file only adds an error.
 
-  results: dicts of analyze_file (without 'features') plus 'genres'
-  {name: probability} in GENRES order. errors: {'path', 'error'}.
+  results: dicts of analyze_file (without 'features', and without 'video'
+  unless `keep_video`: plots need it, long lists of files would hold every
+  video in memory) plus 'genres' {name: probability} in GENRES order.
+  errors: {'path', 'error'}.
   """
   items, errors = [], []
   bar = tqdm(paths, desc="predict", unit="file", disable=not progress)
   for path in bar:
     bar.set_postfix_str(os.path.basename(path))
     try:
-      items.append(analyze_file(run, path, bar))
+      item = analyze_file(run, path, bar)
+      if not keep_video:
+        del item["video"]
+      items.append(item)
     except FILE_ERRORS as e:
       reason = getattr(e, "reason", None) or str(e)
       errors.append(dict(path=path, error=reason))
@@ -290,12 +297,14 @@ def parse_args(argv):
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
+    paths = find_videos(args.inputs)  # Before the slow part: fail fast.
     run = load_run(args.workdir, args.fold)
-    paths = find_videos(args.inputs)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  results, errors = classify(run, paths, progress=not args.no_progress)
+  results, errors = classify(
+    run, paths, progress=not args.no_progress, keep_video=bool(args.plot)
+  )
   if args.json:
     print(json.dumps([to_json(r) for r in results], indent=1))
   for r in results:
@@ -305,7 +314,7 @@ def main(argv=None) -> int:
       from divita_jax import plots  # matplotlib only when plotting.
 
       out = plot_path(args.plot, r["id"], len(paths) > 1)
-      plots.plot_prediction(r, out)
+      plots.plt.close(plots.plot_prediction(r, out))
   if errors:
     print(f"{len(errors)} of {len(paths)} file(s) failed.", file=sys.stderr)
   return 1 if errors else 0
