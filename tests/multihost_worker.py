@@ -39,7 +39,7 @@ def main():
   config.train.batch_size = 8
   config.train.eval_batch_size = 8
   config.train.learning_rate = 3e-3
-  config.train.max_epochs = 3
+  config.train.max_epochs = 6
   result = train.train_fold(
     config, workdir, readers, ids, problem["labels"], problem["split"], 0
   )

@@ -1,14 +1,18 @@
 """Two JAX processes (gloo on 127.0.0.1) train exactly like one process."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 
 from divita_jax import reps
+
+pytestmark = pytest.mark.xdist_group("multihost")
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
@@ -67,19 +71,49 @@ def _wait(procs):
     assert p.returncode == 0, output[-4000:]
 
 
-def test_two_processes_equal_one(tmp_path):
-  store = str(tmp_path / "store")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Store of the problem and the params of an uninterrupted 1-process run."""
+  root = tmp_path_factory.mktemp("multihost")
+  store = str(root / "store")
   _write_problem(store)
+  _wait(_launch(store, str(root / "single"), str(root / "1.npz"), 1, 4))
+  return store, np.load(root / "1.npz")
+
+
+def test_two_processes_equal_one(uninterrupted, tmp_path):
+  store, one = uninterrupted
   start = time.time()
-  # Both runs at once: 1 process x 4 devices and 2 processes x 2 devices.
-  single = _launch(
-    store, str(tmp_path / "single"), str(tmp_path / "1.npz"), 1, 4
-  )
-  multi = _launch(store, str(tmp_path / "multi"), str(tmp_path / "2.npz"), 2, 2)
-  _wait(single + multi)
-  print(f"two-process test wall time: {time.time() - start:.1f}s")
-  one, two = np.load(tmp_path / "1.npz"), np.load(tmp_path / "2.npz")
+  _wait(_launch(store, str(tmp_path / "multi"), str(tmp_path / "2.npz"), 2, 2))
+  print(f"two-process run wall time: {time.time() - start:.1f}s")
+  two = np.load(tmp_path / "2.npz")
   assert sorted(one.files) == sorted(two.files)
   assert len(one.files) > 10  # Every head parameter, not just the metrics.
   for key in one.files:
     np.testing.assert_allclose(one[key], two[key], atol=1e-5, err_msg=key)
+
+
+def _first_checkpoint(workdir: str, proc, timeout: float = 600) -> None:
+  ckpts = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+      return
+    time.sleep(0.05)
+  raise AssertionError("No checkpoint appeared before the run ended.")
+
+
+def test_kill_9_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
+  store, one = uninterrupted
+  workdir, out = str(tmp_path / "killed"), str(tmp_path / "k.npz")
+  (proc,) = _launch(store, workdir, out, 1, 4)
+  _first_checkpoint(workdir, proc)
+  time.sleep(np.random.default_rng().uniform(0, 1.5))  # A random later step.
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert not os.path.exists(out), "The run finished before it was killed."
+  _wait(_launch(store, workdir, out, 1, 4))  # Restart in the same workdir.
+  resumed = np.load(out)
+  assert sorted(one.files) == sorted(resumed.files)
+  for key in one.files:  # Bitwise: same device layout, same order of ops.
+    np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
