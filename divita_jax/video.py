@@ -83,6 +83,7 @@ class Video:
     self._stream = self._container.streams.video[0]
     # Frame + slice threads; decoding releases the GIL.
     self._stream.thread_type = "AUTO"
+    self.frames_decoded = 0  # Work done by `read`, counting skipped frames.
     try:
       self.index = self._build_index()
     except VideoError:
@@ -218,7 +219,9 @@ class Video:
 
   def _next(self, frames, target: int):
     try:
-      return next(frames, None)
+      frame = next(frames, None)
+      self.frames_decoded += frame is not None
+      return frame
     except av.FFmpegError as e:
       raise self._error(
         f"decoding failed before reaching frame {target}: {e}"

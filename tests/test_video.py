@@ -202,6 +202,24 @@ def test_resize_crop_and_read_frames():
   assert np.abs(small.astype(float) - ref).mean() < 8
 
 
+def test_decodes_only_from_the_keyframe_before_each_clip():
+  v = make_video(240, gop=24)
+  with video.Video(v) as vid:
+    keys = vid.index.keyframes
+    assert 10 <= len(keys) < 20  # Every 24 frames, plus scene cuts.
+    frames = vid.read([[100, 101], [230, 231]])
+    np.testing.assert_array_equal(
+      decoded_indices(frames), [[100, 101], [230, 231]]
+    )
+    # From the keyframe before 100 and before 230, plus a few frames in
+    # flight in the decoder (B-frame reordering).
+    needed = sum(j + 2 - keys[keys <= j][-1] for j in (100, 230))
+    assert needed <= vid.frames_decoded <= needed + 8
+  with video.Video(v) as vid:
+    vid.read(np.arange(240))
+    assert vid.frames_decoded == 240  # One pass, nothing decoded twice.
+
+
 def test_normalize():
   x = np.array([0, 255], np.uint8)[:, None].repeat(3, 1)
   np.testing.assert_allclose(video.normalize(x, "zero_one")[:, 0], [0, 1])
