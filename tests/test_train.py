@@ -1,6 +1,7 @@
 """Trainer: PyTorch-parity optimizer and plateau, learning, exact resume."""
 
 import os
+import shutil
 import signal
 
 import jax
@@ -100,13 +101,23 @@ def problem(tmp_path_factory):
   config.train.learning_rate = 3e-3
   config.train.max_epochs = 8
   config.train.log_every_steps = 5
-  whole_dir = str(tmp_path_factory.mktemp("whole"))
+  return config, stores, ids, labels, split
+
+
+def test_train_fold_learns_resumes_exactly_and_falls_back(
+  problem, tmp_path, caplog
+):
+  """One test, so the costly uninterrupted run is shared without relying on
+  xdist placing tests on one worker."""
+  config, stores, ids, labels, split = problem
+  whole_dir = str(tmp_path / "whole")
   whole = train.train_fold(config, whole_dir, stores, ids, labels, split, 1)
-  return config, stores, ids, labels, split, whole, whole_dir
+  _check_learning(config, labels, split, whole)
+  _check_sigterm_resume(problem, str(tmp_path / "fold"), whole, whole_dir)
+  _check_truncated_fallback(config, whole_dir, str(tmp_path / "copy"), caplog)
 
 
-def test_learns_separable_reps(problem):
-  config, _, _, labels, split, whole, _ = problem
+def _check_learning(config, labels, split, whole):
   train_rows = split[:, 1] == 0
   test_labels = labels[split[:, 1] == 2]
   # Label-frequency baseline: every trailer gets the training frequencies.
@@ -122,9 +133,8 @@ def test_learns_separable_reps(problem):
   assert 1 <= whole["epoch"] <= config.train.max_epochs
 
 
-def test_sigterm_then_rerun_equals_uninterrupted(problem, tmp_path):
-  config, stores, ids, labels, split, whole, whole_dir = problem
-  workdir = str(tmp_path / "fold")
+def _check_sigterm_resume(problem, workdir, whole, whole_dir):
+  config, stores, ids, labels, split = problem
   # Validation windows are listed at setup (16 reads); each epoch reads
   # 4 batches x 16 trailers: read 100 lands in epoch 2.
   faulty = dict(stores, image=SigtermAfter(stores["image"], after=100))
@@ -153,3 +163,20 @@ def _final(config, fold_dir):
   state, host = train._restore(latest, "state", abstract)
   assert host["done"]
   return [np.asarray(x) for x in jax.tree.leaves((best, state))]
+
+
+def _check_truncated_fallback(config, whole_dir, fold_dir, caplog):
+  shutil.copytree(whole_dir, fold_dir)
+  latest, _ = train._managers(fold_dir)
+  newest, previous = sorted(latest.all_steps(), reverse=True)
+  for dirpath, _, files in os.walk(os.path.join(latest.directory, str(newest))):
+    for name in files:  # What a full disk leaves: files cut short.
+      with open(os.path.join(dirpath, name), "r+b") as f:
+        f.truncate(max(os.path.getsize(f.name) // 3, 0))
+  mesh = train.sharding.make_mesh(config.mesh)
+  abstract = train.programs(config, mesh, {"image": 12, "video": 8}).abstract
+  state, host = train._restore(latest, "state", abstract)
+  assert int(state.step) == previous
+  assert host["epochs_done"] == previous // 4
+  assert "unreadable" in caplog.text
+  assert latest.all_steps() == [previous]  # The broken one is gone.
