@@ -3,9 +3,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from divita_jax import genres, report
+import tfds_trailers12k
+from divita_jax import genres, metrics, report
 
 pytestmark = pytest.mark.xdist_group("pipeline")
 
@@ -16,7 +18,7 @@ def test_main_writes_results(trained_workdir):
     rows = report.read_csv(os.path.join(results, f"{subset}.csv"))
     assert [r["fold"] for r in rows] == [0, 1, 2]
     for row in rows:
-      assert 1 <= row["epoch"] <= 2
+      assert 1 <= row["epoch"] <= 12
       for key in ("uap", "map", "wap", "sap"):
         assert 0 <= row[key] <= 100
   summary = open(os.path.join(results, "summary.md")).read()
@@ -24,8 +26,41 @@ def test_main_writes_results(trained_workdir):
   probs = open(os.path.join(results, "fold0_test_probs.csv")).read()
   assert probs.splitlines()[0] == "id," + ",".join(genres.SHORT_NAMES)
   with open(os.path.join(trained_workdir, "config.json")) as f:
-    assert json.load(f)["dataset"]["num_trailers"] == 24
+    assert json.load(f)["dataset"]["num_trailers"] == 48
   # TensorBoard events and checkpoints for every fold.
   for fold in range(3):
     files = os.listdir(os.path.join(trained_workdir, f"fold{fold}"))
     assert any(f.startswith("events.out.tfevents") for f in files), files
+
+
+def test_model_learns_the_synthetic_genres(trained_workdir):
+  """Test muAP, mean over folds, beats the label-frequency baseline.
+
+  The baseline gives every test trailer its fold's training genre
+  frequencies (~0.35 muAP here). Measured on this run: ~0.75 (0.69-0.83
+  per fold). A margin of 0.15 is more than twice the fold-to-fold std of the
+  model, so a head that learned nothing fails while seed noise does not.
+  """
+  builder = tfds_trailers12k.build(
+    "synthetic", os.path.join(trained_workdir, "tfds"), num_trailers=48, seed=0
+  )
+  index = tfds_trailers12k.load_index(builder)
+  labels = dict(zip(index["ids"], index["labels"]))
+  model, baseline = [], []
+  for fold in range(3):
+    split = index["split_assignment"][:, fold]
+    freq = index["labels"][split == 0].mean(0)
+    test_labels = index["labels"][split == 2]
+    baseline.append(
+      metrics.compute_metrics(
+        np.broadcast_to(freq, test_labels.shape), test_labels
+      )["uap"]
+    )
+    path = os.path.join(
+      trained_workdir, "results", f"fold{fold}_test_probs.csv"
+    )
+    rows = [line.split(",") for line in open(path).read().splitlines()[1:]]
+    probs = np.array([[float(v) for v in r[1:]] for r in rows])
+    y = np.array([labels[r[0]] for r in rows])
+    model.append(metrics.compute_metrics(probs, y)["uap"])
+  assert np.mean(model) > np.mean(baseline) + 0.15, (model, baseline)
