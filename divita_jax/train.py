@@ -500,11 +500,14 @@ def fold_subsets(split_assignment, fold: int, num_ids: int) -> dict:
 class _Sigterm:
   """Records SIGTERM (preemption) so the loop can checkpoint and exit."""
 
-  def __init__(self):
+  def __init__(self, enabled: bool = True):
     self.received = False
     self._previous = None
+    self._enabled = enabled
 
   def __enter__(self):
+    if not self._enabled:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: leave signals alone.
@@ -622,9 +625,12 @@ def _run_epochs(config, f: _Fold, state, host: dict):
     every_steps=tc.log_every_steps,
     every_secs=None,
   )
+  # One process: our SIGTERM handler. Several: JAX's preemption service
+  # (it handles SIGTERM itself) makes every process stop at the same step.
   multi = jax.process_count() > 1
-  with _Sigterm() as sigterm:
+  with _Sigterm(enabled=not multi) as sigterm:
     it = rep_pipeline.iterate(f.train.dataset, state=host["iterator"])
+    preempted = False
     for epoch in range(host["epochs_done"], tc.max_epochs):
       losses = []
       while step < (epoch + 1) * steps:
@@ -636,8 +642,8 @@ def _run_epochs(config, f: _Fold, state, host: dict):
         progress(step)
         if step % tc.log_every_steps == 0:
           f.writer.write_scalars(step, {"train_loss_step": float(loss)})
-        preempted = sigterm.received or (
-          multi and f.latest.reached_preemption(step)
+        preempted = (
+          f.latest.reached_preemption(step) if multi else sigterm.received
         )
         if preempted and step < (epoch + 1) * steps:
           host = {
@@ -654,13 +660,10 @@ def _run_epochs(config, f: _Fold, state, host: dict):
       }
       host, stop = _end_epoch(config, f, state, host, epoch, step)
       host["done"] = stop
-      if (
-        stop
-        or sigterm.received
-        or ((epoch + 1) % tc.checkpoint_every_epochs == 0)
-      ):
+      preempted = preempted or (not multi and sigterm.received)
+      if stop or preempted or (epoch + 1) % tc.checkpoint_every_epochs == 0:
         _save(f.latest, step, "state", state, host)
-      if sigterm.received and not stop:
+      if preempted and not stop:
         _exit_preempted(f.writer, step)
       if stop:
         break
