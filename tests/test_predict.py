@@ -127,7 +127,7 @@ def test_table_and_plot(trained_workdir, trailers, tmp_path, capsys):
 
 
 def test_bad_workdir_and_fold(trained_workdir, tmp_path, capsys):
-  assert predict.main([str(tmp_path), f"--workdir={tmp_path}"]) == 2
+  assert predict.main(["x.mp4", f"--workdir={tmp_path}"]) == 2
   err = capsys.readouterr().err
   assert "config.json is missing" in err and str(tmp_path) in err
   rc = predict.main(["x.mp4", f"--workdir={trained_workdir}", "--fold=5"])
@@ -136,6 +136,7 @@ def test_bad_workdir_and_fold(trained_workdir, tmp_path, capsys):
   assert "Fold 5 was not trained" in err and "fold0" in err
 
 
-def test_empty_folder_is_an_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="holds no video files"):
-    predict.find_videos([str(tmp_path)])
+def test_empty_folder_fails_before_loading(tmp_path, capsys):
+  assert predict.main([str(tmp_path), "--workdir=/nonexistent"]) == 2
+  err = capsys.readouterr().err
+  assert f"Folder {tmp_path} holds no video files" in err
