@@ -176,8 +176,17 @@ def test_hf_vivit_parity(tmp_path, frames):
   np.testing.assert_allclose(out["logits"], logits, atol=TOL, rtol=0)
 
 
-def _tiny_vit(classifier="token", depth=11, rep=None, classes=6):
-  """Depth 11 so natural-sort renumbering (encoderblock_10) is exercised."""
+def _random_params(module, x, seed=0):
+  """Random values for every parameter (no init compile: tests stay fast)."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(
+    lambda a: rng.randn(*a.shape).astype(np.float32) * 0.3,
+    flax.linen.meta.unbox(shapes)["params"],
+  )
+
+
+def _tiny_vit(classifier="token", depth=2, rep=None, classes=6):
   module = vit.ViT(
     width=16,
     depth=depth,
@@ -188,15 +197,25 @@ def _tiny_vit(classifier="token", depth=11, rep=None, classes=6):
     representation_size=rep,
     num_classes=classes,
   )
-  x = np.zeros((1, 12, 12, 3), np.float32)
-  params = flax.linen.meta.unbox(jax.jit(module.init)(jax.random.key(7), x))[
-    "params"
-  ]
-  # Random everything (zero-initialised head, cls and biases included).
-  leaves, tree = jax.tree.flatten(params)
-  rng = np.random.RandomState(0)
-  leaves = [rng.randn(*leaf.shape).astype(np.float32) * 0.3 for leaf in leaves]
-  return module, jax.tree.unflatten(tree, leaves)
+  return module, _random_params(module, np.zeros((1, 12, 12, 3), np.float32))
+
+
+def test_renumber_pre_linen_natural_order():
+  names = [f"encoderblock_{i}" for i in range(12)]
+  flat = {}
+  for name in names:
+    for child in (
+      "LayerNorm_0",
+      "MultiHeadDotProductAttention_1",
+      "LayerNorm_2",
+      "MlpBlock_3",
+    ):
+      flat[f"Transformer/{name}/{child}/x"] = name
+  out = convert.renumber_pre_linen(flat)
+  assert out["Transformer/encoderblock_10/LayerNorm_1/x"] == "encoderblock_10"
+  assert out["Transformer/encoderblock_2/MlpBlock_0/x"] == "encoderblock_2"
+  assert "Transformer/encoderblock_11/MultiHeadDotProductAttention_0/x" in out
+  assert len(out) == len(flat)
 
 
 _PRE_LINEN = {
@@ -240,7 +259,7 @@ def test_vit_jax_npz_layout(tmp_path):
     ]
   )
   m2, loaded, spec = models.load_backbone(str(tmp_path / "out"))
-  assert spec["model"]["depth"] == 11 and spec["resolution"] == 12
+  assert spec["model"]["depth"] == 2 and spec["resolution"] == 12
   assert spec["feature_dim"] == 16 and spec["model"]["num_classes"] == 6
   _assert_same_tree(params, loaded)
   x = np.random.RandomState(0).randn(2, 12, 12, 3).astype(np.float32)
@@ -250,41 +269,44 @@ def test_vit_jax_npz_layout(tmp_path):
   )
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_big_vision_npz_layout(tmp_path, scan):
+def _big_vision_npz(params, path, scan):
   import ml_dtypes
 
-  module, params = _tiny_vit(depth=3)
   flat = traverse_util.flatten_dict(params, sep="/")
   pe = flat.pop("Transformer/posembed_input/pos_embedding")
+  # No class slot in the posemb; the class token carries its entry.
   bv = {"pos_embedding": pe[:, 1:], "cls": flat.pop("cls") + pe[:, :1]}
   bv.update(
     {k.replace("output_projection/", "head/"): v for k, v in flat.items()}
   )
   if scan:  # One stacked encoderblock with a leading depth axis, bf16.
-    blocks = [k for k in bv if "encoderblock_" in k]
-    for k in [k for k in blocks if "encoderblock_0/" in k]:
-      stacked = np.stack(
-        [
-          bv.pop(k.replace("encoderblock_0/", f"encoderblock_{i}/"))
-          for i in range(3)
-        ]
-      )
+    for k in [k for k in bv if "encoderblock_0/" in k]:
+      blocks = [k.replace("_0/", f"_{i}/", 1) for i in range(2)]
+      stacked = np.stack([bv.pop(b) for b in blocks])
       bv[k.replace("encoderblock_0/", "encoderblock/")] = stacked
     bv = {k: v.astype(ml_dtypes.bfloat16) for k, v in bv.items()}
-  np.savez(tmp_path / "bv.npz", **{f"params/{k}": v for k, v in bv.items()})
-  convert.convert("vit_npz", str(tmp_path / "bv.npz"), str(tmp_path / "out"))
-  _, loaded, _ = models.load_backbone(str(tmp_path / "out"))
-  lf = traverse_util.flatten_dict(jax.tree.map(np.asarray, loaded), sep="/")
-  np.testing.assert_array_equal(
-    lf["Transformer/posembed_input/pos_embedding"][:, 0], 0.0
-  )
+  np.savez(path, **{f"params/{k}": v for k, v in bv.items()})
+
+
+def test_big_vision_npz_layouts(tmp_path):
+  module, params = _tiny_vit()
+  apply = jax.jit(module.apply)
   x = np.random.RandomState(0).randn(2, 12, 12, 3).astype(np.float32)
-  want = jax.jit(module.apply)({"params": params}, x)[1]["encoded"]
-  got = jax.jit(module.apply)({"params": loaded}, x)[1]["encoded"]
-  np.testing.assert_allclose(got, want, atol=5e-2 if scan else 1e-5)
-  if not scan:
-    np.testing.assert_allclose(lf["cls"], params["cls"] + pe[:, :1])
+  want = apply({"params": params}, x)[1]["encoded"]
+  pe = params["Transformer"]["posembed_input"]["pos_embedding"]
+  for scan in (False, True):
+    path = tmp_path / f"bv_{scan}.npz"
+    _big_vision_npz(params, path, scan)
+    convert.convert("vit_npz", str(path), str(tmp_path / f"out_{scan}"))
+    _, loaded, _ = models.load_backbone(str(tmp_path / f"out_{scan}"))
+    lpe = np.asarray(loaded["Transformer"]["posembed_input"]["pos_embedding"])
+    np.testing.assert_array_equal(lpe[:, 0], 0.0)
+    got = apply({"params": loaded}, x)[1]["encoded"]
+    # bfloat16 storage (scan file) rounds the weights.
+    np.testing.assert_allclose(got, want, atol=5e-2 if scan else 1e-5)
+    if not scan:
+      np.testing.assert_allclose(loaded["cls"], params["cls"] + pe[:, :1])
+      np.testing.assert_array_equal(lpe[:, 1:], pe[:, 1:])
 
 
 def _scenic_vivit(model_type):
@@ -299,15 +321,7 @@ def _scenic_vivit(model_type):
     temporal_depth=2,
     num_classes=3,
   )
-  x = np.zeros((1, 4, 8, 8, 3), np.float32)
-  params = flax.linen.meta.unbox(jax.jit(module.init)(jax.random.key(1), x))[
-    "params"
-  ]
-  rng = np.random.RandomState(1)
-  params = jax.tree.map(
-    lambda a: rng.randn(*a.shape).astype(np.float32) * 0.3, params
-  )
-  return module, params
+  return module, _random_params(module, np.zeros((1, 4, 8, 8, 3)), 1)
 
 
 @pytest.mark.parametrize(

@@ -52,16 +52,20 @@ def test_b16x2_trees_match_scenic():
   assert total == 115_062_928  # Scenic Model 2, temporal depth 4.
 
 
+def _random_params(module, x, seed=0):
+  """Random values for every parameter (no init compile: tests stay fast)."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(
+    lambda a: rng.randn(*a.shape).astype(np.float32) * 0.3,
+    flax.linen.meta.unbox(shapes)["params"],
+  )
+
+
 @functools.cache
 def _gap_vit():
   module = vit.ViT(**vit.decode_variant("tiny/8"), classifier="gap")
-  x = jnp.zeros((1, 16, 16, 3))
-  params = jax.jit(module.init)(jax.random.key(1), x)
-  params = flax.linen.meta.unbox(params)["params"]
-  rng = np.random.RandomState(0)  # random posemb / biases, not zeros
-  return module, jax.tree.map(
-    lambda a: a + rng.randn(*a.shape).astype(np.float32) * 0.1, params
-  )
+  return module, _random_params(module, jnp.zeros((1, 16, 16, 3)))
 
 
 def test_inflated_gap_vivit_on_static_video_equals_vit():
@@ -70,8 +74,7 @@ def test_inflated_gap_vivit_on_static_video_equals_vit():
   fields = {f: getattr(vit_module, f) for f in names}
   module = vivit.ViViT(**fields, tubelet=2, classifier="gap")
   video = jnp.zeros((1, 6, 16, 16, 3))
-  target = jax.jit(module.init)(jax.random.key(0), video)
-  target = flax.linen.meta.unbox(target)["params"]
+  target = _random_params(module, video, 1)
   frame = np.random.RandomState(1).randn(2, 16, 16, 3).astype(np.float32)
   static = np.repeat(frame[:, None], 6, axis=1)  # [2, 6, 16, 16, 3]
   want, wout = jax.jit(vit_module.apply)({"params": vit_params}, frame)
@@ -120,9 +123,7 @@ def test_factorized_encoder_from_vit_and_temporal_resampling(tmp_path):
     model_type="factorized_encoder",
     temporal_depth=1,
   )
-  target = flax.linen.meta.unbox(
-    jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 4, 24, 24, 3)))
-  )["params"]
+  target = _random_params(module, jnp.zeros((1, 4, 24, 24, 3)), 2)
   params = surgery.vit_to_vivit(
     vit_params, target, vit_grid=(2, 2), vivit_grid=(2, 3, 3)
   )
