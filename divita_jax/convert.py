@@ -117,7 +117,7 @@ def _unscan(flat: Flat) -> Flat:
 
 def _load_npz(path: str) -> Flat:
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
       return {k: _to_f32(f[k]) for k in f.files}
   except (OSError, ValueError, EOFError, KeyError) as e:
     raise ConversionError(f"{path}: not a readable .npz file ({e}).") from e
