@@ -48,7 +48,8 @@ def decode_variant(variant: str) -> dict[str, Any]:
   return out
 
 
-def _init(fn, *names):
+def logical(fn, *names):
+  """Initializer `fn` whose parameter carries logical axis `names`."""
   return nn.with_logical_partitioning(fn, names)
 
 
@@ -61,8 +62,8 @@ def layer_norm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
     epsilon=eps,
     dtype=dtype,
-    scale_init=_init(_ONES, "embed"),
-    bias_init=_init(_ZEROS, "embed"),
+    scale_init=logical(_ONES, "embed"),
+    bias_init=logical(_ZEROS, "embed"),
     name=name,
   )
 
@@ -81,16 +82,16 @@ class MlpBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Dense(
       self.mlp_dim,
-      kernel_init=_init(_DEFAULT_KERNEL, "embed", "mlp"),
-      bias_init=_init(nn.initializers.normal(1e-6), "mlp"),
+      kernel_init=logical(_DEFAULT_KERNEL, "embed", "mlp"),
+      bias_init=logical(nn.initializers.normal(1e-6), "mlp"),
       name="Dense_0",
       **kw,
     )(x)
     x = nn.gelu(x, approximate=self.gelu_approximate)
     return nn.Dense(
       width,
-      kernel_init=_init(_DEFAULT_KERNEL, "mlp", "embed"),
-      bias_init=_init(nn.initializers.normal(1e-6), "embed"),
+      kernel_init=logical(_DEFAULT_KERNEL, "mlp", "embed"),
+      bias_init=logical(nn.initializers.normal(1e-6), "embed"),
       name="Dense_1",
       **kw,
     )(x)
@@ -133,8 +134,8 @@ class SelfAttention(nn.Module):
     qkv = [
       nn.DenseGeneral(
         (self.num_heads, head_dim),
-        kernel_init=_init(_DEFAULT_KERNEL, "embed", "heads", "kv"),
-        bias_init=_init(_ZEROS, "heads", "kv"),
+        kernel_init=logical(_DEFAULT_KERNEL, "embed", "heads", "kv"),
+        bias_init=logical(_ZEROS, "heads", "kv"),
         name=name,
         **kw,
       )(x)  # [B, N, heads, head_dim]
@@ -144,8 +145,8 @@ class SelfAttention(nn.Module):
     return nn.DenseGeneral(
       width,
       axis=(-2, -1),
-      kernel_init=_init(_DEFAULT_KERNEL, "heads", "kv", "embed"),
-      bias_init=_init(_ZEROS, "embed"),
+      kernel_init=logical(_DEFAULT_KERNEL, "heads", "kv", "embed"),
+      bias_init=logical(_ZEROS, "embed"),
       name="out",
       **kw,
     )(y)
@@ -218,7 +219,7 @@ class AddPositionEmbs(nn.Module):
   def __call__(self, x):
     pe = self.param(
       "pos_embedding",
-      _init(nn.initializers.normal(0.02), None, None, "embed"),
+      logical(nn.initializers.normal(0.02), None, None, "embed"),
       (1,) + x.shape[1:],
       self.param_dtype,
     )
@@ -241,8 +242,8 @@ def head(module, pooled, out, kw):
     pooled = nn.tanh(
       nn.Dense(
         module.representation_size,
-        kernel_init=_init(_DEFAULT_KERNEL, "embed", "mlp"),
-        bias_init=_init(_ZEROS, "mlp"),
+        kernel_init=logical(_DEFAULT_KERNEL, "embed", "mlp"),
+        bias_init=logical(_ZEROS, "mlp"),
         name="pre_logits",
         **kw,
       )(pooled)
@@ -251,8 +252,8 @@ def head(module, pooled, out, kw):
   if module.num_classes:
     out["logits"] = nn.Dense(
       module.num_classes,
-      kernel_init=_init(_ZEROS, "embed", "classes"),
-      bias_init=_init(_ZEROS, "classes"),
+      kernel_init=logical(_ZEROS, "embed", "classes"),
+      bias_init=logical(_ZEROS, "classes"),
       name="output_projection",
       **kw,
     )(pooled)
@@ -290,8 +291,8 @@ class ViT(nn.Module):
       (p, p),
       strides=(p, p),
       padding="VALID",
-      kernel_init=_init(nn.initializers.lecun_normal(), *[None] * 3, "embed"),
-      bias_init=_init(_ZEROS, "embed"),
+      kernel_init=logical(nn.initializers.lecun_normal(), *[None] * 3, "embed"),
+      bias_init=logical(_ZEROS, "embed"),
       name="embedding",
       **kw,
     )(x.astype(self.dtype))  # [B, h, w, D]
@@ -319,7 +320,7 @@ def add_cls(module, x, name):
     return x
   cls = module.param(
     name,
-    _init(_ZEROS, None, None, "embed"),
+    logical(_ZEROS, None, None, "embed"),
     (1, 1, x.shape[-1]),
     module.param_dtype,
   )

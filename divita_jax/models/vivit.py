@@ -69,10 +69,10 @@ class ViViT(nn.Module):
       (t, p, p),
       strides=(t, p, p),
       padding="VALID",
-      kernel_init=vit._init(
+      kernel_init=vit.logical(
         nn.initializers.lecun_normal(), *[None] * 4, "embed"
       ),
-      bias_init=vit._init(nn.initializers.zeros, "embed"),
+      bias_init=vit.logical(nn.initializers.zeros, "embed"),
       name="embedding",
       **kw,
     )(x.astype(self.dtype))  # [B, T', h, w, D]
