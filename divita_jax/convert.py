@@ -3,6 +3,7 @@ r"""Converts public ViT / ViViT checkpoints into divita_jax backbones.
   python -m divita_jax.convert --source {vit_npz,hf_vit,hf_vivit,
     scenic_vit,scenic_vivit} --input PATH --output DIR [--dont_load RE ...]
     [--drop RE ...] [--resolution R] [--num_frames T] [--normalization N]
+    [--source_resolution R]
     [--inflate_tubelet 2 --kernel_init {central,average}]
 
 Sources:
@@ -443,11 +444,16 @@ def read_source(
   path: str,
   *,
   drop=(),
-  resolution=None,
-  num_frames=None,
+  source_resolution=None,
   normalization=None,
 ) -> tuple[Flat, dict]:
-  """Any source -> (flat Scenic tree, spec)."""
+  """Any source -> (flat Scenic tree, spec at the source's own size).
+
+  source_resolution: Scenic spatio-temporal ViViT only, whose posemb holds
+  T' x h x w tokens without saying which is which (default 224 px, the
+  size of every published ViViT).
+  """
+  resolution, num_frames = source_resolution, None
   if not os.path.exists(path):
     raise FileNotFoundError(f"--input {path} does not exist.")
   fields, norm = {}, "minus_one_one"
@@ -456,8 +462,8 @@ def read_source(
   elif source in ("hf_vit", "hf_vivit"):
     kind = source[3:]
     flat, fields = read_hf(path, kind)
-    res, frames = fields.pop("_resolution", None), fields.pop("_num_frames", 0)
-    resolution, num_frames = resolution or res, num_frames or frames or None
+    resolution = fields.pop("_resolution", None)
+    num_frames = fields.pop("_num_frames", None)
   elif source in ("scenic_vit", "scenic_vivit"):
     kind, flat = source[7:], read_scenic(path)
   else:
@@ -515,6 +521,23 @@ def inflate(params, spec, *, tubelet, num_frames, kernel_init="central"):
   return out, new
 
 
+def resize(params, spec, resolution, num_frames):
+  """Resamples the posembs to the requested input size (None: keep)."""
+  res = resolution or spec["resolution"]
+  frames = 1 if spec["kind"] == "vit" else num_frames or spec["num_frames"]
+  m = spec["model"]
+  if res % m["patch_size"] or frames % m.get("tubelet", 1):
+    raise ConversionError(
+      f"Input {frames} x {res} px does not fit patch {m['patch_size']} / "
+      f"tubelet {m.get('tubelet', 1)}."
+    )
+  if (res, frames) == (spec["resolution"], spec["num_frames"]):
+    return params, spec
+  params, new = models.resize_params(params, spec, res, frames)
+  new["source"]["resampled_from"] = [spec["num_frames"], spec["resolution"]]
+  return params, new
+
+
 def convert(
   source: str,
   path: str,
@@ -527,8 +550,12 @@ def convert(
   normalization=None,
   inflate_tubelet=None,
   kernel_init="central",
+  source_resolution=None,
 ) -> dict:
   """Reads, checks and writes a backbone checkpoint; returns its spec.
+
+  resolution / num_frames: input size of the written model; position
+  embeddings are resampled from the source's size (surgery.resample_posemb).
 
   inflate_tubelet: write a spatio-temporal ViViT initialised from the ViT
   source instead (num_frames frames, default 2 * tubelet).
@@ -537,8 +564,7 @@ def convert(
     source,
     path,
     drop=drop,
-    resolution=resolution,
-    num_frames=num_frames,
+    source_resolution=source_resolution,
     normalization=normalization,
   )
   params = build_params(flat, spec, dont_load)
@@ -550,6 +576,7 @@ def convert(
       num_frames=num_frames or 2 * inflate_tubelet,
       kernel_init=kernel_init,
     )
+  params, spec = resize(params, spec, resolution, num_frames)
   spec["source"]["dont_load"] = list(dont_load)
   spec["source"]["drop"] = list(drop)
   models.save_backbone(output, params, spec)
@@ -577,8 +604,17 @@ def main(argv=None):
     default=[],
     help="Regex of source keys to discard (e.g. the head).",
   )
-  p.add_argument("--resolution", type=int, help="ViViT: input side.")
-  p.add_argument("--num_frames", type=int, help="ViViT: frames.")
+  p.add_argument(
+    "--resolution", type=int, help="Input side (posemb resampled)."
+  )
+  p.add_argument(
+    "--num_frames", type=int, help="ViViT frames (posemb resampled)."
+  )
+  p.add_argument(
+    "--source_resolution",
+    type=int,
+    help="Scenic spatio-temporal ViViT: its input side (default 224).",
+  )
   p.add_argument(
     "--normalization",
     choices=sorted(models.NORMALIZATIONS),
@@ -608,6 +644,7 @@ def main(argv=None):
       normalization=a.normalization,
       inflate_tubelet=a.inflate_tubelet,
       kernel_init=a.kernel_init,
+      source_resolution=a.source_resolution,
     )
   except (ConversionError, FileNotFoundError, FileExistsError) as e:
     raise SystemExit(f"convert: error: {e}") from None

@@ -12,7 +12,7 @@ import transformers
 from flax import traverse_util
 
 from divita_jax import convert, models
-from divita_jax.models import vit, vivit
+from divita_jax.models import surgery, vit, vivit
 
 TOL = 1e-4
 
@@ -174,6 +174,23 @@ def test_hf_vivit_parity(tmp_path, frames):
   assert out["encoded"].shape == (2, 1 + frames // 2 * 9, 32)
   np.testing.assert_allclose(out["encoded"], hidden, atol=TOL, rtol=0)
   np.testing.assert_allclose(out["logits"], logits, atol=TOL, rtol=0)
+  # Another clip length: the posemb is resampled in time at conversion.
+  spec = convert.convert(
+    "hf_vivit", str(tmp_path / "hf"), str(tmp_path / "t8"), num_frames=8
+  )
+  _, p8, _ = models.load_backbone(str(tmp_path / "t8"))
+  assert spec["num_frames"] == 8
+  assert spec["source"]["resampled_from"] == [frames, 24]
+  np.testing.assert_allclose(
+    p8["Transformer"]["posembed_input"]["pos_embedding"],
+    surgery.resample_posemb(
+      params["Transformer"]["posembed_input"]["pos_embedding"],
+      (frames // 2, 3, 3),
+      (4, 3, 3),
+      1,
+    ),
+    atol=1e-6,
+  )
 
 
 def _random_params(module, x, seed=0):
@@ -339,7 +356,7 @@ def test_scenic_vivit_layout(tmp_path, model_type, layout):
   (tmp_path / "checkpoint").write_bytes(
     flax.serialization.msgpack_serialize(state)
   )
-  args = ["--resolution", "8"] if model_type == "spatio_temporal" else []
+  args = ["--source_resolution", "8"] if model_type == "spatio_temporal" else []
   convert.main(
     [
       "--source",
