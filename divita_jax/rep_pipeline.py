@@ -41,8 +41,8 @@ class InMemoryReader:
     sizes = np.array([a.shape[0] for a in arrays], np.int64)
     self._offsets = dict(zip(ids, np.concatenate([[0], np.cumsum(sizes)])))
     self._sizes = dict(zip(ids, sizes))
-    self._data = np.concatenate(arrays, 0)  # [total clips, D]
-    self.num_features = int(self._data.shape[1])
+    self.data = np.concatenate(arrays, 0)  # [total clips, D]
+    self.num_features = int(self.data.shape[1])
     self.tag = getattr(reader, "tag", "memory")
 
   def ids(self) -> list[str]:
@@ -56,7 +56,17 @@ class InMemoryReader:
     if trailer_id not in self._offsets:
       raise KeyError(f"No preloaded representations for {trailer_id}.")
     start = self._offsets[trailer_id]
-    return self._data[start : start + self._sizes[trailer_id]]
+    return self.data[start : start + self._sizes[trailer_id]]
+
+  def locate(self, trailer_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, sizes) [n] of the trailers' rows in `data`."""
+    try:
+      return (
+        np.array([self._offsets[t] for t in trailer_ids], np.int64),
+        np.array([self._sizes[t] for t in trailer_ids], np.int64),
+      )
+    except KeyError as e:
+      raise KeyError(f"No preloaded representations for {e.args[0]}.") from None
 
 
 def preload(readers: dict, ids, num_threads: int = 8) -> dict:
@@ -78,13 +88,12 @@ def _read(reader, trailer_id: str) -> np.ndarray:
   return array
 
 
-def _window(array: np.ndarray, start: int, num_clips: int):
-  """[num_clips, D] float32 window from `start`, zero-padded; and its mask."""
+def _window(array: np.ndarray, start: int, num_clips: int) -> np.ndarray:
+  """[num_clips, D] float32 window from `start`, zero-padded."""
   out = np.zeros((num_clips, array.shape[1]), np.float32)
   part = array[start : start + num_clips]
   out[: len(part)] = part
-  mask = np.arange(num_clips) < len(part)
-  return out, mask
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,29 +104,52 @@ class _Source:
   indices: np.ndarray  # [n] subset rows into ids / labels
   num_clips: int
 
-  def example(self, pos: int, start: int | None, rng=None):
-    """Window of subset position `pos`; random start when `start` is None."""
-    tid = self.ids[self.indices[pos]]
-    arrays = {b: _read(r, tid) for b, r in self.readers.items()}
-    lengths = {a.shape[0] for a in arrays.values()}
-    if len(lengths) != 1:
-      raise ValueError(
-        f"Branches disagree on the number of clips of {tid}: "
-        f"{ {b: a.shape[0] for b, a in arrays.items()} }."
-      )
-    (length,) = lengths
-    if start is None:
-      start = int(rng.integers(0, max(length - self.num_clips, 0) + 1))
-    out = {}
-    for b, a in arrays.items():
-      out[b], mask = _window(a, start, self.num_clips)
-    out["mask"] = mask
-    out["labels"] = np.asarray(self.labels[self.indices[pos]], np.float32)
+  def batch(self, positions, starts=None, seeds=None) -> dict:
+    """Windows of subset `positions` [b] from `starts` [b], or from random
+    starts drawn with one `np.random.default_rng(seed)` per example."""
+    rows = self.indices[np.asarray(positions, np.int64)]
+    tids = [self.ids[r] for r in rows]
+    memory = all(isinstance(r, InMemoryReader) for r in self.readers.values())
+    if memory:  # Fast path: one gather per branch from the preloaded buffer.
+      located = {b: r.locate(tids) for b, r in self.readers.items()}
+      lengths = {b: sizes for b, (_, sizes) in located.items()}
+    else:
+      arrays = {b: [_read(r, t) for t in tids] for b, r in self.readers.items()}
+      lengths = {b: np.array([len(a) for a in x]) for b, x in arrays.items()}
+    length = _same_lengths(lengths, tids)  # [b]
+    if starts is None:
+      starts = [
+        np.random.default_rng(seed).integers(0, max(n - self.num_clips, 0) + 1)
+        for seed, n in zip(seeds, length)
+      ]
+    starts = np.asarray(starts, np.int64)
+    clip = starts[:, None] + np.arange(self.num_clips)  # [b, num_clips]
+    mask = clip < length[:, None]
+    out = {"mask": mask, "labels": self.labels[rows].astype(np.float32)}
+    for b, r in self.readers.items():
+      if memory:
+        offsets = located[b][0][:, None]
+        index = np.minimum(offsets + np.where(mask, clip, 0), len(r.data) - 1)
+        x = r.data[index]  # [b, num_clips, D]
+        x[~mask] = 0
+      else:
+        x = np.stack(
+          [_window(a, s, self.num_clips) for a, s in zip(arrays[b], starts)]
+        )
+      out[b] = x
     return out
 
 
-def _stack(examples: list[dict]) -> dict:
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+def _same_lengths(lengths: dict, tids) -> np.ndarray:
+  first = next(iter(lengths.values()))
+  for n in lengths.values():
+    bad = np.flatnonzero(n != first)
+    if len(bad):
+      raise ValueError(
+        f"Branches disagree on the number of clips of {tids[bad[0]]}: "
+        f"{ {b: int(x[bad[0]]) for b, x in lengths.items()} }."
+      )
+  return first
 
 
 def _process_share(global_batch_size, process_index, process_count):
@@ -185,11 +217,8 @@ def train_data(
     rows = order(epoch)[step * global_batch_size :][:global_batch_size]
     # Window starts depend on (seed, epoch, position) only: independent of
     # the process layout, the batch a trailer falls in, and thread timing.
-    return _stack(
-      [
-        src.example(int(p), None, np.random.default_rng([seed, epoch, 1, p]))
-        for p in rows[share]
-      ]
+    return src.batch(
+      rows[share], seeds=[(seed, epoch, 1, int(p)) for p in rows[share]]
     )
 
   ds = grain.MapDataset.range(num_epochs * steps).map(make_batch)
@@ -238,13 +267,10 @@ def eval_data(
 
   def make_batch(i):
     rows = windows[int(i) * global_batch_size :][:global_batch_size][share]
-    examples = []
-    for pos, start in rows:
-      e = src.example(max(int(pos), 0), int(start))
-      e["trailer"] = np.int32(pos)
-      e["valid"] = np.bool_(pos >= 0)
-      examples.append(e)
-    return _stack(examples)
+    out = src.batch(np.maximum(rows[:, 0], 0), starts=rows[:, 1])
+    out["trailer"] = rows[:, 0].astype(np.int32)
+    out["valid"] = rows[:, 0] >= 0
+    return out
 
   ds = grain.MapDataset.range(steps).map(make_batch)
   return EvalData(ds, windows, steps)

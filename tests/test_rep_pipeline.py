@@ -153,9 +153,10 @@ def test_eval_covers_every_clip_once_and_pads(data):
   np.testing.assert_array_equal(parts[0].windows[:, 0] == -1, np.arange(8) == 7)
 
 
-def test_preload_reads_the_same(data):
+def test_preload_fast_path_reads_the_same(data):
   stores, ids, labels = data
   memory = rep_pipeline.preload(stores, ids)
+  assert isinstance(memory["image"], rep_pipeline.InMemoryReader)
   a = _train(data)
   b = rep_pipeline.train_data(
     memory,
@@ -167,8 +168,22 @@ def test_preload_reads_the_same(data):
     seed=3,
     num_epochs=2,
   )
-  for k in a.dataset[2]:
-    np.testing.assert_array_equal(a.dataset[2][k], b.dataset[2][k])
+  evals = [
+    rep_pipeline.eval_data(
+      r, ids, labels, np.arange(12), num_clips=NUM_CLIPS, global_batch_size=4
+    )
+    for r in (stores, memory)
+  ]
+  pairs = [(a.dataset[i], b.dataset[i]) for i in range(6)]
+  pairs += [
+    (evals[0].dataset[i], evals[1].dataset[i])
+    for i in range(evals[0].num_steps)
+  ]
+  for x, y in pairs:
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+      assert x[k].dtype == y[k].dtype
 
 
 def test_bad_inputs_have_clear_errors(data):
