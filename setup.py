@@ -32,6 +32,7 @@ TEST_REQUIRES = [
     "torch==2.13.0",  # CPU build on disk; do not add torchvision/timm.
     "transformers>=5.0,<6",
     "safetensors>=0.4",
+    "dill",  # tfds.testing.DatasetBuilderTestCase imports it.
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",

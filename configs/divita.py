@@ -50,6 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.data_dir = ""  # TFDS data_dir; "" = <workdir>/tfds.
   c.dataset.manual_dir = ""  # raw / reps: mtgc.csv + videos/ or zarr groups.
   c.dataset.num_trailers = 96  # synthetic only: trailers to generate.
+  # Shot detection at build time (divita_jax/shots.py), synthetic and raw.
+  c.dataset.detector = "content"  # content | adaptive (PySceneDetect).
+  c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0).
+  c.dataset.min_shot_len = 6  # Frames; shorter shots merge into neighbours.
+  c.dataset.downscale = 0  # Frame shrink factor; 0 = auto (~256 px wide).
+  c.dataset.max_flash_len = 2  # Flashes this short (frames) are not cuts.
+  c.dataset.reencode_height = 0  # raw: re-encode to this height (0 = keep).
+  c.dataset.reencode_fps = 0.0  # raw: re-encode to this fps (0 = keep).
+  c.dataset.num_workers = 0  # Build processes; 0 = all cores.
 
   # ---- Clip sampling (divita_jax/video.py) ----
   c.clips = ml_collections.ConfigDict()

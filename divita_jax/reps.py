@@ -121,3 +121,30 @@ class MemoryStore:
     if trailer_id not in self._arrays:
       raise KeyError(f"No representations for {trailer_id} in memory.")
     return self._arrays[trailer_id]
+
+
+class TfdsRepsReader:
+  """Reader over the `reps` config of the trailers12k TFDS dataset."""
+
+  def __init__(self, source, ids: list[str], tag: str):
+    self.tag = tag
+    self._source = source
+    self._index = {trailer_id: i for i, trailer_id in enumerate(ids)}
+
+  def has(self, trailer_id: str) -> bool:
+    return trailer_id in self._index
+
+  def ids(self) -> list[str]:
+    return sorted(self._index)
+
+  @property
+  def num_features(self) -> int:
+    return int(self.read(next(iter(self._index))).shape[1])
+
+  def read(self, trailer_id: str, mmap: bool = False) -> np.ndarray:
+    del mmap
+    if trailer_id not in self._index:
+      raise KeyError(f"No representations for {trailer_id} in the dataset.")
+    return np.asarray(
+      self._source[self._index[trailer_id]]["reps"][self.tag], np.float32
+    )

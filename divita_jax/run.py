@@ -17,40 +17,72 @@ from jax.experimental import multihost_utils
 
 import tfds_trailers12k
 from divita_jax import extract, genres, report, reps, train
+from tfds_trailers12k import (
+  tfds_trailers12k_dataset_builder as trailers12k_builder,
+)
+
+
+def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """Builder-config fields of `config.dataset` for its TFDS config."""
+  d = config.dataset
+  shots = dict(
+    detector=d.detector,
+    threshold=d.threshold,
+    min_shot_len=d.min_shot_len,
+    downscale=d.downscale,
+    max_flash_len=d.max_flash_len,
+  )
+  if d.config == "synthetic":
+    return dict(num_trailers=d.num_trailers, seed=config.seed, **shots)
+  if d.config == "raw":
+    return dict(
+      reencode_height=d.reencode_height, reencode_fps=d.reencode_fps, **shots
+    )
+  if d.config == "reps":
+    groups = tuple(config.reps[f"zarr_{b}"] for b in config.model.branches)
+    if not all(groups):
+      raise ValueError(
+        "The reps dataset needs config.reps.zarr_<branch> for "
+        f"every branch of {tuple(config.model.branches)}."
+      )
+    return dict(zarr_groups=groups)
+  raise ValueError(
+    f"Unknown config.dataset.config {d.config!r}; use synthetic, raw or reps."
+  )
 
 
 def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
   """Builds the TFDS dataset if needed; returns (builder, index)."""
   data_dir = config.dataset.data_dir or os.path.join(workdir, "tfds")
-  kwargs = {}
-  if config.dataset.config == "synthetic":
-    kwargs = dict(num_trailers=config.dataset.num_trailers, seed=config.seed)
+  kwargs = dataset_kwargs(config)
+  manual_dir = config.dataset.manual_dir or None
   if jax.process_index() == 0:
     tfds_trailers12k.build(
       config.dataset.config,
       data_dir,
-      config.dataset.manual_dir or None,
+      manual_dir,
+      num_workers=config.dataset.num_workers,
       **kwargs,
     )
   multihost_utils.sync_global_devices("dataset built")
   builder = tfds_trailers12k.build(
-    config.dataset.config, data_dir, config.dataset.manual_dir or None, **kwargs
+    config.dataset.config, data_dir, manual_dir, **kwargs
   )
   return builder, tfds_trailers12k.load_index(builder)
 
 
 def representation_readers(config, workdir, builder, index) -> dict:
   """Readers (branch -> store) of the clip representations the head uses."""
-  if config.dataset.config == "reps":
-    paths = {b: config.reps[f"zarr_{b}"] for b in config.model.branches}
-    missing = [b for b, p in paths.items() if not p]
-    if missing:
-      raise ValueError(
-        f"config.reps.zarr_{missing[0]} must point to the "
-        f"official zarr group of the {missing[0]} branch."
+  if config.dataset.config == "reps":  # Packaged in the TFDS dataset.
+    source = tfds_trailers12k.data_source(builder)
+    return {
+      b: reps.TfdsRepsReader(
+        source,
+        index["ids"],
+        trailers12k_builder.group_tag(config.reps[f"zarr_{b}"]),
       )
-    root = config.dataset.manual_dir
-    return {b: reps.ZarrStore(os.path.join(root, p)) for b, p in paths.items()}
+      for b in config.model.branches
+    }
   store_root = config.reps.dir or os.path.join(workdir, "reps")
   stores = extract.extract(
     config,
