@@ -119,13 +119,19 @@ def main():
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--matmul", type=int, default=2048)
   args = p.parse_args()
-  peak = matmul_peak(args.matmul, args.iters)
+  # Other jobs share this machine: the peak is measured around each model
+  # and the best is kept, so %peak is not flattered by a busy moment.
+  peaks = [matmul_peak(args.matmul, args.iters)]
   rows = []
   bench_vit(args, rows)
+  peaks.append(matmul_peak(args.matmul, args.iters))
   bench_vivit(args, rows)
+  peaks.append(matmul_peak(args.matmul, args.iters))
+  peak = max(peaks)
   print(
     f"device: {jax.devices()[0].device_kind}; fp32 matmul peak "
-    f"{peak:.1f} GFLOP/s (jnp.dot {args.matmul}^2); ViViT clips of "
+    f"{peak:.1f} GFLOP/s (jnp.dot {args.matmul}^2, best of "
+    f"{', '.join(f'{v:.0f}' for v in peaks)}); ViViT clips of "
     f"{args.frames} frames; best of {args.iters} iterations."
   )
   print(
