@@ -34,6 +34,9 @@ import numpy as np
 from scenedetect.common import FrameTimecode
 from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
+# One error type for unusable videos across decoding, sampling and detection.
+from divita_jax.video import VideoError  # noqa: F401 - re-exported.
+
 # Default threshold per detector: ContentDetector's `threshold` (mean HSV
 # change) and AdaptiveDetector's `adaptive_threshold` (score / local mean).
 DEFAULT_THRESHOLDS = {"content": 27.0, "adaptive": 3.0}
@@ -44,14 +47,6 @@ _AUTO_DOWNSCALE_WIDTH = 256
 # Flash test: the frames before and after a short burst of cuts are closer
 # than this fraction of the burst's cut scores: the scene came back.
 _FLASH_SIMILARITY = 0.5
-
-
-class VideoError(ValueError):
-  """A video that cannot be used; `reason` is a short machine-usable text."""
-
-  def __init__(self, name: str, reason: str):
-    super().__init__(f"Video {name}: {reason}")
-    self.reason = reason
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-class VideoError(Exception):
+class VideoError(ValueError):
   """A video that cannot be decoded or sampled; names the trailer and why."""
 
   def __init__(self, trailer_id: str, reason: str):
