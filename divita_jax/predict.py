@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import tfds_trailers12k
 from divita_jax import extract, genres, reps, shots, train, video
+from divita_jax import run as run_lib
 from tfds_trailers12k import transcode
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
@@ -58,9 +59,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def source_settings(config: ml_collections.ConfigDict) -> dict:
   """Shot detection and re-encoding settings the run's dataset used.
 
-  Mirrors `run.ensure_dataset`: the builder config is rebuilt from the
-  same overrides, so its detector fields are the ones the stored shots
-  came from.
+  The builder config is rebuilt from `run_lib.dataset_kwargs`, the overrides
+  the run built its dataset with, so its detector fields are the ones the
+  stored shots came from.
   """
   name = config.dataset.config
   if name == "reps":
@@ -69,10 +70,7 @@ def source_settings(config: ml_collections.ConfigDict) -> dict:
       "(dataset.config='reps'); their backbones are not part of "
       "divita_jax, so it cannot classify video files."
     )
-  kwargs = {}
-  if name == "synthetic":
-    kwargs = dict(num_trailers=config.dataset.num_trailers, seed=config.seed)
-  cfg = tfds_trailers12k.make_config(name, **kwargs)
+  cfg = tfds_trailers12k.make_config(name, **run_lib.dataset_kwargs(config))
   return dict(
     shot_kwargs=cfg.shot_kwargs(),
     reencode_height=cfg.reencode_height,
