@@ -3,50 +3,56 @@
 import setuptools
 
 INSTALL_REQUIRES = [
-    "jax>=0.10.2,<0.11",
-    "jaxlib>=0.10.2,<0.11",
-    "flax>=0.12.8,<0.13",
-    "optax>=0.2.8,<0.3",
-    "orbax-checkpoint>=0.12.8,<0.13",
-    "tensorflow-datasets>=4.9.10,<4.10",
-    "importlib_resources",  # tfds needs it when TensorFlow is absent.
-    "grain>=0.2.18,<0.3",
-    "array-record>=0.8.6,<0.9",
-    "ml-collections>=1.1.0,<1.2",
-    "clu>=0.0.12,<0.1",
-    "tensorflow-cpu>=2.21,<2.22",  # clu's metric writers import it.
-    "tensorboard>=2.21,<2.22",
-    "scenedetect>=0.7.2,<0.8",
-    "av>=18.1,<19",
-    "numpy>=2.0",
-    "zarr>=3,<4",
-    "matplotlib>=3.8",
-    "tqdm>=4.66",
-    "absl-py",
+  "jax>=0.10.2,<0.11",
+  "jaxlib>=0.10.2,<0.11",
+  "flax>=0.12.8,<0.13",
+  "optax>=0.2.8,<0.3",
+  "orbax-checkpoint>=0.12.8,<0.13",
+  "tensorflow-datasets>=4.9.10,<4.10",
+  "importlib_resources",  # tfds needs it when TensorFlow is absent.
+  "grain>=0.2.18,<0.3",
+  "array-record>=0.8.6,<0.9",
+  "ml-collections>=1.1.0,<1.2",
+  "clu>=0.0.12,<0.1",
+  "tensorflow-cpu>=2.21,<2.22",  # clu's metric writers import it.
+  "tensorboard>=2.21,<2.22",
+  "scenedetect>=0.7.2,<0.8",
+  "av>=18.1,<19",
+  "numpy>=2.0",
+  "zarr>=3,<4",
+  "matplotlib>=3.8",
+  "tqdm>=4.66",
+  "absl-py",
 ]
 
 TEST_REQUIRES = [
-    "pytest>=8",
-    "pytest-xdist>=3",
-    "scikit-learn>=1.4",
-    "torch==2.13.0",  # CPU build on disk; do not add torchvision/timm.
-    "transformers>=5.0,<6",
-    "safetensors>=0.4",
-    "dill",  # tfds.testing.DatasetBuilderTestCase imports it.
-    "nbclient>=0.10",
-    "nbformat>=5.10",
-    "ipykernel>=6.29",
-    "ruff>=0.6",
+  "pytest>=8",
+  "pytest-xdist>=3",
+  "scikit-learn>=1.4",
+  "torch==2.13.0",  # CPU build on disk; do not add torchvision/timm.
+  "transformers>=5.0,<6",
+  "safetensors>=0.4",
+  "dill",  # tfds.testing.DatasetBuilderTestCase imports it.
+  "nbclient>=0.10",
+  "nbformat>=5.10",
+  "ipykernel>=6.29",
+  "ruff>=0.6",
 ]
 
 setuptools.setup(
-    name="divita_jax",
-    version="0.1.0",
-    description="DIViTA movie trailer genre classification in JAX/Flax.",
-    packages=setuptools.find_packages(
-        include=["divita_jax", "divita_jax.*", "tfds_trailers12k",
-                 "tfds_trailers12k.*"]),
-    python_requires=">=3.10",
-    install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+  name="divita_jax",
+  version="0.1.0",
+  description="DIViTA movie trailer genre classification in JAX/Flax.",
+  packages=setuptools.find_packages(
+    include=[
+      "divita_jax",
+      "divita_jax.*",
+      "tfds_trailers12k",
+      "configs",
+      "tfds_trailers12k.*",
+    ]
+  ),
+  python_requires=">=3.10",
+  install_requires=INSTALL_REQUIRES,
+  extras_require={"test": TEST_REQUIRES},
 )
