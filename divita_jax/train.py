@@ -680,11 +680,25 @@ def _exit_preempted(writer, step: int):
 
 
 def train_fold(
-  config, workdir: str, readers: dict, ids, labels, split_assignment, fold: int
+  config,
+  workdir: str,
+  readers: dict,
+  ids,
+  labels,
+  split_assignment,
+  fold: int,
+  preload: bool = True,
 ) -> dict:
   """Trains and evaluates one fold in `workdir` (the fold's own directory;
   resumes from it). `split_assignment` is [N, folds] (or [N]) of 0 = train,
   1 = validation, 2 = test.
+
+  `preload` loads the representations of the fold's trailers into memory
+  first (unless the readers already are `rep_pipeline.InMemoryReader`s):
+  ~7 GB at Trailers12k scale, and the only way zarr groups keep up with the
+  step (benchmarks/head.py). Every process then holds all of them, since
+  its share of each global batch changes every epoch; `preload=False`
+  reads per batch (memory-mapped for our NpyStore), only the own share.
 
   Returns 'epoch' (best epoch, 1-based), 'val'/'test' (metrics of the best
   checkpoint), 'val_probs'/'test_probs' (per trailer) and 'val_ids'/
@@ -695,6 +709,12 @@ def train_fold(
   ids, labels = list(ids), np.asarray(labels, np.float32)
   subsets = fold_subsets(split_assignment, fold, len(ids))
   readers = _branch_readers(config, readers)
+  in_memory = all(
+    isinstance(r, rep_pipeline.InMemoryReader) for r in readers.values()
+  )
+  if preload and not in_memory:
+    used = np.concatenate(list(subsets.values()))
+    readers = rep_pipeline.preload(readers, [ids[i] for i in np.sort(used)])
   num_features = {b: int(r.num_features) for b, r in readers.items()}
   mesh = sharding.make_mesh(config.mesh)
   for name in ("batch_size", "eval_batch_size"):

@@ -136,10 +136,13 @@ def _check_learning(config, labels, split, whole):
 def _check_sigterm_resume(problem, workdir, whole, whole_dir):
   config, stores, ids, labels, split = problem
   # Validation windows are listed at setup (16 reads); each epoch reads
-  # 4 batches x 16 trailers: read 100 lands in epoch 2.
+  # 4 batches x 16 trailers: read 100 lands in epoch 2. The interrupted run
+  # reads per batch, the resumed one preloaded: batches are identical.
   faulty = dict(stores, image=SigtermAfter(stores["image"], after=100))
   with pytest.raises(SystemExit) as exit_info:
-    train.train_fold(config, workdir, faulty, ids, labels, split, 1)
+    train.train_fold(
+      config, workdir, faulty, ids, labels, split, 1, preload=False
+    )
   assert exit_info.value.code == 128 + signal.SIGTERM
   latest, _ = train._managers(workdir)
   stopped_at = latest.latest_step()
