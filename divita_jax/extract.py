@@ -43,8 +43,11 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
 def make_backbone(config: ml_collections.ConfigDict, branch: str):
   """(module, params, spec) from a converted checkpoint or random init."""
   b = config.backbones[branch]
-  if b.checkpoint:
-    return models.load_backbone(b.checkpoint, dtype=b.dtype)
+  if b.checkpoint:  # Position embeddings resampled to the clips' size.
+    frames = config.clips.frames_per_clip if b.kind == "vivit" else None
+    return models.load_backbone(
+      b.checkpoint, dtype=b.dtype, resolution=b.resolution, num_frames=frames
+    )
   return models.create_backbone(
     b.kind,
     b.variant,

@@ -8,7 +8,7 @@ import av
 import numpy as np
 
 from configs import divita
-from divita_jax import extract, video
+from divita_jax import extract, models, video
 
 
 def _mp4(num_frames: int, seed: int) -> bytes:
@@ -86,3 +86,18 @@ def test_extract_writes_skips_and_resumes(tmp_path):
   assert (
     os.path.getmtime(os.path.join(stores["image"].path, "tt1.npy")) == mtime
   )
+
+
+def test_checkpoint_resampled_to_the_clip_size(tmp_path):
+  """A converted ViViT of 8 frames at 48 px runs on 4-frame, 32 px clips."""
+  _, params, spec = models.create_backbone(
+    "vivit", "tiny/8", resolution=48, num_frames=8
+  )
+  models.save_backbone(str(tmp_path / "vivit"), params, spec)
+  config = _config()
+  config.backbones.video.checkpoint = str(tmp_path / "vivit")
+  module, params, spec = extract.make_backbone(config, "video")
+  assert spec["resolution"] == 32 and spec["num_frames"] == 4
+  fn = extract.make_feature_fn(module, params, "vivit", spec["normalization"])
+  clips = np.zeros((3, 4, 32, 32, 3), np.uint8)
+  assert fn(clips, batch_size=8).shape == (3, 64)
