@@ -16,7 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import tfds_trailers12k
-from divita_jax import extract, genres, report, reps, train
+from divita_jax import extract, genres, rep_pipeline, report, reps, train
 from tfds_trailers12k import (
   tfds_trailers12k_dataset_builder as trailers12k_builder,
 )
@@ -157,6 +157,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.warning(
       "%d trailers have no representations (skipped).", int((~keep).sum())
     )
+  # Loaded into memory once for every fold (zarr/TFDS reads would starve the
+  # step; train_fold keeps in-memory readers as they are).
+  kept_ids = [i for i, k in zip(index["ids"], keep) if k]
+  readers = rep_pipeline.preload(readers, kept_ids)
   results = {}
   for fold in config.folds:
     results[fold] = run_fold(config, workdir, readers, index, keep, fold)
