@@ -429,13 +429,23 @@ def _restore(mngr, item: str, abstract):
 def _save(mngr, step: int, item: str, tree, host: dict):
   if step in mngr.all_steps():  # Re-done epoch after a kill: same content.
     return
-  mngr.save(
-    step,
-    args=ocp.args.Composite(
-      **{item: ocp.args.PyTreeSave(tree), "host": ocp.args.JsonSave(host)}
-    ),
-  )
-  mngr.wait_until_finished()
+  try:
+    mngr.save(
+      step,
+      args=ocp.args.Composite(
+        **{item: ocp.args.PyTreeSave(tree), "host": ocp.args.JsonSave(host)}
+      ),
+    )
+    mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - full disk, unwritable dir, ...
+    # Orbax writes to a temporary folder and renames it when complete, so
+    # the previous checkpoints are untouched.
+    raise OSError(
+      f"Could not write checkpoint step {step} under {mngr.directory} "
+      f"({type(e).__name__}: {e}). The previous checkpoints "
+      f"{list(mngr.all_steps())} are intact; free space or fix the "
+      "permissions and rerun with the same workdir to resume."
+    ) from e
 
 
 def _variables(state):

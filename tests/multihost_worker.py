@@ -1,13 +1,14 @@
 """One JAX process of the multi-host test: trains a tiny head, dumps params.
 
   python tests/multihost_worker.py STORE WORKDIR OUT.npz NUM_PROCESSES \
-    PROCESS_ID PORT DEVICES_PER_PROCESS
+    PROCESS_ID PORT DEVICES_PER_PROCESS [MAX_EPOCHS (6)]
 """
 
 import os
 import sys
 
-store, workdir, out, num_processes, process_id, port, devices = sys.argv[1:]
+store, workdir, out, num_processes, process_id, port, devices = sys.argv[1:8]
+max_epochs = int(sys.argv[8]) if len(sys.argv) > 8 else 6
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -39,7 +40,7 @@ def main():
   config.train.batch_size = 8
   config.train.eval_batch_size = 8
   config.train.learning_rate = 3e-3
-  config.train.max_epochs = 6
+  config.train.max_epochs = max_epochs
   result = train.train_fold(
     config, workdir, readers, ids, problem["labels"], problem["split"], 0
   )

@@ -1,6 +1,7 @@
 """Two JAX processes (gloo on 127.0.0.1) train exactly like one process."""
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -116,4 +117,45 @@ def test_kill_9_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
   resumed = np.load(out)
   assert sorted(one.files) == sorted(resumed.files)
   for key in one.files:  # Bitwise: same device layout, same order of ops.
+    np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
+
+
+def _no_bigger_files_than(num_bytes: int):
+  """preexec_fn: a full disk, as the process sees it (writes fail EFBIG)."""
+
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, num_bytes))
+
+  return limit
+
+
+def test_full_disk_is_a_clear_error_and_keeps_checkpoints(
+  uninterrupted, tmp_path
+):
+  store, one = uninterrupted
+  workdir, out = str(tmp_path / "full"), str(tmp_path / "f.npz")
+  (proc,) = _launch(store, workdir, out, 1, 4)
+  _first_checkpoint(workdir, proc)
+  proc.send_signal(signal.SIGTERM)  # Preempted: checkpoint, then exit.
+  proc.communicate()
+  assert proc.returncode == 128 + signal.SIGTERM
+  steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+  port = str(_free_port())
+  full = subprocess.run(
+    [sys.executable, WORKER, store, workdir, out, "1", "0", port, "4"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    preexec_fn=_no_bigger_files_than(3000),
+  )
+  assert full.returncode != 0
+  assert "Could not write checkpoint" in full.stderr
+  assert "File too large" in full.stderr and workdir in full.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps
+
+  _wait(_launch(store, workdir, out, 1, 4))  # Space is back: resume.
+  resumed = np.load(out)
+  for key in one.files:
     np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
