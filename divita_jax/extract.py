@@ -40,6 +40,20 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
   )
 
 
+def sample_kwargs(config: ml_collections.ConfigDict, resolution: int) -> dict:
+  """`video.sample_clips` keyword arguments of `config.clips` (one place, so
+  extraction, predict and the notebook sample clips alike)."""
+  c = config.clips
+  return dict(
+    segmentation=c.segmentation,
+    frames_per_clip=c.frames_per_clip,
+    fps=c.fps,
+    placement=c.placement,
+    max_clips_per_shot=c.max_clips_per_shot,
+    resolution=resolution,
+  )
+
+
 def make_backbone(config: ml_collections.ConfigDict, branch: str):
   """(module, params, spec) from a converted checkpoint or random init."""
   b = config.backbones[branch]
@@ -173,15 +187,7 @@ def _extract_group(
   feature_fns,
   store_root,
 ) -> None:
-  c = config.clips
-  clip_kwargs = dict(
-    segmentation=c.segmentation,
-    frames_per_clip=c.frames_per_clip,
-    fps=c.fps,
-    placement=c.placement,
-    max_clips_per_shot=c.max_clips_per_shot,
-    resolution=resolution,
-  )
+  clip_kwargs = sample_kwargs(config, resolution)
   todo = [i for i in todo if not all(stores[b].has(ids[i]) for b in branches)]
   loader = input_pipeline.clip_loader(
     source, np.asarray(todo, np.int64), clip_kwargs=clip_kwargs

@@ -144,7 +144,6 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
   data, found = transcode.process(
     path, path, s["reencode_height"], s["reencode_fps"], s["shot_kwargs"]
   )
-  c = run.config.clips
   by_resolution = {}
   for b in run.config.model.branches:
     by_resolution.setdefault(run.config.backbones[b].resolution, []).append(b)
@@ -153,13 +152,8 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
     clips, info = video.sample_clips(
       data,
       found.shots,
-      segmentation=c.segmentation,
-      frames_per_clip=c.frames_per_clip,
-      fps=c.fps,
-      placement=c.placement,
-      max_clips_per_shot=c.max_clips_per_shot,
-      resolution=resolution,
       trailer_id=path,
+      **extract.sample_kwargs(run.config, resolution),
     )  # [N, T, H, W, 3]
     for b in branches:
       features[b] = _features(run, b, clips, bar)
