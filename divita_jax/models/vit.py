@@ -12,8 +12,9 @@ import re
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from divita_jax.models.attention import attention
 
 # name -> (width, depth, mlp_dim, num_heads); big_vision's table plus `tiny`.
 _SIZES = {
@@ -95,22 +96,6 @@ class MlpBlock(nn.Module):
       name="Dense_1",
       **kw,
     )(x)
-
-
-def attention(q, k, v):
-  """Softmax(q k^T / sqrt(head_dim)) v over [B, N, heads, head_dim].
-
-  Heads-major einsums with float32 logits: on XLA CPU this runs ~2x faster
-  than jax.nn.dot_product_attention's token-major layout (benchmarks/).
-  """
-  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, N, hd]
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  logits = jnp.einsum(
-    "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
-  )
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-  return y.transpose(0, 2, 1, 3)
 
 
 class SelfAttention(nn.Module):

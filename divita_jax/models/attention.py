@@ -1,0 +1,79 @@
+"""Cache-blocked softmax attention for the ViT / ViViT encoders.
+
+ViViT-B/16x2 on a 32-frame clip attends over 3137 tokens: one head's logits
+are 39 MB, all twelve 472 MB. XLA (CPU above all) writes the logits, reads
+them for the max, again for exp and sum, and again for the second matmul;
+at that size every pass goes to DRAM. We loop (lax.map, sequential) over
+blocks of heads and, when one head is still too big, over query chunks, so
+each block's logits stay in cache. Softmax normalization is applied after
+the second matmul ([q, head_dim] divides instead of [q, keys]). Same
+result as plain softmax attention to float rounding; on a 2-core EPYC it
+is 2.2x faster at 3137 tokens and never slower at ViT-B's 197 tokens
+(benchmarks/attention.py).
+
+The loop runs over heads and query positions, never the batch, so a batch
+sharded over the mesh's data axis stays sharded inside it.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# Logits bytes per block. 8 MiB measured best (2-16 MiB within noise) from
+# 197 to 3137 tokens; larger blocks fall out of cache.
+BLOCK_BYTES = 8 << 20
+
+
+def _softmax_attend(q, k, v):
+  """[B, G, Q, hd] queries on [B, G, N, hd] keys/values -> [B, G, Q, hd]."""
+  logits = jnp.einsum(
+    "bgqd,bgkd->bgqk", q, k, preferred_element_type=jnp.float32
+  )
+  logits_max = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+  e = jnp.exp(logits - logits_max)
+  y = jnp.einsum(
+    "bgqk,bgkd->bgqd",
+    e.astype(v.dtype),
+    v,
+    preferred_element_type=jnp.float32,
+  )
+  return (y / e.sum(-1, keepdims=True)).astype(v.dtype)
+
+
+def block_shape(batch, heads, tokens, block_bytes=BLOCK_BYTES):
+  """(heads per block, queries per block) keeping logits <= block_bytes."""
+  per_head = batch * tokens * tokens * 4  # float32 logits
+  if per_head > block_bytes:  # one head per block, even query chunks
+    chunks = -(-per_head // block_bytes)
+    queries = -(-tokens // chunks)
+    return 1, -(-queries // 8) * 8
+  divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+  return max(d for d in divisors if d * per_head <= block_bytes), tokens
+
+
+def attention(q, k, v, block_bytes=BLOCK_BYTES):
+  """softmax(q k^T / sqrt(head_dim)) v over [B, N, heads, head_dim]."""
+  b, n, h, hd = q.shape
+  q = q * jnp.asarray(hd**-0.5, q.dtype)
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, N, hd]
+  group, chunk = block_shape(b, h, n, block_bytes)
+  if group == h and chunk == n:
+    return _softmax_attend(q, k, v).transpose(0, 2, 1, 3)
+  num_groups, num_chunks = h // group, -(-n // chunk)
+  pad = num_chunks * chunk - n
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  q = q.reshape(b, num_groups, group, num_chunks, chunk, hd)
+  q = q.transpose(1, 3, 0, 2, 4, 5)  # [groups, chunks, B, group, chunk, hd]
+  q = q.reshape(num_groups * num_chunks, b, group, chunk, hd)
+  k, v = (
+    a.reshape(b, num_groups, group, n, hd).transpose(1, 0, 2, 3, 4)
+    for a in (k, v)
+  )  # [groups, B, group, N, hd]
+
+  def block(args):
+    i, q_block = args
+    return _softmax_attend(q_block, k[i // num_chunks], v[i // num_chunks])
+
+  y = jax.lax.map(block, (jnp.arange(num_groups * num_chunks), q))
+  y = y.reshape(num_groups, num_chunks, b, group, chunk, hd)
+  y = y.transpose(2, 0, 3, 1, 4, 5).reshape(b, h, num_chunks * chunk, hd)
+  return y[:, :, :n].transpose(0, 2, 1, 3)  # [B, N, heads, hd]
