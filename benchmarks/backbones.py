@@ -19,6 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
+import transformers
 
 from divita_jax import models
 
@@ -53,8 +55,6 @@ def jax_fn(kind, variant, x, dtype, frames=1):
 
 
 def torch_fn(model, x, bf16):
-  import torch
-
   def run():
     with (
       torch.inference_mode(),
@@ -87,19 +87,7 @@ def bench(name, batch, flops, fns, args):
   return rows
 
 
-def main():
-  import torch
-  import transformers
-
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--vit_batch", type=int, default=2)
-  p.add_argument("--vivit_batch", type=int, default=1)
-  p.add_argument("--frames", type=int, default=8, help="ViViT clip length.")
-  p.add_argument("--iters", type=int, default=3, help="Timed rounds.")
-  p.add_argument("--matmul", type=int, default=2048)
-  args = p.parse_args()
-  rows = []
-
+def bench_vit(args):
   b = args.vit_batch
   x = np.random.RandomState(0).randn(b, 224, 224, 3).astype(np.float32)
   hf = transformers.ViTModel(transformers.ViTConfig(), add_pooling_layer=False)
@@ -110,9 +98,10 @@ def main():
   fns[("torch", "float32")] = torch_fn(hf.eval(), tx, False)
   fns[("torch", "bfloat16")] = torch_fn(hf, tx, True)
   flops = b * forward_flops(197, 768, 3072, 12, 16 * 16 * 3, 196)
-  rows += bench("ViT-B/16", b, flops, fns, args)
-  del fns, hf
+  return bench("ViT-B/16", b, flops, fns, args)
 
+
+def bench_vivit(args):
   b, f = args.vivit_batch, args.frames
   x = np.random.RandomState(0).randn(b, f, 224, 224, 3).astype(np.float32)
   hf = transformers.VivitModel(
@@ -129,12 +118,28 @@ def main():
   flops = b * forward_flops(
     patches + 1, 768, 3072, 12, 2 * 16 * 16 * 3, patches
   )
-  rows += bench("ViViT-B/16x2", b, flops, fns, args)
+  return bench("ViViT-B/16x2", b, flops, fns, args)
 
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--vit_batch", type=int, default=2)
+  p.add_argument("--vivit_batch", type=int, default=1)
+  p.add_argument("--frames", type=int, default=8, help="ViViT clip length.")
+  p.add_argument("--iters", type=int, default=3, help="Timed rounds.")
+  p.add_argument("--matmul", type=int, default=2048)
+  p.add_argument("--models", default="vit,vivit", help="Which to run.")
+  args = p.parse_args()
+  rows = []
+  if "vit" in args.models.split(","):
+    rows += bench_vit(args)
+  if "vivit" in args.models.split(","):
+    rows += bench_vivit(args)
   print(
     f"device: {jax.devices()[0].device_kind}; ViT-B/16 and ViViT-B/16x2 at "
-    f"224 px, ViViT clips of {f} frames; best of {args.iters} round-robin "
-    f"rounds; peak = fp32 jnp.dot {args.matmul}^2 in the same rounds."
+    f"224 px, ViViT clips of {args.frames} frames; best of {args.iters} "
+    f"round-robin rounds; peak = fp32 jnp.dot {args.matmul}^2 in the same "
+    "rounds."
   )
   print(
     f"{'model':<13}{'impl':<6}{'dtype':<9}{'batch':>5}{'items/s':>9}"
