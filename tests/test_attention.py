@@ -24,8 +24,10 @@ def qkv(batch, tokens, heads, head_dim, dtype=jnp.float32):
 def test_block_shape():
   # Everything fits: one block of all heads and queries.
   assert attn.block_shape(2, 12, 197, 8 << 20) == (12, 197)
-  # 4 heads of 2x197x197 float32 logits fit 1.3 MB, 6 (a divisor) do not.
-  assert attn.block_shape(2, 12, 197, 1_300_000) == (4, 197)
+  # Maps of <= 512 tokens: one block whatever the budget.
+  assert attn.block_shape(64, 12, 197, 1 << 20) == (12, 197)
+  # 4 heads of 2x785x785 float32 logits fit 20 MB, 6 (a divisor) do not.
+  assert attn.block_shape(2, 12, 785, 20_000_000) == (4, 785)
   # One head of ViViT-B/16x2 at 32 frames is 39 MB: query chunks of 664.
   assert attn.block_shape(1, 12, 3137, 8 << 20) == (1, 632)
 
@@ -34,12 +36,12 @@ def test_block_shape():
   "block_bytes",
   [
     1 << 30,  # one block
-    3 * 2 * 37 * 37 * 4,  # 3 of 6 heads per block
-    2 * 37 * 8 * 4,  # one head, 8 queries per block: 37 = 5 * 8 - 3 pad
+    3 * 2 * 515 * 515 * 4,  # 3 of 6 heads per block
+    2 * 515 * 104 * 4,  # one head, 104 queries per block: 5 * 104 = 515 + 5
   ],
 )
 def test_matches_reference(block_bytes):
-  q, k, v = qkv(2, 37, 6, 8)
+  q, k, v = qkv(2, 515, 6, 8)
   want = reference(q, k, v)
   got = attn.attention(q, k, v, block_bytes=block_bytes)
   np.testing.assert_allclose(got, want, atol=2e-6)
@@ -53,8 +55,8 @@ def test_matches_reference(block_bytes):
 
 
 def test_bfloat16_keeps_float32_softmax():
-  q, k, v = qkv(1, 40, 2, 16, jnp.bfloat16)
-  got = attn.attention(q, k, v, block_bytes=1 * 40 * 8 * 4)
+  q, k, v = qkv(1, 520, 2, 16, jnp.bfloat16)
+  got = attn.attention(q, k, v, block_bytes=1 * 520 * 64 * 4)
   assert got.dtype == jnp.bfloat16
   f32 = [a.astype(jnp.float32) for a in (q, k, v)]
   np.testing.assert_allclose(
@@ -65,8 +67,8 @@ def test_bfloat16_keeps_float32_softmax():
 def test_batch_sharded_stays_sharded_and_equal():
   mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
   spec = NamedSharding(mesh, PartitionSpec("data"))
-  q, k, v = qkv(4, 37, 6, 8)
-  f = jax.jit(lambda q, k, v: attn.attention(q, k, v, 4 * 37 * 8 * 4))
+  q, k, v = qkv(4, 515, 6, 8)
+  f = jax.jit(lambda q, k, v: attn.attention(q, k, v, 4 * 515 * 104 * 4))
   got = f(*(jax.device_put(a, spec) for a in (q, k, v)))
   assert got.sharding.is_equivalent_to(spec, got.ndim)
   np.testing.assert_allclose(got, reference(q, k, v), atol=2e-6)

@@ -8,8 +8,8 @@ blocks of heads and, when one head is still too big, over query chunks, so
 each block's logits stay in cache. Softmax normalization is applied after
 the second matmul ([q, head_dim] divides instead of [q, keys]). Same
 result as plain softmax attention to float rounding; on a 2-core EPYC it
-is 2.2x faster at 3137 tokens and never slower at ViT-B's 197 tokens
-(benchmarks/attention.py).
+is 2.1x faster than one block at 785 and 3137 tokens
+(benchmarks/attention.py). Maps of at most 512 tokens take one block.
 
 The loop runs over heads and query positions, never the batch, so a batch
 sharded over the mesh's data axis stays sharded inside it.
@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 
 # Logits bytes per block. 8 MiB measured best (2-16 MiB within noise) from
-# 197 to 3137 tokens; larger blocks fall out of cache.
+# 785 to 3137 tokens; larger blocks fall out of cache.
 BLOCK_BYTES = 8 << 20
+# Below this many bytes per attention map (tokens <= 512) one block is
+# faster at any batch: 8.3 vs 14.2 ms at 8 x 197 tokens, 44 vs 63 ms at 32.
+SMALL_MAP_BYTES = 1 << 20
 
 
 def _softmax_attend(q, k, v):
@@ -41,6 +44,8 @@ def _softmax_attend(q, k, v):
 
 def block_shape(batch, heads, tokens, block_bytes=BLOCK_BYTES):
   """(heads per block, queries per block) keeping logits <= block_bytes."""
+  if tokens * tokens * 4 <= SMALL_MAP_BYTES:
+    return heads, tokens
   per_head = batch * tokens * tokens * 4  # float32 logits
   if per_head > block_bytes:  # one head per block, even query chunks
     chunks = -(-per_head // block_bytes)
