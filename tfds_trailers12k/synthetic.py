@@ -160,7 +160,15 @@ def _encode(frames: list[np.ndarray], fps: int) -> bytes:
     stream = out.add_stream("libx264", rate=fps)
     stream.height, stream.width = frames[0].shape[:2]
     stream.pix_fmt = "yuv420p"
-    stream.options = {"preset": "veryfast", "crf": "20"}
+    stream.options = {
+      "preset": "veryfast",
+      "crf": "20",
+      # Byte-identical trailers in every process and run: with x264's SIMD
+      # code 1 in 5 encodes differed (state left by earlier encodes), so a
+      # dataset built by several hosts would differ from a one-host build.
+      # 3x slower encoding, a few % of a synthetic build.
+      "x264-params": "asm=0",
+    }
     for img in frames:
       out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
     out.mux(stream.encode(None))
