@@ -32,6 +32,7 @@ __all__ = [
   "data_source",
   "load_index",
   "make_config",
+  "prepare_share",
   "subset_indices",
 ]
 _INDEX_FILE = "index.npz"
@@ -74,10 +75,17 @@ def make_config(config: str, **config_kwargs) -> Trailers12kConfig:
 
 def _summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:
   skipped = builder.info.metadata.get("skipped", [])
+  counts = getattr(builder, "prepared_counts", None)
+  prepared = (
+    f" ({counts['reused']} trailers prepared earlier, {counts['computed']} now)"
+    if counts
+    else ""
+  )
   lines = [
     f"trailers12k/{builder.builder_config.name}: "
     f"{builder.info.splits.total_num_examples} trailers in "
-    f"{builder.data_dir} ({seconds:.1f} s); skipped {len(skipped)}."
+    f"{builder.data_dir} ({seconds:.1f} s{prepared}); skipped "
+    f"{len(skipped)}."
   ]
   lines += [f"  skipped {s['id']}: {s['reason']}" for s in skipped]
   return "\n".join(lines)
@@ -108,8 +116,36 @@ def build(
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
     )
+    builder.prepared().remove()  # Now in the dataset's own files.
   print(_summary(builder, time.time() - start), flush=True)
   return builder
+
+
+def prepare_share(
+  config: str,
+  data_dir: str,
+  manual_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  **config_kwargs,
+) -> list[str]:
+  """Multi-host build, step 1: this process prepares its share of trailers.
+
+  Every process calls it with its index; then, after a barrier, process 0
+  calls `build`, which writes the dataset from the prepared trailers (and
+  prepares any still missing). Returns the ids this call computed: shares
+  are disjoint, their union is every trailer, and trailers prepared by an
+  earlier, interrupted run are not redone. Nothing to do if already built.
+  """
+  cfg = make_config(config, **config_kwargs)
+  builder = Trailers12k(config=cfg, data_dir=data_dir)
+  builder.num_workers = num_workers
+  if builder.is_prepared():
+    return []
+  if cfg.kind != "synthetic" and not manual_dir:
+    raise ValueError(f"trailers12k/{config} needs manual_dir.")
+  return builder.prepare_share(manual_dir, process_index, process_count)
 
 
 def data_source(builder: tfds.core.DatasetBuilder):

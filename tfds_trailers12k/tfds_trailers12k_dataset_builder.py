@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from divita_jax.genres import NUM_FOLDS, NUM_GENRES
-from tfds_trailers12k import mtgc, synthetic, transcode
+from tfds_trailers12k import mtgc, prepared, synthetic, transcode
 
 _CRASHED = "worker process crashed while decoding (corrupt or hostile file)"
 # Official Swin groups (paper's best); override with `zarr_groups`.
@@ -196,6 +196,8 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
     # array_record by default (random access, no TensorFlow), also for the
     # `tfds build` CLI, which passes file_format only when given.
     super().__init__(file_format=file_format or "array_record", **kwargs)
+    # The final data_path (during a build it points to a temporary folder).
+    self._prepared_root = f"{self.data_path}.prepared"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -239,7 +241,69 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       **{k: meta.get(k, "") for k in mtgc.METADATA_KEYS},
     )
 
-  def _generate_synthetic(self):
+  def prepared(self) -> prepared.PreparedExamples:
+    """Where this config's prepared trailers wait for the TFDS writer."""
+    return prepared.PreparedExamples(self._prepared_root)
+
+  def _worker(self):
+    """(worker fn, item -> trailer id) of this config's expensive step."""
+    if self.builder_config.kind == "synthetic":
+      return synthetic.synthetic_example, lambda it: synthetic.trailer_id(it[0])
+    return transcode.raw_example, lambda it: it[0]
+
+  def _prepare(self, items: list, desc: str):
+    """Yields worker results for items in order: saved ones, or computed.
+
+    Each computed result is saved before it is yielded, so a killed build
+    (or another process's `prepare_share`) leaves it for the next one.
+    """
+    fn, key = self._worker()
+    store = self.prepared()
+    todo = [it for it in items if not store.has(key(it))]
+    self.prepared_counts = dict(reused=len(items) - len(todo), computed=0)
+    computed = map_in_pool(
+      fn,
+      todo,
+      self.num_workers,
+      desc,
+      lambda it: (key(it), None, _CRASHED),
+    )
+    for it in items:
+      if store.has(key(it)):
+        yield store.load(key(it))
+        continue
+      result = next(computed)
+      store.save(*result)
+      self.prepared_counts["computed"] += 1
+      yield result
+
+  def prepare_share(
+    self, manual_dir: str | None, process_index: int, process_count: int
+  ) -> list[str]:
+    """Prepares every process_count-th trailer; returns the ids computed.
+
+    The multi-host build: each process prepares its share, then (after a
+    barrier) process 0 writes the dataset from the saved results.
+    Trailers already prepared are not redone. The reps config has no
+    expensive per-trailer step: it prepares nothing.
+    """
+    kind = self.builder_config.kind
+    if kind == "synthetic":
+      items, *_ = self._synthetic_items()
+    elif kind == "raw":
+      root = epath.Path(manual_dir)
+      items, *_ = self._raw_items(root, mtgc.read_mtgc(root / "mtgc.csv"))
+    else:
+      return []
+    share = items[process_index::process_count]
+    _, key = self._worker()
+    todo = [key(it) for it in share if not self.prepared().has(key(it))]
+    for _ in self._prepare(share, f"prepare {process_index}/{process_count}"):
+      pass
+    return todo
+
+  def _synthetic_items(self):
+    """Worker items of every synthetic trailer, their labels and folds."""
     cfg = self.builder_config
     gen = synthetic.SyntheticConfig(
       num_trailers=cfg.num_trailers, seed=cfg.seed
@@ -249,13 +313,11 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
     items = [
       (i, gen, labels[i], cfg.shot_kwargs()) for i in range(gen.num_trailers)
     ]
-    results = map_in_pool(
-      synthetic.synthetic_example,
-      items,
-      self.num_workers,
-      "synthetic trailers",
-      lambda item: (synthetic.trailer_id(item[0]), None, _CRASHED),
-    )
+    return items, labels, folds
+
+  def _generate_synthetic(self):
+    items, labels, folds = self._synthetic_items()
+    results = self._prepare(items, "synthetic trailers")
     for (i, *_), (mid, ex, reason) in zip(items, results):
       if ex is None:
         self._skip(mid, reason)
@@ -263,17 +325,18 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       meta = dict(title=ex.pop("title"), year=ex.pop("year"))
       yield mid, {**self._common(mid, labels[i], folds[i], meta), **ex}
 
-  def _generate_raw(self, root: epath.Path, ann: mtgc.Annotations, meta):
+  def _raw_items(self, root: epath.Path, ann: mtgc.Annotations):
+    """Worker items and rows of trailers with a video; ids without one."""
     cfg = self.builder_config
     videos = {}  # mid -> file; any container, mp4 preferred.
     if (root / "videos").is_dir():
       for p in sorted((root / "videos").iterdir()):
         if p.stem not in videos or p.suffix.lower() == ".mp4":
           videos[p.stem] = p
-    items, rows = [], []
+    items, rows, missing = [], [], []
     for i, mid in enumerate(ann.ids):
       if mid not in videos:
-        self._skip(mid, "missing file")
+        missing.append(mid)
         continue
       rows.append(i)
       items.append(
@@ -285,13 +348,13 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
           cfg.shot_kwargs(),
         )
       )
-    results = map_in_pool(
-      transcode.raw_example,
-      items,
-      self.num_workers,
-      "raw trailers",
-      lambda item: (item[0], None, _CRASHED),
-    )
+    return items, rows, missing
+
+  def _generate_raw(self, root: epath.Path, ann: mtgc.Annotations, meta):
+    items, rows, missing = self._raw_items(root, ann)
+    for mid in missing:
+      self._skip(mid, "missing file")
+    results = self._prepare(items, "raw trailers")
     for i, (mid, ex, reason) in zip(rows, results):
       if ex is None:
         self._skip(mid, reason)
