@@ -52,10 +52,26 @@ def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 
 def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
-  """Builds the TFDS dataset if needed; returns (builder, index)."""
+  """Builds the TFDS dataset if needed; returns (builder, index).
+
+  With several processes, each first prepares its share of trailers
+  (decode, re-encode, detect shots); process 0 then writes the dataset.
+  """
   data_dir = config.dataset.data_dir or os.path.join(workdir, "tfds")
   kwargs = dataset_kwargs(config)
   manual_dir = config.dataset.manual_dir or None
+  if jax.process_count() > 1:
+    done = tfds_trailers12k.prepare_share(
+      config.dataset.config,
+      data_dir,
+      manual_dir,
+      jax.process_index(),
+      jax.process_count(),
+      num_workers=config.dataset.num_workers,
+      **kwargs,
+    )
+    logging.info("Prepared %d trailers in this process.", len(done))
+    multihost_utils.sync_global_devices("trailers prepared")
   if jax.process_index() == 0:
     tfds_trailers12k.build(
       config.dataset.config,
