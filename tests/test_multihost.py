@@ -1,5 +1,8 @@
 """Two JAX processes (gloo on 127.0.0.1) train exactly like one process."""
 
+import collections
+import ctypes
+import json
 import os
 import resource
 import signal
@@ -16,6 +19,9 @@ from divita_jax import reps
 pytestmark = pytest.mark.xdist_group("multihost")
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+DATA_WORKER = os.path.join(
+  os.path.dirname(__file__), "multihost_data_worker.py"
+)
 
 
 def _free_port() -> int:
@@ -159,3 +165,88 @@ def test_full_disk_is_a_clear_error_and_keeps_checkpoints(
   resumed = np.load(out)
   for key in one.files:
     np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
+
+
+def _without_root_file_powers():
+  """preexec_fn: permission bits apply even to root (drops CAP_DAC_*).
+
+  As root, chmod alone does not make a folder unwritable: root has
+  CAP_DAC_OVERRIDE. Dropping it (and DAC_READ_SEARCH, FOWNER) from the
+  child's bounding set, so the exec'd program cannot regain them, makes
+  the kernel check the mode bits as it does for everyone else. Not root:
+  nothing to drop.
+  """
+
+  def drop():
+    if os.geteuid() != 0:
+      return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop = 24
+    for cap in (1, 2, 3):  # DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
+      if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+  return drop
+
+
+def test_unwritable_workdir_is_a_clear_error_and_keeps_checkpoints(
+  uninterrupted, tmp_path
+):
+  store, one = uninterrupted
+  workdir, out = str(tmp_path / "ro"), str(tmp_path / "r.npz")
+  (proc,) = _launch(store, workdir, out, 1, 4)
+  _first_checkpoint(workdir, proc)
+  proc.send_signal(signal.SIGTERM)
+  proc.communicate()
+  ckpts = os.path.join(workdir, "checkpoints")
+  steps = sorted(os.listdir(ckpts))
+  os.chmod(ckpts, 0o555)  # Read-only from here on.
+  try:
+    port = str(_free_port())
+    ro = subprocess.run(
+      [sys.executable, WORKER, store, workdir, out, "1", "0", port, "4"],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      preexec_fn=_without_root_file_powers(),
+    )
+  finally:
+    os.chmod(ckpts, 0o755)
+  assert ro.returncode != 0
+  assert "Could not write checkpoint" in ro.stderr, ro.stderr[-3000:]
+  assert "Permission denied" in ro.stderr and ckpts in ro.stderr
+  assert sorted(os.listdir(ckpts)) == steps
+
+  _wait(_launch(store, workdir, out, 1, 4))  # Writable again: resume.
+  resumed = np.load(out)
+  for key in one.files:
+    np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
+
+
+def test_two_processes_split_build_and_extraction(tmp_path):
+  workdir, port = str(tmp_path / "run"), str(_free_port())
+  outs = [str(tmp_path / f"p{p}.json") for p in range(2)]
+  start = time.time()
+  _wait(
+    [
+      subprocess.Popen(
+        [sys.executable, DATA_WORKER, workdir, outs[p], "2", str(p), port],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for p in range(2)
+    ]
+  )
+  print(f"two-process build + extraction: {time.time() - start:.1f}s")
+  a, b = (json.load(open(o)) for o in outs)
+  ids = a["ids"]
+  assert ids == b["ids"] and len(ids) == 8
+  # Build: each trailer prepared exactly once, the work split evenly.
+  assert sorted(a["saved"] + b["saved"]) == sorted(ids)
+  assert len(a["saved"]) == len(b["saved"]) == 4
+  # Extraction: each trailer's file of each branch written exactly once.
+  assert set(a["written"]).isdisjoint(b["written"])
+  written = collections.Counter(a["written"] + b["written"])
+  assert written == {i: len(a["branches"]) for i in ids}
+  assert all(a["complete"]) and all(b["complete"])

@@ -1,0 +1,70 @@
+"""One JAX process of the multi-host data test: build + extract, then report.
+
+  python tests/multihost_data_worker.py WORKDIR OUT.json NUM_PROCESSES \
+    PROCESS_ID PORT
+
+Runs the real stages of `divita_jax.run` (dataset build, representation
+extraction) on a tiny synthetic config, and records which trailers this
+process prepared and which representation files it wrote (by wrapping the
+two writers; they still write).
+"""
+
+import json
+import os
+import sys
+
+workdir, out, num_processes, process_id, port = sys.argv[1:6]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if int(num_processes) > 1:
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+  )
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import divita  # noqa: E402
+from divita_jax import reps, run  # noqa: E402
+from tfds_trailers12k import prepared  # noqa: E402
+
+saved, written = [], []
+
+
+def spy(method, log):
+  def wrapped(self, key, *args):
+    log.append(key)
+    return method(self, key, *args)
+
+  return wrapped
+
+
+prepared.PreparedExamples.save = spy(prepared.PreparedExamples.save, saved)
+reps.NpyStore.write = spy(reps.NpyStore.write, written)
+
+
+def main():
+  config = divita.get_config("runlocal")
+  config.dataset.num_trailers = 8
+  config.dataset.num_workers = 1
+  builder, index = run.ensure_dataset(config, workdir)
+  readers = run.representation_readers(config, workdir, builder, index)
+  complete = [all(r.has(i) for r in readers.values()) for i in index["ids"]]
+  with open(out, "w") as f:
+    json.dump(
+      dict(
+        ids=list(index["ids"]),
+        saved=saved,
+        written=written,
+        complete=complete,
+        branches=list(readers),
+      ),
+      f,
+    )
+
+
+main()
