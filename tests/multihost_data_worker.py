@@ -10,24 +10,13 @@ two writers; they still write).
 """
 
 import json
-import os
 import sys
 
+import multihost_common
+
 workdir, out, num_processes, process_id, port = sys.argv[1:6]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+multihost_common.start(int(num_processes), int(process_id), port, 2)
 
-import jax  # noqa: E402
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if int(num_processes) > 1:
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=int(num_processes),
-    process_id=int(process_id),
-  )
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import divita  # noqa: E402
 from divita_jax import reps, run  # noqa: E402
 from tfds_trailers12k import prepared  # noqa: E402

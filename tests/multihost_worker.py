@@ -7,24 +7,17 @@
 import os
 import sys
 
+import multihost_common
+
 store, workdir, out, num_processes, process_id, port, devices = sys.argv[1:8]
 max_epochs = int(sys.argv[8]) if len(sys.argv) > 8 else 6
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+jax = multihost_common.start(
+  int(num_processes), int(process_id), port, int(devices)
+)
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if int(num_processes) > 1:
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=int(num_processes),
-    process_id=int(process_id),
-  )
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import divita  # noqa: E402
 from divita_jax import reps, train  # noqa: E402
 

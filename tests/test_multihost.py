@@ -136,35 +136,48 @@ def _no_bigger_files_than(num_bytes: int):
   return limit
 
 
-def test_full_disk_is_a_clear_error_and_keeps_checkpoints(
-  uninterrupted, tmp_path
-):
-  store, one = uninterrupted
-  workdir, out = str(tmp_path / "full"), str(tmp_path / "f.npz")
+def _preempted(store, workdir, out) -> list[str]:
+  """Runs until the first checkpoint, SIGTERMs; returns the checkpoints."""
   (proc,) = _launch(store, workdir, out, 1, 4)
   _first_checkpoint(workdir, proc)
   proc.send_signal(signal.SIGTERM)  # Preempted: checkpoint, then exit.
   proc.communicate()
   assert proc.returncode == 128 + signal.SIGTERM
-  steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
 
+
+def _resume_failing(store, workdir, out, preexec_fn):
+  """Resumes in a process set up by preexec_fn; returns its stderr."""
   port = str(_free_port())
-  full = subprocess.run(
+  failed = subprocess.run(
     [sys.executable, WORKER, store, workdir, out, "1", "0", port, "4"],
     capture_output=True,
     text=True,
     timeout=600,
-    preexec_fn=_no_bigger_files_than(3000),
+    preexec_fn=preexec_fn,
   )
-  assert full.returncode != 0
-  assert "Could not write checkpoint" in full.stderr
-  assert "File too large" in full.stderr and workdir in full.stderr
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps
+  assert failed.returncode != 0
+  assert "Could not write checkpoint" in failed.stderr, failed.stderr[-3000:]
+  return failed.stderr
 
-  _wait(_launch(store, workdir, out, 1, 4))  # Space is back: resume.
+
+def _resume_equals(one, store, workdir, out):
+  _wait(_launch(store, workdir, out, 1, 4))
   resumed = np.load(out)
   for key in one.files:
     np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_checkpoints(
+  uninterrupted, tmp_path
+):
+  store, one = uninterrupted
+  workdir, out = str(tmp_path / "full"), str(tmp_path / "f.npz")
+  steps = _preempted(store, workdir, out)
+  stderr = _resume_failing(store, workdir, out, _no_bigger_files_than(3000))
+  assert "File too large" in stderr and workdir in stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps
+  _resume_equals(one, store, workdir, out)  # Space is back.
 
 
 def _without_root_file_powers():
@@ -194,33 +207,16 @@ def test_unwritable_workdir_is_a_clear_error_and_keeps_checkpoints(
 ):
   store, one = uninterrupted
   workdir, out = str(tmp_path / "ro"), str(tmp_path / "r.npz")
-  (proc,) = _launch(store, workdir, out, 1, 4)
-  _first_checkpoint(workdir, proc)
-  proc.send_signal(signal.SIGTERM)
-  proc.communicate()
+  steps = _preempted(store, workdir, out)
   ckpts = os.path.join(workdir, "checkpoints")
-  steps = sorted(os.listdir(ckpts))
   os.chmod(ckpts, 0o555)  # Read-only from here on.
   try:
-    port = str(_free_port())
-    ro = subprocess.run(
-      [sys.executable, WORKER, store, workdir, out, "1", "0", port, "4"],
-      capture_output=True,
-      text=True,
-      timeout=600,
-      preexec_fn=_without_root_file_powers(),
-    )
+    stderr = _resume_failing(store, workdir, out, _without_root_file_powers())
   finally:
     os.chmod(ckpts, 0o755)
-  assert ro.returncode != 0
-  assert "Could not write checkpoint" in ro.stderr, ro.stderr[-3000:]
-  assert "Permission denied" in ro.stderr and ckpts in ro.stderr
+  assert "Permission denied" in stderr and ckpts in stderr
   assert sorted(os.listdir(ckpts)) == steps
-
-  _wait(_launch(store, workdir, out, 1, 4))  # Writable again: resume.
-  resumed = np.load(out)
-  for key in one.files:
-    np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
+  _resume_equals(one, store, workdir, out)  # Writable again.
 
 
 def test_two_processes_split_build_and_extraction(tmp_path):
