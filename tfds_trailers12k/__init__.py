@@ -77,7 +77,7 @@ def _summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:
   skipped = builder.info.metadata.get("skipped", [])
   counts = getattr(builder, "prepared_counts", None)
   prepared = (
-    f" ({counts['reused']} trailers prepared earlier, {counts['computed']} now)"
+    f"; {counts['reused']} trailers prepared earlier, {counts['computed']} now"
     if counts
     else ""
   )
