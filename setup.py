@@ -29,7 +29,9 @@ TEST_REQUIRES = [
   "pytest>=8",
   "pytest-xdist>=3",
   "scikit-learn>=1.4",
-  "torch==2.13.0",  # CPU build on disk; do not add torchvision/timm.
+  "torch==2.13.0",  # CPU build on disk.
+  # Parity references; a CUDA build: tests/torch_reference.py imports it.
+  "torchvision==0.28.0",
   "transformers>=5.0,<6",
   "safetensors>=0.4",
   "dill",  # tfds.testing.DatasetBuilderTestCase imports it.

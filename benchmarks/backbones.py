@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import transformers
 
-from divita_jax import models
+from divita_jax.models import backbone
 
 
 def best_times(fns, iters):
@@ -46,7 +46,7 @@ def forward_flops(tokens, d, mlp, depth, patch_inputs, num_patches):
 
 
 def jax_fn(kind, variant, x, dtype, frames=1):
-  module, params, _ = models.create_backbone(
+  module, params, _ = backbone.create_backbone(
     kind, variant, resolution=224, num_frames=frames, dtype=dtype
   )
   f = jax.jit(lambda p, v: module.apply({"params": p}, v)[0])

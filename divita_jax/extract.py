@@ -22,7 +22,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from divita_jax import input_pipeline, models, reps, video
+from divita_jax import input_pipeline, reps, video
+from divita_jax.models import backbone
 
 
 def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
@@ -59,10 +60,10 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
   b = config.backbones[branch]
   if b.checkpoint:  # Position embeddings resampled to the clips' size.
     frames = config.clips.frames_per_clip if b.kind == "vivit" else None
-    return models.load_backbone(
+    return backbone.load_backbone(
       b.checkpoint, dtype=b.dtype, resolution=b.resolution, num_frames=frames
     )
-  return models.create_backbone(
+  return backbone.create_backbone(
     b.kind,
     b.variant,
     resolution=b.resolution,

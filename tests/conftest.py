@@ -6,10 +6,16 @@ import sys
 
 import pytest
 
+from tests.torch_reference import torchvision
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+# transformers imports torchvision when it is installed: declare its C-op
+# schemas before any test module imports either.
+torchvision()
 
 # The tiny end-to-end run shared by the pipeline, predict and notebook tests.
 # Tests using it carry `@pytest.mark.xdist_group("pipeline")` so that, under

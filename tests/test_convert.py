@@ -11,8 +11,12 @@ import torch
 import transformers
 from flax import traverse_util
 
-from divita_jax import convert, models
-from divita_jax.models import surgery, vit, vivit
+from divita_jax.convert import __main__ as convert_cli
+from divita_jax.convert import hf as convert_hf
+from divita_jax.convert import tree
+from divita_jax.convert import vit as convert_vit
+from divita_jax.convert.tree import ConversionError
+from divita_jax.models import backbone, surgery, vit, vivit
 
 TOL = 1e-4
 
@@ -36,7 +40,7 @@ def _hf_vit(tmp_path, cls_model, seed, **cfg):
 
 
 def _run_vit(ckpt, x):
-  module, params, _ = models.load_backbone(ckpt)
+  module, params, _ = backbone.load_backbone(ckpt)
   return jax.tree.map(np.asarray, jax.jit(module.apply)({"params": params}, x))
 
 
@@ -76,7 +80,7 @@ HF_VIT_CASES = {
 def test_hf_vit_parity(tmp_path, case):
   cls_model, cfg = HF_VIT_CASES[case]
   hf = _hf_vit(tmp_path, cls_model, 0, **cfg)
-  convert.main(
+  convert_cli.main(
     [
       "--source",
       "hf_vit",
@@ -109,13 +113,13 @@ def test_hf_vit_negative_controls(tmp_path):
   """Silent mapping bugs (no shape error) must break parity."""
   cfg = HF_VIT_CASES["classifier_odd"][1]
   hf = _hf_vit(tmp_path, transformers.ViTModel, 3, **cfg)
-  config, sd = convert._hf_weights(str(tmp_path / "hf"))
-  flat, fields = convert.read_hf(str(tmp_path / "hf"), "vit")
-  _, spec = convert.read_source("hf_vit", str(tmp_path / "hf"))
+  config, sd = convert_hf.read_weights(str(tmp_path / "hf"))
+  flat, fields = convert_hf.read_hf(str(tmp_path / "hf"), "vit")
+  _, spec = convert_vit.read_source("hf_vit", str(tmp_path / "hf"))
   x = np.random.RandomState(2).randn(1, 20, 20, 3).astype(np.float32)
   with torch.no_grad():
     want = hf(torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state
-  module = models.module_from_spec(spec)
+  module = backbone.module_from_spec(spec)
   w_out = sd["encoder.layer.0.attention.output.dense.weight"]
   w_q = sd["encoder.layer.0.attention.attention.query.weight"]
   att = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/"
@@ -131,11 +135,11 @@ def test_hf_vit_negative_controls(tmp_path):
       np.roll(flat["Transformer/posembed_input/pos_embedding"], 1, axis=1),
     ),
   }
-  good = convert.build_params(flat, spec)
+  good = tree.build_params(flat, spec)
   _, out = jax.jit(module.apply)({"params": good}, x)
   assert np.abs(np.asarray(out["encoded"]) - want.numpy()).max() <= TOL
   for name, (key, value) in broken.items():
-    params = convert.build_params({**flat, key: value}, spec)
+    params = tree.build_params({**flat, key: value}, spec)
     _, out = jax.jit(module.apply)({"params": params}, x)
     diff = np.abs(np.asarray(out["encoded"]) - want.numpy()).max()
     assert diff > 1e-2, (name, diff)
@@ -159,11 +163,11 @@ def test_hf_vivit_parity(tmp_path, frames):
   )
   hf = _randomise(transformers.VivitForVideoClassification(config), frames)
   hf.save_pretrained(tmp_path / "hf")
-  spec = convert.convert(
+  spec = convert_vit.convert(
     "hf_vivit", str(tmp_path / "hf"), str(tmp_path / "out")
   )
   assert (spec["num_frames"], spec["resolution"]) == (frames, 24)
-  module, params, _ = models.load_backbone(str(tmp_path / "out"))
+  module, params, _ = backbone.load_backbone(str(tmp_path / "out"))
   x = np.random.RandomState(frames).randn(2, frames, 24, 24, 3)
   x = x.astype(np.float32)
   _, out = jax.jit(module.apply)({"params": params}, x)
@@ -175,10 +179,10 @@ def test_hf_vivit_parity(tmp_path, frames):
   np.testing.assert_allclose(out["encoded"], hidden, atol=TOL, rtol=0)
   np.testing.assert_allclose(out["logits"], logits, atol=TOL, rtol=0)
   # Another clip length: the posemb is resampled in time at conversion.
-  spec = convert.convert(
+  spec = convert_vit.convert(
     "hf_vivit", str(tmp_path / "hf"), str(tmp_path / "t8"), num_frames=8
   )
-  _, p8, _ = models.load_backbone(str(tmp_path / "t8"))
+  _, p8, _ = backbone.load_backbone(str(tmp_path / "t8"))
   assert spec["num_frames"] == 8
   assert spec["source"]["resampled_from"] == [frames, 24]
   np.testing.assert_allclose(
@@ -228,7 +232,7 @@ def test_renumber_pre_linen_natural_order():
       "MlpBlock_3",
     ):
       flat[f"Transformer/{name}/{child}/x"] = name
-  out = convert.renumber_pre_linen(flat)
+  out = tree.renumber_pre_linen(flat)
   assert out["Transformer/encoderblock_10/LayerNorm_1/x"] == "encoderblock_10"
   assert out["Transformer/encoderblock_2/MlpBlock_0/x"] == "encoderblock_2"
   assert "Transformer/encoderblock_11/MultiHeadDotProductAttention_0/x" in out
@@ -265,7 +269,7 @@ def _assert_same_tree(a, b, atol=0.0):
 def test_vit_jax_npz_layout(tmp_path):
   module, params = _tiny_vit(rep=16)
   _vit_jax_npz(params, tmp_path / "vit.npz")
-  convert.main(
+  convert_cli.main(
     [
       "--source",
       "vit_npz",
@@ -275,7 +279,7 @@ def test_vit_jax_npz_layout(tmp_path):
       str(tmp_path / "out"),
     ]
   )
-  m2, loaded, spec = models.load_backbone(str(tmp_path / "out"))
+  m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
   assert spec["model"]["depth"] == 2 and spec["resolution"] == 12
   assert spec["feature_dim"] == 16 and spec["model"]["num_classes"] == 6
   _assert_same_tree(params, loaded)
@@ -314,8 +318,8 @@ def test_big_vision_npz_layouts(tmp_path):
   for scan in (False, True):
     path = tmp_path / f"bv_{scan}.npz"
     _big_vision_npz(params, path, scan)
-    convert.convert("vit_npz", str(path), str(tmp_path / f"out_{scan}"))
-    _, loaded, _ = models.load_backbone(str(tmp_path / f"out_{scan}"))
+    convert_vit.convert("vit_npz", str(path), str(tmp_path / f"out_{scan}"))
+    _, loaded, _ = backbone.load_backbone(str(tmp_path / f"out_{scan}"))
     lpe = np.asarray(loaded["Transformer"]["posembed_input"]["pos_embedding"])
     np.testing.assert_array_equal(lpe[:, 0], 0.0)
     got = apply({"params": loaded}, x)[1]["encoded"]
@@ -357,7 +361,7 @@ def test_scenic_vivit_layout(tmp_path, model_type, layout):
     flax.serialization.msgpack_serialize(state)
   )
   args = ["--source_resolution", "8"] if model_type == "spatio_temporal" else []
-  convert.main(
+  convert_cli.main(
     [
       "--source",
       "scenic_vivit",
@@ -368,7 +372,7 @@ def test_scenic_vivit_layout(tmp_path, model_type, layout):
     ]
     + args
   )
-  m2, loaded, spec = models.load_backbone(str(tmp_path / "out"))
+  m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
   assert spec["num_frames"] == 4 and spec["model"]["model_type"] == model_type
   _assert_same_tree(params, loaded)
   x = np.random.RandomState(0).randn(2, 4, 8, 8, 3).astype(np.float32)
@@ -382,7 +386,7 @@ def test_cli_inflates_vit_npz_to_vivit(tmp_path):
   module, params = _tiny_vit(classifier="gap", depth=2, classes=None)
   _vit_jax_npz(params, tmp_path / "vit.npz")
   args = ["--source", "vit_npz", "--input", str(tmp_path / "vit.npz")]
-  convert.main(
+  convert_cli.main(
     args
     + [
       "--output",
@@ -395,7 +399,7 @@ def test_cli_inflates_vit_npz_to_vivit(tmp_path):
       "average",
     ]
   )
-  m2, loaded, spec = models.load_backbone(str(tmp_path / "out"))
+  m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
   assert spec["kind"] == "vivit" and spec["num_frames"] == 4
   assert loaded["embedding"]["kernel"].shape == (2, 4, 4, 3, 16)
   frame = np.random.RandomState(3).randn(2, 12, 12, 3).astype(np.float32)
@@ -408,23 +412,23 @@ def test_cli_inflates_vit_npz_to_vivit(tmp_path):
 def test_dont_load_and_drop(tmp_path):
   _, params = _tiny_vit(depth=2)
   _vit_jax_npz(params, tmp_path / "vit.npz")
-  spec = convert.convert(
+  spec = convert_vit.convert(
     "vit_npz",
     str(tmp_path / "vit.npz"),
     str(tmp_path / "re"),
     dont_load=["head/.*", "output_projection/.*"],
   )
-  _, loaded, _ = models.load_backbone(str(tmp_path / "re"))
+  _, loaded, _ = backbone.load_backbone(str(tmp_path / "re"))
   assert spec["model"]["num_classes"] == 6
   np.testing.assert_array_equal(loaded["output_projection"]["kernel"], 0.0)
   np.testing.assert_array_equal(loaded["cls"], params["cls"])
-  spec = convert.convert(
+  spec = convert_vit.convert(
     "vit_npz",
     str(tmp_path / "vit.npz"),
     str(tmp_path / "dr"),
     drop=["output_projection/.*"],
   )
-  _, loaded, _ = models.load_backbone(str(tmp_path / "dr"))
+  _, loaded, _ = backbone.load_backbone(str(tmp_path / "dr"))
   assert "num_classes" not in spec["model"]
   assert "output_projection" not in loaded
   saved = json.loads((tmp_path / "dr" / "spec.json").read_text())
@@ -436,21 +440,23 @@ def test_errors(tmp_path):
   _vit_jax_npz(params, tmp_path / "vit.npz")
   data = (tmp_path / "vit.npz").read_bytes()
   (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
-  with pytest.raises(convert.ConversionError, match="cut.npz"):
-    convert.convert("vit_npz", str(tmp_path / "cut.npz"), str(tmp_path / "a"))
+  with pytest.raises(ConversionError, match="cut.npz"):
+    convert_vit.convert(
+      "vit_npz", str(tmp_path / "cut.npz"), str(tmp_path / "a")
+    )
   (tmp_path / "checkpoint").write_bytes(
     flax.serialization.msgpack_serialize({"params": params})[:-100]
   )
-  with pytest.raises(convert.ConversionError, match="msgpack"):
-    convert.convert(
+  with pytest.raises(ConversionError, match="msgpack"):
+    convert_vit.convert(
       "scenic_vit", str(tmp_path / "checkpoint"), str(tmp_path / "b")
     )
   # A ViT checkpoint given as a ViViT one.
   (tmp_path / "checkpoint").write_bytes(
     flax.serialization.msgpack_serialize({"params": params})
   )
-  with pytest.raises(convert.ConversionError, match="Wrong architecture"):
-    convert.convert(
+  with pytest.raises(ConversionError, match="Wrong architecture"):
+    convert_vit.convert(
       "scenic_vivit", str(tmp_path / "checkpoint"), str(tmp_path / "c")
     )
   # A missing and an unknown key: both listed by name.
@@ -458,8 +464,10 @@ def test_errors(tmp_path):
   flat.pop("Transformer/encoderblock_1/LayerNorm_2/scale")
   flat["Transformer/extra/kernel"] = np.zeros(3, np.float32)
   np.savez(tmp_path / "bad.npz", **flat)
-  with pytest.raises(convert.ConversionError) as e:
-    convert.convert("vit_npz", str(tmp_path / "bad.npz"), str(tmp_path / "d"))
+  with pytest.raises(ConversionError) as e:
+    convert_vit.convert(
+      "vit_npz", str(tmp_path / "bad.npz"), str(tmp_path / "d")
+    )
   assert "missing keys ['Transformer/encoderblock_1/LayerNorm_1/scale']" in (
     str(e.value)
   )
@@ -469,10 +477,12 @@ def test_errors(tmp_path):
   flat = dict(np.load(tmp_path / "vit.npz"))
   flat["Transformer/encoder_norm/bias"] = np.zeros(5, np.float32)
   np.savez(tmp_path / "shape.npz", **flat)
-  with pytest.raises(convert.ConversionError, match="encoder_norm/bias"):
-    convert.convert("vit_npz", str(tmp_path / "shape.npz"), str(tmp_path / "e"))
+  with pytest.raises(ConversionError, match="encoder_norm/bias"):
+    convert_vit.convert(
+      "vit_npz", str(tmp_path / "shape.npz"), str(tmp_path / "e")
+    )
   with pytest.raises(SystemExit, match="convert: error"):
-    convert.main(
+    convert_cli.main(
       [
         "--source",
         "vit_npz",
@@ -495,5 +505,5 @@ def test_hf_wrong_architecture(tmp_path):
     tubelet_size=[2, 4, 4],
   )
   transformers.VivitModel(config).save_pretrained(tmp_path / "hf")
-  with pytest.raises(convert.ConversionError, match="wrong architecture"):
-    convert.convert("hf_vit", str(tmp_path / "hf"), str(tmp_path / "out"))
+  with pytest.raises(ConversionError, match="wrong architecture"):
+    convert_vit.convert("hf_vit", str(tmp_path / "hf"), str(tmp_path / "out"))

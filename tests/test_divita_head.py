@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from configs.divita import get_config
-from divita_jax.models.divita import DIViTA, load_reference_branch, parse_cam
+from divita_jax.convert.divita_torch import load_reference_branch
+from divita_jax.models.divita import DIViTA, parse_cam
 
 B, S, F = 4, 8, 12
 LENGTHS = np.array([8, 6, 3, 8])  # Real clips per example, padding at end.

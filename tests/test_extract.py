@@ -8,7 +8,8 @@ import av
 import numpy as np
 
 from configs import divita
-from divita_jax import extract, models, video
+from divita_jax import extract, video
+from divita_jax.models import backbone
 
 
 def _mp4(num_frames: int, seed: int) -> bytes:
@@ -90,10 +91,10 @@ def test_extract_writes_skips_and_resumes(tmp_path):
 
 def test_checkpoint_resampled_to_the_clip_size(tmp_path):
   """A converted ViViT of 8 frames at 48 px runs on 4-frame, 32 px clips."""
-  _, params, spec = models.create_backbone(
+  _, params, spec = backbone.create_backbone(
     "vivit", "tiny/8", resolution=48, num_frames=8
   )
-  models.save_backbone(str(tmp_path / "vivit"), params, spec)
+  backbone.save_backbone(str(tmp_path / "vivit"), params, spec)
   config = _config()
   config.backbones.video.checkpoint = str(tmp_path / "vivit")
   module, params, spec = extract.make_backbone(config, "video")

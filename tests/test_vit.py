@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from divita_jax import models
-from divita_jax.models import surgery, vit
+from divita_jax.models import backbone, surgery, vit
 
 
 def _shapes(module, x):
@@ -63,14 +62,14 @@ def test_variants():
   with pytest.raises(ValueError, match="Unknown backbone variant 'X/16'"):
     vit.decode_variant("X/16")
   with pytest.raises(ValueError, match="must not name a tubelet"):
-    models.create_backbone("vit", "B/16x2", resolution=224)
+    backbone.create_backbone("vit", "B/16x2", resolution=224)
   with pytest.raises(ValueError, match="not a multiple of patch"):
-    models.create_backbone("vit", "tiny/8", resolution=30)
+    backbone.create_backbone("vit", "tiny/8", resolution=30)
 
 
 def test_logical_axes():
   fields = vit.decode_variant("tiny/8")
-  spec = models.make_spec(
+  spec = backbone.make_spec(
     "vit",
     fields,
     variant="tiny/8",
@@ -78,7 +77,7 @@ def test_logical_axes():
     num_frames=1,
     normalization="zero_one",
   )
-  axes = models.logical_axes(models.module_from_spec(spec), spec)
+  axes = backbone.logical_axes(backbone.module_from_spec(spec), spec)
   blk = axes["Transformer"]["encoderblock_0"]
   att = blk["MultiHeadDotProductAttention_0"]
   assert tuple(att["query"]["kernel"]) == ("embed", "heads", "kv")
@@ -88,14 +87,14 @@ def test_logical_axes():
 
 
 def test_create_backbone_contract():
-  module, params, spec = models.create_backbone(
+  module, params, spec = backbone.create_backbone(
     "vit", "tiny/8", resolution=32, seed=3
   )
   assert spec["kind"] == "vit" and spec["feature_dim"] == 64
   assert spec["normalization"] == "minus_one_one"
   assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
   frames = np.random.RandomState(0).randint(0, 256, (6, 32, 32, 3))
-  x = models.normalize(frames.astype(np.uint8), spec)
+  x = backbone.normalize(frames.astype(np.uint8), spec)
   assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
   apply = jax.jit(module.apply)
   feats, out = apply({"params": params}, x)
@@ -103,7 +102,7 @@ def test_create_backbone_contract():
   np.testing.assert_array_equal(feats, out["encoded"][:, 0])
   feats2, _ = apply({"params": params}, x)
   np.testing.assert_array_equal(feats, feats2)  # deterministic
-  bf16 = models.module_from_spec(spec, "bfloat16")
+  bf16 = backbone.module_from_spec(spec, "bfloat16")
   fb, _ = jax.jit(bf16.apply)({"params": params}, x)
   assert fb.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(fb, np.float32), feats, atol=0.1)
@@ -139,9 +138,11 @@ def test_resample_posemb_is_linear_interpolation():
 
 
 def test_load_backbone_resolution(tmp_path):
-  module, params, spec = models.create_backbone("vit", "tiny/8", resolution=24)
-  models.save_backbone(str(tmp_path / "ckpt"), params, spec)
-  m2, p2, s2 = models.load_backbone(str(tmp_path / "ckpt"), resolution=40)
+  module, params, spec = backbone.create_backbone(
+    "vit", "tiny/8", resolution=24
+  )
+  backbone.save_backbone(str(tmp_path / "ckpt"), params, spec)
+  m2, p2, s2 = backbone.load_backbone(str(tmp_path / "ckpt"), resolution=40)
   assert s2["resolution"] == 40
   pe = p2["Transformer"]["posembed_input"]["pos_embedding"]
   want = surgery.resample_posemb(
@@ -153,6 +154,6 @@ def test_load_backbone_resolution(tmp_path):
   with pytest.raises(flax.errors.ScopeParamShapeError, match="pos_embedding"):
     m2.apply({"params": params}, jnp.ones((1, 40, 40, 3)))
   with pytest.raises(FileNotFoundError, match="not a converted backbone"):
-    models.load_backbone(str(tmp_path))
+    backbone.load_backbone(str(tmp_path))
   with pytest.raises(FileExistsError, match="exists"):
-    models.save_backbone(str(tmp_path / "ckpt"), params, spec)
+    backbone.save_backbone(str(tmp_path / "ckpt"), params, spec)

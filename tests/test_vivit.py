@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from divita_jax import models
-from divita_jax.models import surgery, vit, vivit
+from divita_jax.models import backbone, surgery, vit, vivit
 
 
 def _count(module, x):
@@ -133,7 +132,7 @@ def test_factorized_encoder_from_vit_and_temporal_resampling(tmp_path):
     params["SpatialTransformer"]["encoderblock_1"]["LayerNorm_0"]["scale"],
     vit_params["Transformer"]["encoderblock_1"]["LayerNorm_0"]["scale"],
   )
-  spec = models.make_spec(
+  spec = backbone.make_spec(
     "vivit",
     {
       f: getattr(module, f)
@@ -154,8 +153,8 @@ def test_factorized_encoder_from_vit_and_temporal_resampling(tmp_path):
     resolution=24,
     num_frames=4,
   )
-  models.save_backbone(str(tmp_path / "fe"), params, spec)
-  m2, p2, s2 = models.load_backbone(str(tmp_path / "fe"), num_frames=8)
+  backbone.save_backbone(str(tmp_path / "fe"), params, spec)
+  m2, p2, s2 = backbone.load_backbone(str(tmp_path / "fe"), num_frames=8)
   tpe = p2["TemporalTransformer"]["posembed_input"]["pos_embedding"]
   old = params["TemporalTransformer"]["posembed_input"]["pos_embedding"]
   assert tpe.shape == (1, 5, 64) and s2["num_frames"] == 8
@@ -170,7 +169,7 @@ def test_factorized_encoder_from_vit_and_temporal_resampling(tmp_path):
 
 
 def test_create_vivit_contract():
-  module, params, spec = models.create_backbone(
+  module, params, spec = backbone.create_backbone(
     "vivit", "tiny/8", resolution=16, num_frames=4, tubelet=2
   )
   assert spec["num_frames"] == 4 and spec["model"]["tubelet"] == 2
@@ -180,6 +179,6 @@ def test_create_vivit_contract():
   assert feats.shape == (3, 64) and out["encoded"].shape == (3, 9, 64)
   assert out["stem"].shape == (3, 2, 2, 2, 64)
   with pytest.raises(ValueError, match="not a multiple of the tubelet 2"):
-    models.create_backbone("vivit", "B/16x2", resolution=224, num_frames=3)
+    backbone.create_backbone("vivit", "B/16x2", resolution=224, num_frames=3)
   with pytest.raises(ValueError, match="not a multiple of tubelet"):
     module.apply({"params": params}, jnp.ones((1, 3, 16, 16, 3)))

@@ -24,12 +24,13 @@ and 768 divide by 2, 4 and 8).
 """
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from divita_jax.models.axes import logical
+from divita_jax.models.cams import ConvCAM, GruCAM, TsfmCAM, dense, masked_mean
 
 _CAM_FORMS = {
   "tsfm": "tsfm or tsfm_<hidden>_<heads>_<ffmult>_<dropout>",
@@ -93,52 +94,6 @@ def parse_cam(cam: str) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------
-# Initialisers: PyTorch defaults, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-
-def _partitioned(init, names):
-  return nn.with_logical_partitioning(init, names)
-
-
-def _torch_kernel(names):
-  # variance_scaling(1/3, fan_in, uniform) == kaiming_uniform(a=sqrt(5)).
-  return _partitioned(
-    nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), names
-  )
-
-
-def _uniform(bound):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def _torch_bias(fan_in, names):
-  return _partitioned(_uniform(1 / math.sqrt(fan_in)), names)
-
-
-def _dense(features, fan_in, names, dtype, name, use_bias=True):
-  """PyTorch-style nn.Linear with logical axis names (in, out)."""
-  return nn.Dense(
-    features,
-    use_bias=use_bias,
-    dtype=dtype,
-    kernel_init=_torch_kernel(names),
-    bias_init=_torch_bias(fan_in, names[1:]),
-    name=name,
-  )
-
-
-def _masked_mean(x, mask):
-  """Mean over clips ([B, S, C] -> [B, C]); mask None = all clips real."""
-  if mask is None:
-    return x.mean(axis=1)
-  w = mask[..., None].astype(x.dtype)
-  return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1)
-
-
-# ---------------------------------------------------------------------------
 # Modules.
 
 
@@ -157,11 +112,11 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, mask, train: bool):
     f = x.shape[-1]
-    ones = _partitioned(nn.initializers.ones, ("embed",))
-    zeros = _partitioned(nn.initializers.zeros, ("embed",))
+    ones = logical(nn.initializers.ones, "embed")
+    zeros = logical(nn.initializers.zeros, "embed")
     scale = self.param("scale", ones, (f,), jnp.float32)
     bias = self.param("bias", zeros, (f,), jnp.float32)
-    stat = lambda init: _partitioned(lambda: init(None, (f,)), ("embed",))
+    stat = lambda init: logical(lambda: init(None, (f,)), "embed")
     ra_mean = self.variable("batch_stats", "mean", stat(nn.initializers.zeros))
     ra_var = self.variable("batch_stats", "var", stat(nn.initializers.ones))
     x = x.astype(jnp.float32)
@@ -190,185 +145,6 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-class SelfAttention(nn.Module):
-  """Bias-free multi-head self-attention; masked keys get no weight."""
-
-  heads: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    b, s, h = x.shape
-    hd = h // self.heads
-    proj = functools.partial(
-      _dense, h, h, ("hidden", "heads"), self.dtype, use_bias=False
-    )
-    # Head-major split: feature index = head * head_dim + j.
-    split = lambda t: t.reshape(b, s, self.heads, hd)  # [B, S, heads, hd]
-    q = split(proj("query")(x))
-    k = split(proj("key")(x))
-    v = split(proj("value")(x))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    scores = scores / math.sqrt(hd)
-    if mask is not None:
-      # Finite fill: a window with no real clip yields uniform weights, no NaN.
-      scores = jnp.where(mask[:, None, None, :], scores, -1e30)
-    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, s, h)
-    return _dense(h, h, ("heads", "hidden"), self.dtype, "out", use_bias=False)(
-      out
-    )
-
-
-class TransformerBlock(nn.Module):
-  """Post-norm block: LN(attn + x), dropout, LN(ff + x), dropout."""
-
-  heads: int
-  ff_mult: int
-  dropout: float
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, train: bool):
-    h = x.shape[-1]
-    norm = functools.partial(
-      nn.LayerNorm,
-      epsilon=1e-5,
-      use_fast_variance=False,
-      dtype=self.dtype,
-      scale_init=_partitioned(nn.initializers.ones, ("hidden",)),
-      bias_init=_partitioned(nn.initializers.zeros, ("hidden",)),
-    )
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    x = norm(name="norm1")(
-      SelfAttention(self.heads, self.dtype, name="attention")(x, mask) + x
-    )
-    x = drop(x)
-    m = self.ff_mult * h
-    y = _dense(m, h, ("hidden", "mlp"), self.dtype, "ff_in")(x)  # [B, S, m]
-    y = _dense(h, m, ("mlp", "hidden"), self.dtype, "ff_out")(nn.relu(y))
-    return drop(norm(name="norm2")(y + x))
-
-
-class TsfmCAM(nn.Module):
-  """Linear(F -> hidden), one transformer block (no posemb), mean."""
-
-  hidden: int
-  heads: int
-  ff_mult: int
-  dropout: float
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, train: bool):
-    x = _dense(
-      self.hidden, x.shape[-1], ("embed", "hidden"), self.dtype, "proj"
-    )(x)  # [B, S, hidden]
-    x = TransformerBlock(
-      self.heads, self.ff_mult, self.dropout, self.dtype, name="block"
-    )(x, mask, train)
-    return _masked_mean(x, mask)  # [B, hidden]
-
-
-class GRULayer(nn.Module):
-  """One GRU layer over clips; padded steps leave the state unchanged.
-
-  Fused gate kernels in PyTorch's order (reset, update, new):
-  `input_kernel` = weight_ih.T, `hidden_kernel` = weight_hh.T.
-  """
-
-  hidden: int
-  in_axis: str = "embed"
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    b, _, f = x.shape
-    h = self.hidden
-    uni = _uniform(1 / math.sqrt(h))  # PyTorch: every GRU weight.
-    param = lambda name, shape, names: self.param(
-      name, _partitioned(uni, names), shape, jnp.float32
-    )
-    wi = param("input_kernel", (f, 3 * h), (self.in_axis, "gates"))
-    bi = param("input_bias", (3 * h,), ("gates",))
-    wh = param("hidden_kernel", (h, 3 * h), ("hidden", "gates"))
-    bh = param("hidden_bias", (3 * h,), ("gates",))
-    gi = x @ wi.astype(self.dtype) + bi.astype(self.dtype)  # [B, S, 3h]
-    mask = jnp.ones(x.shape[:2], bool) if mask is None else mask
-
-    def step(carry, inp):
-      g, m = inp  # [B, 3h], [B]
-      gh = carry @ wh.astype(self.dtype) + bh.astype(self.dtype)
-      r = jax.nn.sigmoid(g[:, :h] + gh[:, :h])
-      z = jax.nn.sigmoid(g[:, h : 2 * h] + gh[:, h : 2 * h])
-      n = jnp.tanh(g[:, 2 * h :] + r * gh[:, 2 * h :])
-      new = (1 - z) * n + z * carry
-      new = jnp.where(m[:, None], new, carry)
-      return new, new
-
-    h0 = jnp.zeros((b, h), self.dtype)
-    _, ys = jax.lax.scan(step, h0, (gi.swapaxes(0, 1), mask.swapaxes(0, 1)))
-    return ys.swapaxes(0, 1)  # [B, S, h]
-
-
-class GruCAM(nn.Module):
-  """Stacked GRU, ReLU, mean over clips."""
-
-  layers: int
-  hidden: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, train: bool):
-    del train
-    for i in range(self.layers):
-      in_axis = "embed" if i == 0 else "hidden"
-      x = GRULayer(self.hidden, in_axis, self.dtype, name=f"layer_{i}")(x, mask)
-    return _masked_mean(nn.relu(x), mask)  # [B, hidden]
-
-
-class ConvCAM(nn.Module):
-  """Conv1d stack over clips (padding 1), ReLU, avg-pool 2 between, mean.
-
-  With a mask, padded clips are zero (as the conv's own padding) and only
-  outputs computed from real clips enter the next layer and the mean, so the
-  result equals running on the unpadded window.
-  """
-
-  layers: tuple[tuple[int, int], ...]
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, train: bool):
-    del train
-    length = None if mask is None else mask.sum(axis=1)  # [B] real clips
-    valid = lambda t, n: (
-      None if n is None else jnp.arange(t.shape[1])[None, :] < n[:, None]
-    )
-    zero = lambda t, m: t if m is None else t * m[..., None].astype(t.dtype)
-    for i, (k, filters) in enumerate(self.layers):
-      fan_in = k * x.shape[-1]
-      names = (None, "embed" if i == 0 else "hidden", "channels")
-      x = nn.Conv(
-        filters,
-        (k,),
-        padding=((1, 1),),
-        dtype=self.dtype,
-        kernel_init=_torch_kernel(names),
-        bias_init=_torch_bias(fan_in, ("channels",)),
-        name=f"conv_{i}",
-      )(x)  # [B, S + 3 - k, filters]
-      x = nn.relu(x)
-      length = None if length is None else length + 3 - k
-      if i < len(self.layers) - 1:
-        x = zero(x, valid(x, length))
-        s = x.shape[1] // 2
-        x = x[:, : 2 * s].reshape(x.shape[0], s, 2, filters).mean(axis=2)
-        length = None if length is None else length // 2
-        x = zero(x, valid(x, length))
-    return _masked_mean(x, valid(x, length))  # [B, filters]
-
-
 class Branch(nn.Module):
   """BatchNorm -> CAM -> Linear(hidden -> classes) on [B, S, F]."""
 
@@ -389,11 +165,11 @@ class Branch(nn.Module):
     elif kind == "conv":
       x = ConvCAM(**kw, dtype=self.dtype, name="cam")(x, mask, train)
     else:  # savg
-      x = nn.relu(_masked_mean(x, mask))
+      x = nn.relu(masked_mean(x, mask))
     # x: [B, hidden]
     names = ("embed" if kind == "savg" else "hidden", "classes")
     h = x.shape[-1]
-    return _dense(self.num_classes, h, names, self.dtype, "head")(x)
+    return dense(self.num_classes, h, names, self.dtype, "head")(x)
 
 
 class DIViTA(nn.Module):
@@ -451,102 +227,3 @@ class DIViTA(nn.Module):
       )
     logits = [branch(name=b)(xs[b], m, train) for b in self.branches]
     return jnp.mean(jnp.stack(logits), axis=0).astype(jnp.float32)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoint surgery: the reference's PyTorch head -> one Branch.
-
-
-def _reference_names(kind: str, kw: dict) -> dict[str, tuple[str, ...]]:
-  """Reference state_dict key -> Flax path (collection first) for a CAM."""
-  lin = lambda src, *dst: {
-    f"{src}.weight": ("params", *dst, "kernel"),
-    f"{src}.bias": ("params", *dst, "bias"),
-  }
-  ln = lambda src, *dst: {
-    f"{src}.weight": ("params", *dst, "scale"),
-    f"{src}.bias": ("params", *dst, "bias"),
-  }
-  names = {
-    **ln("bn", "bn"),
-    "bn.running_mean": ("batch_stats", "bn", "mean"),
-    "bn.running_var": ("batch_stats", "bn", "var"),
-    **lin("cls", "head"),
-  }
-  if kind == "tsfm":  # cam = Sequential(MoveDim, Linear, Block, Avg)
-    blk = ("cam", "block")
-    names.update(lin("cam.1", "cam", "proj"))
-    for w, n in zip("qkvo", ("query", "key", "value", "out")):
-      names[f"cam.2.attention.W_{w}.weight"] = (
-        ("params",) + blk + ("attention", n, "kernel")
-      )
-    names.update(ln("cam.2.norm1", *blk, "norm1"))
-    names.update(ln("cam.2.norm2", *blk, "norm2"))
-    names.update(lin("cam.2.ff.0", *blk, "ff_in"))
-    names.update(lin("cam.2.ff.2", *blk, "ff_out"))
-  elif kind == "gru":  # cam = Sequential(MoveDim, GRU, ...)
-    for i in range(kw["layers"]):
-      for src, dst in [
-        ("weight_ih", "input_kernel"),
-        ("bias_ih", "input_bias"),
-        ("weight_hh", "hidden_kernel"),
-        ("bias_hh", "hidden_bias"),
-      ]:
-        names[f"cam.1.{src}_l{i}"] = ("params", "cam", f"layer_{i}", dst)
-  elif kind == "conv":  # cam = Sequential([Conv, ReLU, AvgPool] *, Conv, ...)
-    for i in range(len(kw["layers"])):
-      names.update(lin(f"cam.{3 * i}", "cam", f"conv_{i}"))
-  return names
-
-
-def load_reference_branch(state_dict, cam: str, prefix: str = "") -> dict:
-  """Variables of one `Branch` from the reference's `DIViTA` state_dict.
-
-  `state_dict` maps the reference's keys (e.g. `bn.weight`, `cam.1.weight`,
-  `cls.bias`; PyTorch Lightning checkpoints add `prefix="model."`) to
-  arrays (torch tensors: pass `.numpy()`). Returns {"params": ...,
-  "batch_stats": ...} to place under a branch name, e.g.
-  `{"params": {"image": v["params"]}, "batch_stats": {"image": ...}}`.
-  Missing or unexpected keys raise, naming them.
-  """
-  kind, kw = parse_cam(cam)
-  names = _reference_names(kind, kw)
-  sd = {
-    k[len(prefix) :]: v
-    for k, v in state_dict.items()
-    if k.startswith(prefix) and not k.endswith("num_batches_tracked")
-  }
-  missing = sorted(set(names) - set(sd))
-  unexpected = sorted(set(sd) - set(names))
-  if missing or unexpected:
-    raise ValueError(
-      f"Reference state_dict does not match CAM {cam!r}: missing "
-      f"{missing}, unexpected {unexpected}."
-    )
-  # Expected shapes from the Flax Branch (catches a CAM string that does
-  # not match the checkpoint's sizes).
-  f, classes = len(sd["bn.weight"]), len(sd["cls.bias"])
-  x = jax.ShapeDtypeStruct((1, 32, f), jnp.float32)
-  shapes = jax.eval_shape(
-    lambda x: nn.unbox(
-      Branch(cam, classes).init(jax.random.key(0), x, None, False)
-    ),
-    x,
-  )
-  out = {}
-  for key, path in names.items():
-    v = np.asarray(sd[key], np.float32)
-    if path[-1].endswith("kernel"):
-      # torch Linear [out, in], Conv1d [out, in, k] -> [in, out], [k, in, out].
-      v = v.T
-    want = functools.reduce(lambda d, p: d[p], path, shapes).shape
-    if v.shape != want:
-      raise ValueError(
-        f"Reference {key!r} gives Flax shape {v.shape} (kernels "
-        f"transposed), but CAM {cam!r} expects {want}."
-      )
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = jnp.asarray(v)
-  return out

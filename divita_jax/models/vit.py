@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from divita_jax.models.attention import attention
+from divita_jax.models.axes import logical
 
 # name -> (width, depth, mlp_dim, num_heads); big_vision's table plus `tiny`.
 _SIZES = {
@@ -47,11 +48,6 @@ def decode_variant(variant: str) -> dict[str, Any]:
   if m.group(3):
     out["tubelet"] = int(m.group(3))
   return out
-
-
-def logical(fn, *names):
-  """Initializer `fn` whose parameter carries logical axis `names`."""
-  return nn.with_logical_partitioning(fn, names)
 
 
 _DEFAULT_KERNEL = nn.initializers.xavier_uniform()

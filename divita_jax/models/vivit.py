@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from divita_jax.models import vit
+from divita_jax.models.axes import logical
 
 
 class ViViT(nn.Module):
@@ -69,10 +70,8 @@ class ViViT(nn.Module):
       (t, p, p),
       strides=(t, p, p),
       padding="VALID",
-      kernel_init=vit.logical(
-        nn.initializers.lecun_normal(), *[None] * 4, "embed"
-      ),
-      bias_init=vit.logical(nn.initializers.zeros, "embed"),
+      kernel_init=logical(nn.initializers.lecun_normal(), *[None] * 4, "embed"),
+      bias_init=logical(nn.initializers.zeros, "embed"),
       name="embedding",
       **kw,
     )(x.astype(self.dtype))  # [B, T', h, w, D]
