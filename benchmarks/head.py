@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from configs import divita as divita_config
-from divita_jax import rep_pipeline, reps, sharding, train
+from divita_jax import hosts, rep_pipeline, reps, sharding, train
 
 BRANCHES = ("image", "video")
 
@@ -60,7 +60,7 @@ def timed_epoch(p, mesh, data, state, threads: int):
     t = time.perf_counter()
     batch = next(it)
     wait += time.perf_counter() - t
-    state, loss = p.train_step(state, train.global_batch(batch, mesh), lr)
+    state, loss = p.train_step(state, hosts.global_batch(batch, mesh), lr)
     loss.block_until_ready()
   return state, time.perf_counter() - start, wait
 

@@ -22,7 +22,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from divita_jax import input_pipeline, reps, video
+from divita_jax import hosts, input_pipeline, reps, video
 from divita_jax.models import backbone
 
 
@@ -141,7 +141,7 @@ def extract(
   }
   todo = [
     i
-    for i in input_pipeline.process_shard(np.arange(len(ids)))
+    for i in hosts.process_shard(np.arange(len(ids)))
     if not all(stores[b].has(ids[i]) for b in branches)
   ]
   logging.info(

@@ -17,46 +17,8 @@ import grain
 import jax
 import numpy as np
 from absl import flags, logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from divita_jax import video
-
-
-def process_shard(
-  indices: np.ndarray,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> np.ndarray:
-  """This process's share of `indices`: every process_count-th one.
-
-  Shares of different processes are disjoint, their union is `indices` and
-  their sizes differ by at most one. Defaults: jax.process_index() /
-  jax.process_count().
-  """
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  if not 0 <= process_index < process_count:
-    raise ValueError(
-      f"process_index {process_index} not in [0, {process_count})"
-    )
-  return np.asarray(indices)[process_index::process_count]
-
-
-def global_batch(
-  local_batch: dict[str, np.ndarray], mesh: Mesh, data_axis: str = "data"
-) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global jax.Arrays split along `data_axis`.
-
-  Each process passes its own rows; the global batch is their concatenation
-  in process order (global rows = local rows * process_count).
-  """
-  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
-  return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-    for k, v in local_batch.items()
-  }
+from divita_jax import hosts, video
 
 
 def _as_str(x) -> str:
@@ -129,7 +91,7 @@ def clip_loader(
 ) -> grain.IterDataset:
   """Every clip of each trailer at `indices` (feature extraction).
 
-  `indices` are used as given: pass `process_shard(...)` for per-host work.
+  `indices` are used as given: pass `hosts.process_shard(...)` for per-host work.
   Yields per trailer {'index': int, 'id': str, 'clips': uint8 [N, T, H, W,
   3], 'shot_lengths': [N], 'frame_indices': [N, T]}, or {'index', 'id',
   'error': str} when its video fails (the caller skips or stops).
@@ -219,7 +181,7 @@ def clip_train_loader(
       f"global_batch_size {global_batch_size} is not divisible by the "
       f"{process_count} processes"
     )
-  share = process_shard(indices, process_index, process_count)
+  share = hosts.process_shard(indices, process_index, process_count)
   per_process = -(-len(indices) // process_count)
   share = np.resize(share, per_process)  # Equal lengths: wrap around.
   ds = grain.MapDataset.source(_Subset(source, share)).seed(seed)

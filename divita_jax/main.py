@@ -8,6 +8,8 @@ Multi-host (TPU pod slices, SLURM, multi-GPU hosts): pass
 """
 
 import logging as std_logging
+import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -58,9 +60,14 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   from divita_jax import run  # Imported after the runtime is initialized.
+  from divita_jax.checkpoints import Preempted
 
   logging.info("Config:\n%s", FLAGS.config)
-  run.run(FLAGS.config, FLAGS.workdir)
+  try:
+    run.run(FLAGS.config, FLAGS.workdir)
+  except Preempted as e:
+    logging.warning("%s Exiting; rerun the same command to resume.", e)
+    sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

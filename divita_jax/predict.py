@@ -8,7 +8,7 @@ Every file goes through what the run's dataset and evaluation did: shot
 detection with the dataset builder's settings (and its re-encoding, for raw
 builds), clip sampling, the run's frozen backbones and normalization, then
 the fold's best head over all windows of `train.num_clips` clips, averaged
-(`train.predict_probs`). A file that fails is reported and skipped; the
+(`evaluate.predict_probs`). A file that fails is reported and skipped; the
 exit code is 1 if any did.
 """
 
@@ -24,7 +24,17 @@ import numpy as np
 from tqdm import tqdm
 
 import tfds_trailers12k
-from divita_jax import extract, genres, reps, shots, train, video
+from divita_jax import (
+  checkpoints,
+  evaluate,
+  extract,
+  genres,
+  reps,
+  sharding,
+  shots,
+  train,
+  video,
+)
 from divita_jax import run as run_lib
 from tfds_trailers12k import transcode
 
@@ -90,7 +100,9 @@ def load_run(workdir: str, fold: int = 0) -> Run:
       f"Fold {fold} was not trained in {workdir} (found: {trained or 'none'})."
     )
   source = source_settings(config)
-  variables, _ = train.load_best(config, fold_dir)
+  variables, _ = checkpoints.load_best(
+    fold_dir, lambda nf: train.abstract_variables(config, nf)
+  )
   feature_fns = {}
   for b in config.model.branches:
     checkpoint = config.backbones[b].checkpoint
@@ -187,7 +199,12 @@ def head_probs(run: Run, items: list[dict]) -> np.ndarray:
     b: reps.MemoryStore({k: it["features"][b] for k, it in zip(keys, items)})
     for b in run.config.model.branches
   }
-  return train.predict_probs(run.config, run.variables, readers, keys)
+  programs = lambda nf: train.programs(
+    run.config, sharding.make_mesh(run.config.mesh), nf
+  )
+  return evaluate.predict_probs(
+    run.config, programs, run.variables, readers, keys
+  )
 
 
 def classify(

@@ -27,8 +27,9 @@ import functools
 import inspect
 
 import grain
-import jax
 import numpy as np
+
+from divita_jax import hosts
 
 
 class InMemoryReader:
@@ -70,7 +71,10 @@ class InMemoryReader:
 
 
 def preload(readers: dict, ids, num_threads: int = 8) -> dict:
-  """Loads `ids` of every reader into memory (one buffer per branch)."""
+  """Loads `ids` of every reader into memory (one buffer per branch);
+  readers already in memory are kept as they are."""
+  if all(isinstance(r, InMemoryReader) for r in readers.values()):
+    return dict(readers)
   return {b: InMemoryReader(r, ids, num_threads) for b, r in readers.items()}
 
 
@@ -152,20 +156,6 @@ def _same_lengths(lengths: dict, tids) -> np.ndarray:
   return first
 
 
-def _process_share(global_batch_size, process_index, process_count):
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  if global_batch_size % process_count:
-    raise ValueError(
-      f"Global batch size {global_batch_size} is not divisible by the "
-      f"{process_count} processes."
-    )
-  local = global_batch_size // process_count
-  return slice(process_index * local, (process_index + 1) * local)
-
-
 def _check(readers, ids, labels, indices):
   if not readers:
     raise ValueError("No representation readers given.")
@@ -200,7 +190,7 @@ def train_data(
 ) -> TrainData:
   """Batches of random windows for `num_epochs` epochs (see module doc)."""
   indices = _check(readers, ids, labels, indices)
-  share = _process_share(global_batch_size, process_index, process_count)
+  share = hosts.process_rows(global_batch_size, process_index, process_count)
   src = _Source(
     dict(readers), tuple(ids), np.asarray(labels), indices, num_clips
   )
@@ -256,7 +246,7 @@ def eval_data(
 ) -> EvalData:
   """Batches of every window of every trailer (see module doc)."""
   indices = _check(readers, ids, labels, indices)
-  share = _process_share(global_batch_size, process_index, process_count)
+  share = hosts.process_rows(global_batch_size, process_index, process_count)
   src = _Source(
     dict(readers), tuple(ids), np.asarray(labels), indices, num_clips
   )

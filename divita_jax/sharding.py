@@ -3,7 +3,7 @@
 Parameters carry logical axis names (`nn.with_logical_partitioning`); the
 config maps them to mesh axes (`c.mesh.rules`). Batches are split along the
 `data` mesh axis. The same code runs on one process or many: every process
-passes only its share of a batch to `input_pipeline.global_batch`.
+passes only its share of a batch to `hosts.global_batch`.
 """
 
 from collections.abc import Sequence

@@ -1,36 +1,23 @@
 """DIViTA head training on clip representations: one fold of the protocol.
 
-Protocol (reference): BCE on logits; AdamW (decoupled weight decay) with
-AMSGrad as in PyTorch; reduce-on-plateau and early stopping on validation
-loss; the best-validation checkpoint is evaluated on validation and test.
+Protocol (reference): BCE on logits; AdamW with AMSGrad, reduce-on-plateau
+and early stopping on validation loss (optim.py); the best-validation
+checkpoint is evaluated on validation and test (evaluate.py).
 
-Reduce-on-plateau is host-side state (PyTorch's `ReduceLROnPlateau`
-semantics: mode min, relative threshold, no cooldown) updated once per epoch
-from the validation loss; the learning rate reaches the optimizer through
-`optax.inject_hyperparams` as an argument of the jitted step, so no
-recompilation happens when it changes. (`optax.contrib.reduce_on_plateau`
-reacts to the loss it is given at every update, not to an epoch's
-validation loss.)
+The file reads in run order: train state and its shardings (big_vision's
+recipe: eval_shape(init) -> logical specs -> NamedShardings), the jitted
+steps, the compiled programs, `train_fold` (what a fold does, from where it
+starts) and the epoch loop.
 
-Validation loss: BCE between each trailer's window-averaged probabilities
-and its labels, averaged over trailers and genres (the quantity that is
-scored), with PyTorch's log clamp at -100.
-
-Layout under `<workdir>/fold<k>`: `checkpoints/` (latest two: train state,
-host state and input-iterator state together), `best/` (variables of the best
-validation epoch), TensorBoard events. Rerunning with the same workdir
-resumes from the latest checkpoint and reproduces an uninterrupted run
-exactly; a finished fold is only re-evaluated. SIGTERM saves a checkpoint at
-the current step and exits with status 143.
+A fold's folder holds its checkpoints (checkpoints.py) and TensorBoard
+events. A rerun resumes from the latest checkpoint and reproduces an
+uninterrupted run exactly; a finished fold is only re-evaluated.
 """
 
 import dataclasses
 import functools
-import os
-import signal
-import sys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -42,97 +29,27 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
+import tfds_trailers12k
+from divita_jax import (
+  checkpoints,
+  evaluate,
+  genres,
+  hosts,
+  optim,
+  rep_pipeline,
+  sharding,
+)
 from divita_jax import metrics as metrics_lib
-from divita_jax import rep_pipeline, sharding
-from divita_jax.input_pipeline import global_batch
 from divita_jax.models import divita
-
-# ---------------------------------------------------------------- optimizer
-
-
-class AmsgradState(flax.struct.PyTreeNode):
-  count: jax.Array
-  mu: any
-  nu: any
-  nu_max: any
-
-
-def scale_by_adam_torch(b1, b2, eps, amsgrad) -> optax.GradientTransformation:
-  """PyTorch Adam(W) moments: AMSGrad keeps the max of the raw second moment
-  and bias-corrects it afterwards (optax's `scale_by_amsgrad` corrects first).
-  """
-
-  def init(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-    return AmsgradState(jnp.zeros([], jnp.int32), zeros(), zeros(), zeros())
-
-  def update(grads, state, params=None):
-    del params
-    count = state.count + 1
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-    nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else nu
-    c1 = 1 - b1 ** count.astype(jnp.float32)
-    c2 = jnp.sqrt(1 - b2 ** count.astype(jnp.float32))
-    updates = jax.tree.map(
-      lambda m, v: (m / c1) / (jnp.sqrt(v) / c2 + eps), mu, nu_max
-    )
-    return updates, AmsgradState(count, mu, nu, nu_max)
-
-  return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(tc) -> optax.GradientTransformation:
-  """AdamW(+AMSGrad) with an injectable learning rate."""
-
-  @optax.inject_hyperparams
-  def adamw(learning_rate):
-    return optax.chain(
-      scale_by_adam_torch(tc.b1, tc.b2, tc.eps, tc.amsgrad),
-      optax.add_decayed_weights(tc.weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-    )
-
-  return adamw(learning_rate=tc.learning_rate)
-
-
-# ------------------------------------------------------ plateau, early stop
-
-
-def plateau_update(state: dict, val_loss: float, tc) -> dict:
-  """PyTorch ReduceLROnPlateau (min, rel threshold, cooldown 0, eps 1e-8)."""
-  best, bad, lr = state["best"], state["bad"], state["lr"]
-  if best is None or val_loss < best * (1 - tc.plateau_threshold):
-    best, bad = val_loss, 0
-  else:
-    bad += 1
-  if bad > tc.plateau_patience:
-    new_lr = lr * tc.plateau_factor
-    if lr - new_lr > 1e-8:
-      lr = new_lr
-    bad = 0
-  return {"best": best, "bad": bad, "lr": lr}
-
-
-def early_stop_update(state: dict, val_loss: float) -> dict:
-  """Early stopping with min delta 0; `improved` marks a new best epoch."""
-  best, wait = state["best"], state["wait"]
-  improved = best is None or val_loss < best
-  if improved:
-    best, wait = val_loss, 0
-  else:
-    wait += 1
-  return {"best": best, "wait": wait, "improved": improved}
-
 
 # ------------------------------------------------------------ model, state
 
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
-  params: any
-  batch_stats: any
-  opt_state: any
+  params: Any
+  batch_stats: Any
+  opt_state: Any
   rng: jax.Array
 
 
@@ -155,15 +72,6 @@ def _dummy_inputs(config, num_features: dict):
     for b in config.model.branches
   }
   return inputs, jnp.ones((2, clips), bool)
-
-
-def _unbox(tree):
-  """Drops `nn.Partitioned` boxes (shardings come from out_shardings)."""
-  return jax.tree.map(
-    lambda x: x.value if isinstance(x, nn.Partitioned) else x,
-    tree,
-    is_leaf=lambda x: isinstance(x, nn.Partitioned),
-  )
 
 
 def state_shardings(config, model, tx, mesh, num_features: dict):
@@ -193,10 +101,20 @@ def state_shardings(config, model, tx, mesh, num_features: dict):
   shardings = sharding.tree_shardings(abstract, mesh, rules)
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    _unbox(abstract),
+    nn.meta.unbox(abstract),
     shardings,
   )
   return init, abstract, shardings
+
+
+def variables_of(state: TrainState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def abstract_variables(config, num_features: dict) -> dict:
+  """The variables' abstract tree with shardings (restore target)."""
+  mesh = sharding.make_mesh(config.mesh)
+  return variables_of(programs(config, mesh, num_features).abstract)
 
 
 # ------------------------------------------------------------- step fns
@@ -295,11 +213,13 @@ def programs(config, mesh, num_features: dict) -> Programs:
     tuple(sorted(num_features.items())),
   )
   if key not in _PROGRAMS:
-    model, tx = make_model(config), make_optimizer(config.train)
+    model, tx = make_model(config), optim.make_optimizer(config.train)
     init_boxed, abstract, shardings = state_shardings(
       config, model, tx, mesh, num_features
     )
-    init = jax.jit(lambda r: _unbox(init_boxed(r)), out_shardings=shardings)
+    init = jax.jit(
+      lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings
+    )
     train_fn, eval_fn = compile_steps(model, tx, mesh, shardings)
     _PROGRAMS[key] = Programs(
       model, tx, init, abstract, shardings, train_fn, eval_fn
@@ -307,231 +227,7 @@ def programs(config, mesh, num_features: dict) -> Programs:
   return _PROGRAMS[key]
 
 
-# --------------------------------------------------------------- evaluation
-
-
-def trailer_probs(eval_fn, variables, data, mesh, branches, num_trailers):
-  """Window probabilities averaged per trailer: [num_trailers, classes]."""
-  it = rep_pipeline.iterate(data.dataset)
-  probs = []
-  for _ in range(data.num_steps):
-    batch = next(it)
-    inputs = {k: batch[k] for k in (*branches, "mask")}
-    probs.append(np.asarray(eval_fn(variables, global_batch(inputs, mesh))))
-  probs = np.concatenate(probs)  # [padded windows, classes]
-  return metrics_lib.average_windows(probs, data.windows[:, 0], num_trailers)
-
-
-def bce_probs(probs: np.ndarray, labels: np.ndarray) -> float:
-  """Mean BCE of probabilities, log clamped at -100 as PyTorch's BCELoss."""
-  probs = np.asarray(probs, np.float64)
-  log_p = np.maximum(np.log(np.maximum(probs, 0)), -100)
-  log_q = np.maximum(np.log(np.maximum(1 - probs, 0)), -100)
-  return float(-np.mean(labels * log_p + (1 - labels) * log_q))
-
-
-def predict_probs(config, variables, readers: dict, ids) -> np.ndarray:
-  """Per-trailer probabilities [len(ids), classes] from `variables`
-  ({'params', 'batch_stats'}, e.g. from `load_best`)."""
-  mesh = sharding.make_mesh(config.mesh)
-  readers = _branch_readers(config, readers)
-  num_features = {b: int(r.num_features) for b, r in readers.items()}
-  p = programs(config, mesh, num_features)
-  variables = jax.device_put(
-    {"params": variables["params"], "batch_stats": variables["batch_stats"]},
-    _variables(p.shardings),
-  )
-  labels = np.zeros((len(ids), config.model.num_classes), np.float32)
-  data = rep_pipeline.eval_data(
-    readers,
-    list(ids),
-    labels,
-    np.arange(len(ids)),
-    num_clips=config.train.num_clips,
-    global_batch_size=config.train.eval_batch_size,
-  )
-  return trailer_probs(
-    p.eval_step, variables, data, mesh, config.model.branches, len(ids)
-  )
-
-
-# -------------------------------------------------------------- checkpoints
-
-
-def _tree_handler() -> ocp.PyTreeCheckpointHandler:
-  """PyTree handler writing whole arrays.
-
-  Orbax's default replica-parallel save slices every replicated array per
-  replica, compiling one slice per shape: tens of seconds on CPU for a head
-  checkpoint of a few MB, which replica-parallel writes don't speed up.
-  """
-  registry = ocp.type_handlers.create_type_handler_registry(
-    (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
-    (np.ndarray, ocp.type_handlers.NumpyHandler()),
-  )
-  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-
-
-def _managers(fold_dir: str):
-  """Latest (two kept, so a broken newest falls back) and best managers."""
-  managers = []
-  for sub, item, keep in (
-    ("checkpoints", "state", 2),
-    ("best", "variables", 1),
-  ):
-    managers.append(
-      ocp.CheckpointManager(
-        os.path.join(fold_dir, sub),
-        options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, enable_async_checkpointing=False, create=True
-        ),
-        item_handlers={
-          item: _tree_handler(),
-          "host": ocp.JsonCheckpointHandler(),
-        },
-      )
-    )
-  return tuple(managers)
-
-
-def _restore(mngr, item: str, abstract):
-  """Newest readable checkpoint (item, host dict), or (None, None).
-
-  An unreadable checkpoint (e.g. truncated by a full disk) is reported,
-  deleted and the previous one is tried.
-  """
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-          **{
-            item: ocp.args.PyTreeRestore(abstract, restore_args),
-            "host": ocp.args.JsonRestore(),
-          }
-        ),
-      )
-      return out[item], out["host"]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint.
-      logging.warning(
-        "Checkpoint %d in %s is unreadable (%s: %s); deleting it and "
-        "falling back to the previous one.",
-        step,
-        mngr.directory,
-        type(e).__name__,
-        e,
-      )
-      mngr.delete(step)
-  return None, None
-
-
-def _save(mngr, step: int, item: str, tree, host: dict):
-  if step in mngr.all_steps():  # Re-done epoch after a kill: same content.
-    return
-  try:
-    mngr.save(
-      step,
-      args=ocp.args.Composite(
-        **{item: ocp.args.PyTreeSave(tree), "host": ocp.args.JsonSave(host)}
-      ),
-    )
-    mngr.wait_until_finished()
-  except Exception as e:  # noqa: BLE001 - full disk, unwritable dir, ...
-    # Orbax writes to a temporary folder and renames it when complete, so
-    # the previous checkpoints are untouched.
-    raise OSError(
-      f"Could not write checkpoint step {step} under {mngr.directory} "
-      f"({type(e).__name__}: {e}). The previous checkpoints "
-      f"{list(mngr.all_steps())} are intact; free space or fix the "
-      "permissions and rerun with the same workdir to resume."
-    ) from e
-
-
-def _variables(state):
-  return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def load_best(config, fold_dir: str):
-  """(variables, host info) of the best-validation checkpoint of a fold."""
-  _, best = _managers(fold_dir)
-  step = best.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No best checkpoint under {fold_dir}/best.")
-  host = best.restore(
-    step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
-  )["host"]
-  mesh = sharding.make_mesh(config.mesh)
-  abstract = programs(config, mesh, host["num_features"]).abstract
-  variables, host = _restore(best, "variables", _variables(abstract))
-  if variables is None:
-    raise ValueError(
-      f"The best checkpoint under {fold_dir}/best is unreadable."
-    )
-  return variables, host
-
-
 # -------------------------------------------------------------- fold setup
-
-
-def _branch_readers(config, readers: dict) -> dict:
-  missing = [b for b in config.model.branches if b not in readers]
-  if missing:
-    raise ValueError(
-      f"No representation reader for branch(es) {missing}; "
-      f"given: {sorted(readers)}."
-    )
-  return {b: readers[b] for b in config.model.branches}
-
-
-def fold_subsets(split_assignment, fold: int, num_ids: int) -> dict:
-  """{'train'|'validation'|'test': indices} from [N, folds] (or [N]) codes
-  0 = train, 1 = validation, 2 = test."""
-  split = np.asarray(split_assignment)
-  if split.ndim == 2:
-    if not 0 <= fold < split.shape[1]:
-      raise ValueError(
-        f"Fold {fold} not in split_assignment with {split.shape[1]} folds."
-      )
-    split = split[:, fold]
-  if split.shape != (num_ids,):
-    raise ValueError(
-      f"split_assignment has shape {np.shape(split_assignment)}"
-      f" for {num_ids} ids."
-    )
-  out = {}
-  for code, name in enumerate(("train", "validation", "test")):
-    out[name] = np.flatnonzero(split == code)
-    if not len(out[name]):
-      raise ValueError(f"Fold {fold} has an empty {name} subset.")
-  return out
-
-
-class _Sigterm:
-  """Records SIGTERM (preemption) so the loop can checkpoint and exit."""
-
-  def __init__(self, enabled: bool = True):
-    self.received = False
-    self._previous = None
-    self._enabled = enabled
-
-  def __enter__(self):
-    if not self._enabled:
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: checkpointing at the next step.")
-    self.received = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _initial_host(config, num_features: dict) -> dict:
@@ -547,6 +243,138 @@ def _initial_host(config, num_features: dict) -> dict:
   }
 
 
+# ------------------------------------------------------------------- fold
+
+
+def train_fold(
+  config,
+  fold_dir: str,
+  readers: dict,
+  ids,
+  labels,
+  split_assignment,
+  fold: int,
+  preload: bool = True,
+) -> dict:
+  """Trains and evaluates one fold in `fold_dir` (the fold's own folder;
+  resumes from it). `split_assignment` is [N, 3] of 0 = train,
+  1 = validation, 2 = test.
+
+  `preload` loads the fold's representations into memory first (~7 GB at
+  Trailers12k scale; every process holds all, as its share of each global
+  batch changes every epoch); `preload=False` reads per batch, only the
+  own share (benchmarks/head.py compares them).
+
+  Returns 'epoch' (best epoch, 1-based), 'val'/'test' (metrics of the best
+  checkpoint), 'val_probs'/'test_probs' (per trailer) and 'val_ids'/
+  'test_ids'.
+  """
+  ids, labels = list(ids), np.asarray(labels, np.float32)
+  subsets = {
+    n: tfds_trailers12k.subset_indices(split_assignment, fold, n)
+    for n in genres.SUBSETS
+  }
+  for name in (n for n, v in subsets.items() if not len(v)):
+    raise ValueError(f"Fold {fold} has an empty {name} subset.")
+  readers = _fold_readers(config, readers, ids, subsets, preload)
+  num_features = {b: int(r.num_features) for b, r in readers.items()}
+  mesh = sharding.make_mesh(config.mesh)
+  for name in ("batch_size", "eval_batch_size"):
+    sharding.check_batch_size(config.train[name], mesh, f"config.train.{name}")
+  p = programs(config, mesh, num_features)
+  tc = config.train
+  eval_data = lambda name: rep_pipeline.eval_data(
+    readers,
+    ids,
+    labels,
+    subsets[name],
+    num_clips=tc.num_clips,
+    global_batch_size=tc.eval_batch_size,
+  )
+  train_data = rep_pipeline.train_data(
+    readers,
+    ids,
+    labels,
+    subsets["train"],
+    num_clips=tc.num_clips,
+    global_batch_size=tc.batch_size,
+    seed=config.seed,
+    num_epochs=tc.max_epochs,
+  )
+  f = _Fold(
+    mesh,
+    p.train_step,
+    p.eval_step,
+    train_data,
+    eval_data("validation"),
+    labels[subsets["validation"]],
+    *checkpoints.managers(fold_dir),
+    metric_writers.create_default_writer(
+      fold_dir, just_logging=jax.process_index() > 0
+    ),
+  )
+
+  # Start point: the latest readable checkpoint of this fold (resume), else
+  # a fresh init from config.seed. Frozen-backbone training has no
+  # pretrained head to start from.
+  state, host = checkpoints.restore(f.latest, "state", p.abstract)
+  if state is None:
+    state = p.init(jax.random.PRNGKey(config.seed))
+    host = _initial_host(config, num_features)
+    parameter_overview.log_parameter_overview(
+      state.params,
+      include_stats=jax.process_count() == 1,
+      msg=f"Fold {fold} parameters",
+    )
+  else:
+    logging.info(
+      "Fold %d: resuming at step %d (%d epochs done).",
+      fold,
+      int(state.step),
+      host["epochs_done"],
+    )
+  if not host["done"]:
+    state, host = _run_epochs(config, f, state, host)
+  del state
+  test = {"test": eval_data("test"), "val": f.val}
+  return _evaluate_best(config, p, f, fold_dir, test, ids, labels, subsets)
+
+
+def _fold_readers(config, readers, ids, subsets, preload):
+  readers = evaluate.branch_readers(config, readers)
+  if preload:
+    used = np.sort(np.concatenate(list(subsets.values())))
+    readers = rep_pipeline.preload(readers, [ids[i] for i in used])
+  return readers
+
+
+def _evaluate_best(config, p, f, fold_dir, data, ids, labels, subsets):
+  """Metrics and probabilities of the best checkpoint, val and test."""
+  variables, best = checkpoints.restore(
+    f.best, "variables", variables_of(p.abstract)
+  )
+  if variables is None:
+    raise ValueError(f"No readable best checkpoint under {fold_dir}/best.")
+  out = {"epoch": best["epoch"]}
+  for name, key in (("validation", "val"), ("test", "test")):
+    probs = evaluate.trailer_probs(
+      p.eval_step,
+      variables,
+      data[key],
+      f.mesh,
+      config.model.branches,
+      len(subsets[name]),
+    )
+    out[key] = metrics_lib.compute_metrics(probs, labels[subsets[name]])
+    out[f"{key}_probs"] = probs
+    out[f"{key}_ids"] = [ids[i] for i in subsets[name]]
+    f.writer.write_scalars(
+      best["epoch"], {f"best_{key}/{k}": v for k, v in out[key].items()}
+    )
+  f.writer.flush()
+  return out
+
+
 # --------------------------------------------------------------------- loop
 
 
@@ -555,8 +383,8 @@ class _Fold:
   """What the epoch loop of one fold works with."""
 
   mesh: jax.sharding.Mesh
-  train_step: callable
-  eval_step: callable
+  train_step: Callable
+  eval_step: Callable
   train: rep_pipeline.TrainData
   val: rep_pipeline.EvalData
   val_labels: np.ndarray  # [validation trailers, classes]
@@ -565,25 +393,19 @@ class _Fold:
   writer: metric_writers.MetricWriter
 
 
-def _add(total: float, losses) -> float:
-  for loss in losses:  # Sequential, so a resumed epoch sums identically.
-    total += float(loss)
-  return total
-
-
 def _end_epoch(config, f: _Fold, state, host: dict, epoch: int, step: int):
   """Validation, plateau and early-stopping updates, best checkpoint."""
   tc = config.train
-  probs = trailer_probs(
+  probs = evaluate.trailer_probs(
     f.eval_step,
-    _variables(state),
+    variables_of(state),
     f.val,
     f.mesh,
     config.model.branches,
     len(f.val_labels),
   )
-  val_loss = bce_probs(probs, f.val_labels)
-  es = early_stop_update(host["early_stop"], val_loss)
+  val_loss = evaluate.bce_probs(probs, f.val_labels)
+  es = optim.early_stop_update(host["early_stop"], val_loss)
   improved = es.pop("improved")
   scalars = {
     "epoch": epoch + 1,
@@ -595,21 +417,19 @@ def _end_epoch(config, f: _Fold, state, host: dict, epoch: int, step: int):
     **host,
     "epochs_done": epoch + 1,
     "early_stop": es,
-    "plateau": plateau_update(host["plateau"], val_loss, tc),
+    "plateau": optim.plateau_update(host["plateau"], val_loss, tc),
     "train_loss_sum": 0.0,
   }
   if improved:
     host["best_epoch"] = epoch + 1
-    _save(
+    checkpoints.save(
       f.best,
       epoch + 1,
       "variables",
-      _variables(state),
-      {
-        "epoch": epoch + 1,
-        "val_loss": val_loss,
-        "num_features": host["num_features"],
-      },
+      variables_of(state),
+      dict(
+        epoch=epoch + 1, val_loss=val_loss, num_features=host["num_features"]
+      ),
     )
   f.writer.write_scalars(step, scalars)
   logging.info(
@@ -635,16 +455,15 @@ def _run_epochs(config, f: _Fold, state, host: dict):
     every_steps=tc.log_every_steps,
     every_secs=None,
   )
-  # One process: our SIGTERM handler. Several: JAX's preemption service
-  # (it handles SIGTERM itself) makes every process stop at the same step.
-  multi = jax.process_count() > 1
-  with _Sigterm(enabled=not multi) as sigterm:
+  # Epoch losses are summed in order (sum with a start value), so a resumed
+  # epoch sums to the same float as an uninterrupted one.
+  with checkpoints.Preemption(f.latest) as preemption:
     it = rep_pipeline.iterate(f.train.dataset, state=host["iterator"])
     preempted = False
     for epoch in range(host["epochs_done"], tc.max_epochs):
       losses = []
       while step < (epoch + 1) * steps:
-        batch = global_batch(next(it), f.mesh)
+        batch = hosts.global_batch(next(it), f.mesh)
         lr = np.float32(host["plateau"]["lr"])
         state, loss = f.train_step(state, batch, lr)
         step += 1
@@ -652,156 +471,29 @@ def _run_epochs(config, f: _Fold, state, host: dict):
         progress(step)
         if step % tc.log_every_steps == 0:
           f.writer.write_scalars(step, {"train_loss_step": float(loss)})
-        preempted = (
-          f.latest.reached_preemption(step) if multi else sigterm.received
-        )
+        preempted = preemption.at(step)
         if preempted and step < (epoch + 1) * steps:
           host = {
             **host,
             "iterator": it.get_state(),
-            "train_loss_sum": _add(host["train_loss_sum"], losses),
+            "train_loss_sum": sum(map(float, losses), host["train_loss_sum"]),
           }
-          _save(f.latest, step, "state", state, host)
-          _exit_preempted(f.writer, step)
+          checkpoints.save(f.latest, step, "state", state, host)
+          f.writer.flush()
+          raise checkpoints.Preempted(step)
       host = {
         **host,
-        "train_loss_sum": _add(host["train_loss_sum"], losses),
+        "train_loss_sum": sum(map(float, losses), host["train_loss_sum"]),
         "iterator": it.get_state(),
       }
       host, stop = _end_epoch(config, f, state, host, epoch, step)
       host["done"] = stop
-      preempted = preempted or (not multi and sigterm.received)
+      preempted = preempted or preemption.received
       if stop or preempted or (epoch + 1) % tc.checkpoint_every_epochs == 0:
-        _save(f.latest, step, "state", state, host)
+        checkpoints.save(f.latest, step, "state", state, host)
       if preempted and not stop:
-        _exit_preempted(f.writer, step)
+        f.writer.flush()
+        raise checkpoints.Preempted(step)
       if stop:
         break
   return state, host
-
-
-def _exit_preempted(writer, step: int):
-  writer.flush()
-  logging.warning("Preempted: checkpoint at step %d written; exiting.", step)
-  sys.exit(128 + signal.SIGTERM)
-
-
-# ------------------------------------------------------------------- fold
-
-
-def train_fold(
-  config,
-  workdir: str,
-  readers: dict,
-  ids,
-  labels,
-  split_assignment,
-  fold: int,
-  preload: bool = True,
-) -> dict:
-  """Trains and evaluates one fold in `workdir` (the fold's own directory;
-  resumes from it). `split_assignment` is [N, folds] (or [N]) of 0 = train,
-  1 = validation, 2 = test.
-
-  `preload` loads the representations of the fold's trailers into memory
-  first (unless the readers already are `rep_pipeline.InMemoryReader`s):
-  ~7 GB at Trailers12k scale, and the only way zarr groups keep up with the
-  step (benchmarks/head.py). Every process then holds all of them, since
-  its share of each global batch changes every epoch; `preload=False`
-  reads per batch (memory-mapped for our NpyStore), only the own share.
-
-  Returns 'epoch' (best epoch, 1-based), 'val'/'test' (metrics of the best
-  checkpoint), 'val_probs'/'test_probs' (per trailer) and 'val_ids'/
-  'test_ids'.
-  """
-  tc = config.train
-  fold_dir = workdir
-  ids, labels = list(ids), np.asarray(labels, np.float32)
-  subsets = fold_subsets(split_assignment, fold, len(ids))
-  readers = _branch_readers(config, readers)
-  in_memory = all(
-    isinstance(r, rep_pipeline.InMemoryReader) for r in readers.values()
-  )
-  if preload and not in_memory:
-    used = np.concatenate(list(subsets.values()))
-    readers = rep_pipeline.preload(readers, [ids[i] for i in np.sort(used)])
-  num_features = {b: int(r.num_features) for b, r in readers.items()}
-  mesh = sharding.make_mesh(config.mesh)
-  for name in ("batch_size", "eval_batch_size"):
-    sharding.check_batch_size(tc[name], mesh, f"config.train.{name}")
-
-  p = programs(config, mesh, num_features)
-  state = p.init(jax.random.PRNGKey(config.seed))
-  writer = metric_writers.create_default_writer(
-    fold_dir, just_logging=jax.process_index() > 0
-  )
-  eval_data = lambda name: rep_pipeline.eval_data(
-    readers,
-    ids,
-    labels,
-    subsets[name],
-    num_clips=tc.num_clips,
-    global_batch_size=tc.eval_batch_size,
-  )
-  f = _Fold(
-    mesh,
-    p.train_step,
-    p.eval_step,
-    rep_pipeline.train_data(
-      readers,
-      ids,
-      labels,
-      subsets["train"],
-      num_clips=tc.num_clips,
-      global_batch_size=tc.batch_size,
-      seed=config.seed,
-      num_epochs=tc.max_epochs,
-    ),
-    eval_data("validation"),
-    labels[subsets["validation"]],
-    *_managers(fold_dir),
-    writer,
-  )
-
-  restored, host = _restore(f.latest, "state", p.abstract)
-  if restored is None:
-    host = _initial_host(config, num_features)
-    parameter_overview.log_parameter_overview(
-      state.params,
-      include_stats=jax.process_count() == 1,
-      msg=f"Fold {fold} parameters",
-    )
-  else:
-    state = restored
-    logging.info(
-      "Fold %d: resuming at step %d (%d epochs done).",
-      fold,
-      int(state.step),
-      host["epochs_done"],
-    )
-  if not host["done"]:
-    state, host = _run_epochs(config, f, state, host)
-  del state
-
-  variables, best = _restore(f.best, "variables", _variables(p.abstract))
-  if variables is None:
-    raise ValueError(f"No readable best checkpoint under {fold_dir}/best.")
-  out = {"epoch": best["epoch"]}
-  for name, key in (("validation", "val"), ("test", "test")):
-    data = f.val if name == "validation" else eval_data(name)
-    probs = trailer_probs(
-      p.eval_step,
-      variables,
-      data,
-      mesh,
-      config.model.branches,
-      len(subsets[name]),
-    )
-    out[key] = metrics_lib.compute_metrics(probs, labels[subsets[name]])
-    out[f"{key}_probs"] = probs
-    out[f"{key}_ids"] = [ids[i] for i in subsets[name]]
-    writer.write_scalars(
-      best["epoch"], {f"best_{key}/{k}": v for k, v in out[key].items()}
-    )
-  writer.flush()
-  return out

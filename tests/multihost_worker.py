@@ -5,6 +5,7 @@
 """
 
 import os
+import signal
 import sys
 
 import multihost_common
@@ -19,7 +20,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from configs import divita  # noqa: E402
-from divita_jax import reps, train  # noqa: E402
+from divita_jax import checkpoints, reps, train  # noqa: E402
 
 
 def main():
@@ -34,10 +35,15 @@ def main():
   config.train.eval_batch_size = 8
   config.train.learning_rate = 3e-3
   config.train.max_epochs = max_epochs
-  result = train.train_fold(
-    config, workdir, readers, ids, problem["labels"], problem["split"], 0
+  try:
+    result = train.train_fold(
+      config, workdir, readers, ids, problem["labels"], problem["split"], 0
+    )
+  except checkpoints.Preempted:
+    sys.exit(128 + signal.SIGTERM)  # What main.py does.
+  variables, _ = checkpoints.load_best(
+    workdir, lambda nf: train.abstract_variables(config, nf)
   )
-  variables, _ = train.load_best(config, workdir)
   params = multihost_utils.process_allgather(variables["params"], tiled=True)
   flat = {
     jax.tree_util.keystr(k): np.asarray(v)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from divita_jax import input_pipeline
+from divita_jax import hosts, input_pipeline
 from tests.test_video import decoded_indices, make_video
 
 CLIPS = {"frames_per_clip": 4, "fps": 24.0, "resolution": 32}
@@ -40,12 +40,12 @@ def source():
 
 def test_process_shard_disjoint_and_complete():
   idx = np.arange(11)
-  shares = [input_pipeline.process_shard(idx, p, 3) for p in range(3)]
+  shares = [hosts.process_shard(idx, p, 3) for p in range(3)]
   np.testing.assert_array_equal(np.sort(np.concatenate(shares)), idx)
   assert [len(s) for s in shares] == [4, 4, 3]
-  np.testing.assert_array_equal(input_pipeline.process_shard(idx), idx)
+  np.testing.assert_array_equal(hosts.process_shard(idx), idx)
   with pytest.raises(ValueError, match="process_index 3"):
-    input_pipeline.process_shard(idx, 3, 3)
+    hosts.process_shard(idx, 3, 3)
 
 
 def test_clip_loader_yields_clips_and_errors(source):
@@ -156,7 +156,7 @@ def test_two_processes_see_every_trailer_once_per_epoch(source):
 def test_global_batch_shards_along_data_axis():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
   local = {"x": np.arange(8 * 3).reshape(8, 3), "mask": np.ones(8, bool)}
-  out = input_pipeline.global_batch(local, mesh)
+  out = hosts.global_batch(local, mesh)
   assert out["x"].shape == (8, 3)
   np.testing.assert_array_equal(np.asarray(out["x"]), local["x"])
   shard = out["x"].addressable_shards[0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import divita as divita_config
-from divita_jax import sharding, train
+from divita_jax import hosts, sharding, train
 
 
 def _mesh_config(shape, axes=("data", "model")):
@@ -46,8 +46,8 @@ def _step(config, devices, batch):
   p = train.programs(config, mesh, {"image": 6, "video": 4})
   state = p.init(jax.random.PRNGKey(config.seed))
   lr = np.float32(config.train.learning_rate)
-  state, loss1 = p.train_step(state, train.global_batch(batch, mesh), lr)
-  state, loss2 = p.train_step(state, train.global_batch(batch, mesh), lr)
+  state, loss1 = p.train_step(state, hosts.global_batch(batch, mesh), lr)
+  state, loss2 = p.train_step(state, hosts.global_batch(batch, mesh), lr)
   return state, np.array([loss1, loss2]), p.shardings
 
 

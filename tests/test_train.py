@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from configs import divita as divita_config
-from divita_jax import metrics, reps, train
+from divita_jax import checkpoints, metrics, optim, reps, train
 
 
 def test_adamw_amsgrad_matches_torch():
@@ -21,7 +21,7 @@ def test_adamw_amsgrad_matches_torch():
   grads = rng.normal(size=(6, 7)).astype(np.float32) * scale
   tc = divita_config.get_config().train
   tc.learning_rate = 1e-2
-  tx = train.make_optimizer(tc)
+  tx = optim.make_optimizer(tc)
   params = jax.numpy.asarray(p0)
   state = tx.init(params)
   tp = torch.nn.Parameter(torch.tensor(p0))
@@ -49,13 +49,13 @@ def test_plateau_matches_torch_and_early_stopping():
   state = {"best": None, "bad": 0, "lr": 1e-4}
   for loss in losses:
     sched.step(loss)
-    state = train.plateau_update(state, loss, tc)
+    state = optim.plateau_update(state, loss, tc)
     assert state["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
   assert state["lr"] < 1e-4  # The sequence did trigger reductions.
   es = {"best": None, "wait": 0}
   waits = []
   for loss in [3.0, 2.0, 2.0, 2.5, 1.0]:
-    es = train.early_stop_update(es, loss)
+    es = optim.early_stop_update(es, loss)
     waits.append(es.pop("improved"))
   assert waits == [True, True, False, False, True]
 
@@ -139,13 +139,13 @@ def _check_sigterm_resume(problem, workdir, whole, whole_dir):
   # 4 batches x 16 trailers: read 100 lands in epoch 2. The interrupted run
   # reads per batch, the resumed one preloaded: batches are identical.
   faulty = dict(stores, image=SigtermAfter(stores["image"], after=100))
-  with pytest.raises(SystemExit) as exit_info:
+  with pytest.raises(checkpoints.Preempted) as stop:
     train.train_fold(
       config, workdir, faulty, ids, labels, split, 1, preload=False
     )
-  assert exit_info.value.code == 128 + signal.SIGTERM
-  latest, _ = train._managers(workdir)
+  latest, _ = checkpoints.managers(workdir)
   stopped_at = latest.latest_step()
+  assert stop.value.step == stopped_at
   assert 0 < stopped_at < 4 * config.train.max_epochs
   resumed = train.train_fold(config, workdir, stores, ids, labels, split, 1)
   assert resumed["epoch"] == whole["epoch"]
@@ -159,18 +159,20 @@ def _check_sigterm_resume(problem, workdir, whole, whole_dir):
 
 def _final(config, fold_dir):
   """Leaves of the best variables and of the latest train state."""
-  best, _ = train.load_best(config, fold_dir)
+  best, _ = checkpoints.load_best(
+    fold_dir, lambda nf: train.abstract_variables(config, nf)
+  )
   mesh = train.sharding.make_mesh(config.mesh)
   abstract = train.programs(config, mesh, {"image": 12, "video": 8}).abstract
-  latest, _ = train._managers(fold_dir)
-  state, host = train._restore(latest, "state", abstract)
+  latest, _ = checkpoints.managers(fold_dir)
+  state, host = checkpoints.restore(latest, "state", abstract)
   assert host["done"]
   return [np.asarray(x) for x in jax.tree.leaves((best, state))]
 
 
 def _check_truncated_fallback(config, whole_dir, fold_dir, caplog):
   shutil.copytree(whole_dir, fold_dir)
-  latest, _ = train._managers(fold_dir)
+  latest, _ = checkpoints.managers(fold_dir)
   newest, previous = sorted(latest.all_steps(), reverse=True)
   for dirpath, _, files in os.walk(os.path.join(latest.directory, str(newest))):
     for name in files:  # What a full disk leaves: files cut short.
@@ -178,7 +180,7 @@ def _check_truncated_fallback(config, whole_dir, fold_dir, caplog):
         f.truncate(max(os.path.getsize(f.name) // 3, 0))
   mesh = train.sharding.make_mesh(config.mesh)
   abstract = train.programs(config, mesh, {"image": 12, "video": 8}).abstract
-  state, host = train._restore(latest, "state", abstract)
+  state, host = checkpoints.restore(latest, "state", abstract)
   assert int(state.step) == previous
   assert host["epochs_done"] == previous // 4
   assert "unreadable" in caplog.text

@@ -1,0 +1,70 @@
+"""Per-process (host) shares of work and data, and global batches.
+
+The one place that decides which trailers and batch rows a process owns:
+dataset preparation and extraction split trailers with `process_shard`;
+the head's loaders give each process the rows `process_rows` of every
+global batch; `global_batch` assembles the processes' rows into one
+jax.Array split along the mesh's data axis.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def _index_count(process_index, process_count) -> tuple[int, int]:
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+      f"process_index {process_index} not in [0, {process_count})"
+    )
+  return process_index, process_count
+
+
+def process_shard(
+  indices: np.ndarray,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> np.ndarray:
+  """This process's share of `indices`: every process_count-th one.
+
+  Shares of different processes are disjoint, their union is `indices` and
+  their sizes differ by at most one. Defaults: jax.process_index() /
+  jax.process_count().
+  """
+  process_index, process_count = _index_count(process_index, process_count)
+  return np.asarray(indices)[process_index::process_count]
+
+
+def process_rows(
+  global_batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> slice:
+  """Rows of every global batch that this process loads."""
+  process_index, process_count = _index_count(process_index, process_count)
+  if global_batch_size % process_count:
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by the "
+      f"{process_count} processes."
+    )
+  local = global_batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def global_batch(
+  local_batch: dict[str, np.ndarray], mesh: Mesh, data_axis: str = "data"
+) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax.Arrays split along `data_axis`.
+
+  Each process passes its own rows; the global batch is their concatenation
+  in process order (global rows = local rows * process_count).
+  """
+  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }
