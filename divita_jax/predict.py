@@ -33,10 +33,10 @@ from divita_jax import (
   sharding,
   shots,
   train,
+  transcode,
   video,
 )
 from divita_jax import run as run_lib
-from tfds_trailers12k import transcode
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
 # Per-file failures: bad videos, missing files and decoder errors.

@@ -20,8 +20,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from divita_jax import transcode
 from divita_jax.genres import NUM_FOLDS, NUM_GENRES
-from tfds_trailers12k import mtgc, prepared, synthetic, transcode
+from tfds_trailers12k import mtgc, prepared, synthetic
 
 _CRASHED = "worker process crashed while decoding (corrupt or hostile file)"
 # Official Swin groups (paper's best); override with `zarr_groups`.
