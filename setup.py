@@ -17,6 +17,10 @@ INSTALL_REQUIRES = [
   "tensorflow-cpu>=2.21,<2.22",  # clu's metric writers import it.
   "tensorboard>=2.21,<2.22",
   "scenedetect>=0.7.2,<0.8",
+  "opencv-python>=4.8",  # cv2: synthetic trailers (scenedetect pulls it too).
+  "scipy>=1.10",
+  "etils[epath]>=1.5",
+  "safetensors>=0.4",  # HF checkpoints; torch only for .pth/.bin sources.
   "av>=18.1,<19",
   "numpy>=2.0",
   "zarr>=3,<4",
@@ -50,7 +54,6 @@ setuptools.setup(
       "divita_jax",
       "divita_jax.*",
       "tfds_trailers12k",
-      "configs",
       "tfds_trailers12k.*",
     ]
   ),

@@ -41,20 +41,6 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
   )
 
 
-def sample_kwargs(config: ml_collections.ConfigDict, resolution: int) -> dict:
-  """`video.sample_clips` keyword arguments of `config.clips` (one place, so
-  extraction, predict and the notebook sample clips alike)."""
-  c = config.clips
-  return dict(
-    segmentation=c.segmentation,
-    frames_per_clip=c.frames_per_clip,
-    fps=c.fps,
-    placement=c.placement,
-    max_clips_per_shot=c.max_clips_per_shot,
-    resolution=resolution,
-  )
-
-
 def make_backbone(config: ml_collections.ConfigDict, branch: str):
   """(module, params, spec) from a converted checkpoint or random init."""
   b = config.backbones[branch]
@@ -74,8 +60,11 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
   )
 
 
-def make_feature_fn(module, params, kind: str, normalization: str):
-  """uint8 clips [n, T, H, W, 3] -> float32 features [n, D], jitted."""
+def make_feature_fn(module, params, kind: str, mean_std):
+  """uint8 clips [n, T, H, W, 3] -> float32 features [n, D], jitted.
+
+  mean_std: the input convention (backbone.input_stats).
+  """
   devices = jax.local_devices()
   mesh = Mesh(np.array(devices), ("data",))
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -98,7 +87,7 @@ def make_feature_fn(module, params, kind: str, normalization: str):
     batch_size = -(-batch_size // len(devices)) * len(devices)
     outputs = []
     for start in range(0, len(clips), batch_size):
-      chunk = video.normalize(clips[start : start + batch_size], normalization)
+      chunk = video.normalize(clips[start : start + batch_size], *mean_std)
       pad = batch_size - len(chunk)
       if pad:
         chunk = np.concatenate(
@@ -160,7 +149,7 @@ def extract(
       module,
       params,
       config.backbones[b].kind,
-      config.backbones[b].normalization or spec["normalization"],
+      backbone.input_stats(spec, config.backbones[b].normalization),
     )
   for resolution, group in by_resolution.items():
     _extract_group(
@@ -188,7 +177,7 @@ def _extract_group(
   feature_fns,
   store_root,
 ) -> None:
-  clip_kwargs = sample_kwargs(config, resolution)
+  clip_kwargs = video.sample_kwargs(config.clips, resolution)
   todo = [i for i in todo if not all(stores[b].has(ids[i]) for b in branches)]
   loader = input_pipeline.clip_loader(
     source, np.asarray(todo, np.int64), clip_kwargs=clip_kwargs

@@ -91,7 +91,8 @@ def clip_loader(
 ) -> grain.IterDataset:
   """Every clip of each trailer at `indices` (feature extraction).
 
-  `indices` are used as given: pass `hosts.process_shard(...)` for per-host work.
+  `indices` are used as given: pass `hosts.process_shard(...)` for per-host
+  work.
   Yields per trailer {'index': int, 'id': str, 'clips': uint8 [N, T, H, W,
   3], 'shot_lengths': [N], 'frame_indices': [N, T]}, or {'index', 'id',
   'error': str} when its video fails (the caller skips or stops).

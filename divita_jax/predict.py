@@ -37,6 +37,7 @@ from divita_jax import (
   video,
 )
 from divita_jax import run as run_lib
+from divita_jax.models import backbone
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
 # Per-file failures: bad videos, missing files and decoder errors.
@@ -117,7 +118,7 @@ def load_run(workdir: str, fold: int = 0) -> Run:
       module,
       params,
       config.backbones[b].kind,
-      config.backbones[b].normalization or spec["normalization"],
+      backbone.input_stats(spec, config.backbones[b].normalization),
     )
   return Run(config, fold, variables, feature_fns, source)
 
@@ -165,7 +166,7 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
       data,
       found.shots,
       trailer_id=path,
-      **extract.sample_kwargs(run.config, resolution),
+      **video.sample_kwargs(run.config.clips, resolution),
     )  # [N, T, H, W, 3]
     for b in branches:
       features[b] = _features(run, b, clips, bar)

@@ -27,9 +27,6 @@ import numpy as np
 
 SEGMENTATIONS = ("shots", "fixed")
 PLACEMENTS = ("center", "start", "uniform")
-# Per-channel RGB statistics of ImageNet, in [0, 1] units.
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class VideoError(ValueError):
@@ -440,19 +437,30 @@ def read_frames(
     return v.read(np.asarray(frame_indices), resolution)
 
 
-def normalize(clips: np.ndarray, normalization: str) -> np.ndarray:
-  """uint8 pixels -> float32 in a checkpoint's convention.
+def normalize(clips: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 pixels [..., 3] -> float32 (x / 255 - mean) / std per channel.
 
-  'imagenet': (x/255 - mean) / std; 'minus_one_one': [-1, 1]; 'zero_one'.
+  mean, std: 3 values in [0, 1] units, a checkpoint's input convention
+  (models/backbone.py names the usual ones: imagenet, minus_one_one, ...).
   """
   x = np.asarray(clips, np.float32) / 255.0
-  if normalization == "imagenet":
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
-  if normalization == "minus_one_one":
-    return x * 2.0 - 1.0
-  if normalization == "zero_one":
-    return x
-  raise ValueError(
-    f"unknown normalization {normalization!r}; expected "
-    "imagenet, minus_one_one or zero_one"
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  if mean.shape != (3,) or std.shape != (3,) or np.any(std <= 0):
+    raise ValueError(
+      f"normalization needs 3 means and 3 positive stds, got {mean}, {std}."
+    )
+  return (x - mean) / std
+
+
+def sample_kwargs(clips_config, resolution: int) -> dict:
+  """`sample_clips` keyword arguments from a config's `clips` section (one
+  place, so extraction, predict and the notebook sample clips alike)."""
+  c = clips_config
+  return dict(
+    segmentation=c.segmentation,
+    frames_per_clip=c.frames_per_clip,
+    fps=c.fps,
+    placement=c.placement,
+    max_clips_per_shot=c.max_clips_per_shot,
+    resolution=resolution,
   )

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from configs.divita import get_config
+from divita_jax.configs.divita import get_config
+from divita_jax.convert import __main__ as convert_cli
+from divita_jax.convert import divita_torch
 from divita_jax.convert.divita_torch import load_reference_branch
 from divita_jax.models.divita import DIViTA, parse_cam
 
@@ -378,3 +380,62 @@ def test_load_reference_branch_errors():
   lightning = {f"model.{k}": v for k, v in sd.items()}
   v = load_reference_branch(lightning, "gru_1_6", prefix="model.")
   assert v["params"]["cam"]["layer_0"]["input_kernel"].shape == (F, 18)
+
+
+def _randomized_head(f, cam, seed):
+  torch.manual_seed(seed)
+  head = TorchHead(f, cam).eval()
+  with torch.no_grad():  # Running statistics a dropped conversion would miss.
+    head.bn.running_mean.uniform_(-1, 1)
+    head.bn.running_var.uniform_(0.5, 2)
+    head.bn.weight.uniform_(0.5, 1.5)
+    head.bn.bias.uniform_(-0.5, 0.5)
+  return head
+
+
+def test_convert_official_lightning_checkpoint(tmp_path):
+  # An official late-fusion run: Lightning checkpoint, branches under
+  # model.fnet. / model.vnet., the CAM string in its hyper-parameters.
+  cam = "tsfm_16_4_2_0.1"
+  heads = {"image": _randomized_head(F, cam, 0)}
+  heads["video"] = _randomized_head(F // 2, cam, 1)
+  prefix = {"image": "model.fnet.", "video": "model.vnet."}
+  sd = {
+    prefix[b] + k: v
+    for b, h in heads.items()
+    for k, v in h.state_dict().items()
+  }
+  ckpt = tmp_path / "epoch=7-step=80.ckpt"
+  torch.save({"state_dict": sd, "hyper_parameters": {"cam": cam}}, ckpt)
+  convert_cli.main(
+    ["--source=divita_torch", f"--input={ckpt}", f"--output={tmp_path}/h"]
+  )
+  model, variables = divita_torch.load_head(str(tmp_path / "h"))
+  assert model.branches == ("image", "video") and model.cam == cam
+  assert not model.mask_padding  # The reference's zero-padded windows.
+  inputs, mask = padded_batch(3)
+  with torch.no_grad():
+    want = np.mean(
+      [heads[b](torch.from_numpy(inputs[b])).numpy() for b in heads], 0
+    )
+  got = eval_apply(model, variables, inputs, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_official_state_dict_needs_cam(tmp_path):
+  head = _randomized_head(F, "gru_1_6", 2)
+  sd = {f"model.net.{k}": v for k, v in head.state_dict().items()}
+  torch.save(sd, tmp_path / "head.pt")
+  args = ["--source=divita_torch", f"--input={tmp_path}/head.pt"]
+  with pytest.raises(SystemExit, match="pass --cam"):
+    convert_cli.main([*args, f"--output={tmp_path}/a"])
+  convert_cli.main([*args, "--cam=gru_1_6", f"--output={tmp_path}/b"])
+  model, variables = divita_torch.load_head(str(tmp_path / "b"))
+  assert model.branches == ("image",)
+  inputs, mask = padded_batch(4)
+  with torch.no_grad():
+    want = head(torch.from_numpy(inputs["image"])).numpy()
+  got = eval_apply(model, variables, {"image": inputs["image"]}, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(SystemExit, match="expects"):  # Wrong CAM size.
+    convert_cli.main([*args, "--cam=gru_1_7", f"--output={tmp_path}/c"])

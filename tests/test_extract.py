@@ -7,7 +7,7 @@ import os
 import av
 import numpy as np
 
-from configs import divita
+from divita_jax.configs import divita
 from divita_jax import extract, video
 from divita_jax.models import backbone
 
@@ -77,7 +77,7 @@ def test_extract_writes_skips_and_resumes(tmp_path):
   clips, _ = video.sample_clips(
     good, source[0]["shots"], frames_per_clip=4, fps=8.0, resolution=32
   )
-  x = video.normalize(clips, spec["normalization"])
+  x = video.normalize(clips, *backbone.input_stats(spec))
   direct, _ = module.apply({"params": params}, x)
   np.testing.assert_allclose(stores["video"].read("tt1"), direct, atol=1e-5)
 
@@ -99,6 +99,7 @@ def test_checkpoint_resampled_to_the_clip_size(tmp_path):
   config.backbones.video.checkpoint = str(tmp_path / "vivit")
   module, params, spec = extract.make_backbone(config, "video")
   assert spec["resolution"] == 32 and spec["num_frames"] == 4
-  fn = extract.make_feature_fn(module, params, "vivit", spec["normalization"])
+  stats = backbone.input_stats(spec)
+  fn = extract.make_feature_fn(module, params, "vivit", stats)
   clips = np.zeros((3, 4, 32, 32, 3), np.uint8)
   assert fn(clips, batch_size=8).shape == (3, 64)

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import divita as divita_config
+from divita_jax.configs import divita as divita_config
 from divita_jax import hosts, sharding, train
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import divita as divita_config
+from divita_jax.configs import divita as divita_config
 from divita_jax import checkpoints, metrics, optim, reps, train
 
 

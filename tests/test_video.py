@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from divita_jax import video
+from divita_jax.models import backbone
 
 BITS = 12  # 4 x 3 grid of blocks: up to 4096 frames.
 
@@ -222,14 +223,20 @@ def test_decodes_only_from_the_keyframe_before_each_clip():
 
 def test_normalize():
   x = np.array([0, 255], np.uint8)[:, None].repeat(3, 1)
-  np.testing.assert_allclose(video.normalize(x, "zero_one")[:, 0], [0, 1])
-  np.testing.assert_allclose(video.normalize(x, "minus_one_one")[:, 0], [-1, 1])
-  np.testing.assert_allclose(
-    video.normalize(x, "imagenet")[1],
-    (1 - video.IMAGENET_MEAN) / video.IMAGENET_STD,
-  )
+  stats = lambda name: backbone.input_stats({}, name)
+  norm = lambda name: video.normalize(x, *stats(name))
+  np.testing.assert_allclose(norm("zero_one")[:, 0], [0, 1])
+  np.testing.assert_allclose(norm("minus_one_one")[:, 0], [-1, 1])
+  mean, std = np.array(stats("imagenet"), np.float32)
+  np.testing.assert_allclose(norm("imagenet")[1], (1 - mean) / std)
+  # Efficient-3DCNNs: 0-255 inputs minus a mean, no std division.
+  mean = np.array([114.7748, 107.7354, 99.4750]) / 255
+  out = video.normalize(x, mean, [1 / 255] * 3)
+  np.testing.assert_allclose(out[1], 255 - mean * 255, rtol=1e-5)
   with pytest.raises(ValueError, match="normalization 'bgr'"):
-    video.normalize(x, "bgr")
+    stats("bgr")
+  with pytest.raises(ValueError, match="3 positive stds"):
+    video.normalize(x, [0, 0, 0], [1, 0, 1])
 
 
 # ---- Bad input: handled correctly, or a VideoError naming trailer and reason.

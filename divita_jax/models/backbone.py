@@ -61,11 +61,23 @@ def make_spec(
   }
 
 
+def input_stats(spec, override: str | None = None) -> tuple[list, list]:
+  """(mean, std) of the input convention: a NORMALIZATIONS name given as
+  `override` (config.backbones.<b>.normalization), else the spec's own."""
+  if override:
+    if override not in NORMALIZATIONS:
+      raise ValueError(
+        f"Unknown normalization {override!r}; {sorted(NORMALIZATIONS)}."
+      )
+    return tuple(list(v) for v in NORMALIZATIONS[override])
+  return list(spec["mean"]), list(spec["std"])
+
+
 def normalize(pixels_uint8, spec):
-  """uint8 RGB [..., 3] -> float32 in the checkpoint's input convention."""
-  mean, std = NORMALIZATIONS[spec["normalization"]]
+  """uint8 RGB [..., 3] -> float32 (x / 255 - mean) / std, in jax."""
+  mean, std = input_stats(spec)
   x = jnp.asarray(pixels_uint8, jnp.float32) / 255.0
-  return (x - jnp.asarray(mean)) / jnp.asarray(std)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def module_from_spec(spec, dtype="float32") -> nn.Module:

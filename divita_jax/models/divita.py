@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from divita_jax.genres import NUM_GENRES
 from divita_jax.models.axes import logical
 from divita_jax.models.cams import ConvCAM, GruCAM, TsfmCAM, dense, masked_mean
 
@@ -188,7 +189,7 @@ class DIViTA(nn.Module):
   fusion: str = "late"  # late | early
   cam: str = "tsfm_128_4_6_0.25"
   mask_padding: bool = True
-  num_classes: int = 10
+  num_classes: int = NUM_GENRES
   dtype: jnp.dtype = jnp.float32
 
   def _check(self, inputs, mask):

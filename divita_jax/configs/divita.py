@@ -1,0 +1,172 @@
+r"""DIViTA on Trailers12k: the whole protocol, from trailers to results.
+
+Default (synthetic Trailers12k, tiny random backbones, minutes on a CPU):
+  python -m divita_jax.main --config=configs/divita.py --workdir=/tmp/divita
+
+Real Trailers12k (videos in MANUAL_DIR/videos, MANUAL_DIR/mtgc.csv) with
+converted ViT-B/16 and ViViT-B/16x2 checkpoints (see README, Conversion):
+  python -m divita_jax.main --config=configs/divita.py:trailers12k \
+    --config.dataset.manual_dir=MANUAL_DIR \
+    --config.backbones.image.checkpoint=/ckpt/vit_b16 \
+    --config.backbones.video.checkpoint=/ckpt/vivit_b16x2 --workdir=DIR
+
+Table 6 from the official precomputed representations (MANUAL_DIR holds
+mtgc.csv and the zarr groups, e.g. trailers_i_swin_fpc24.zarr):
+  python -m divita_jax.main --config=configs/divita.py:reps \
+    --config.dataset.manual_dir=MANUAL_DIR --workdir=DIR
+
+Variants (comma-separated after the colon): `trailers12k`, `reps`,
+`image_only`, `video_only`, `early_fusion`, `fixed_clips`, `runlocal` (even
+smaller).
+Any field can be overridden, e.g. `--config.model.cam=gru_1_115`.
+"""
+
+import ml_collections
+
+from divita_jax import genres
+
+
+def parse_variants(arg: str | None) -> set[str]:
+  known = {
+    "trailers12k",
+    "image_only",
+    "video_only",
+    "early_fusion",
+    "fixed_clips",
+    "runlocal",
+    "reps",
+  }
+  variants = {v for v in (arg or "").split(",") if v}
+  unknown = variants - known
+  if unknown:
+    raise ValueError(
+      f"Unknown config variant(s) {sorted(unknown)}; known: {sorted(known)}."
+    )
+  return variants
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variants = parse_variants(arg)
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seed of initialisation, data order and dropout.
+  c.folds = (0, 1, 2)  # Official folds to train and evaluate.
+
+  # ---- Dataset (TFDS trailers12k) ----
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.config = "synthetic"  # synthetic | raw | reps.
+  c.dataset.data_dir = ""  # TFDS data_dir; "" = <workdir>/tfds.
+  c.dataset.manual_dir = ""  # raw / reps: mtgc.csv + videos/ or zarr groups.
+  c.dataset.num_trailers = 96  # synthetic only: trailers to generate.
+  # Shot detection at build time (divita_jax/shots.py), synthetic and raw.
+  c.dataset.detector = "content"  # content | adaptive (PySceneDetect).
+  c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0).
+  c.dataset.min_shot_len = 6  # Frames; shorter shots merge into neighbours.
+  c.dataset.downscale = 0  # Frame shrink factor; 0 = auto (~256 px wide).
+  c.dataset.max_flash_len = 2  # Flashes this short (frames) are not cuts.
+  c.dataset.reencode_height = 0  # raw: re-encode to this height (0 = keep).
+  c.dataset.reencode_fps = 0.0  # raw: re-encode to this fps (0 = keep).
+  c.dataset.num_workers = 0  # Build processes; 0 = all cores.
+
+  # ---- Clip sampling (divita_jax/video.py) ----
+  c.clips = ml_collections.ConfigDict()
+  c.clips.segmentation = "shots"  # shots (one clip per shot) | fixed.
+  c.clips.frames_per_clip = 8  # T frames per clip (paper: 24).
+  c.clips.fps = 8.0  # Frames sampled at this rate (paper: 24).
+  c.clips.placement = "center"  # center | start | uniform, within a shot.
+  c.clips.max_clips_per_shot = 1  # >1 splits long shots into several clips.
+
+  # ---- Frozen backbones (divita_jax/models, divita_jax/extract.py) ----
+  c.backbones = ml_collections.ConfigDict()
+  for name, kind, variant in (
+    ("image", "vit", "tiny/8"),
+    ("video", "vivit", "tiny/8"),
+  ):
+    b = ml_collections.ConfigDict()
+    b.kind = kind  # vit (per frame, mean over T) | vivit (per clip).
+    b.checkpoint = ""  # Converted checkpoint dir; "" = random init.
+    b.variant = variant  # Used when checkpoint == "": model size/patch.
+    b.resolution = 32  # Input side in pixels (short side resize + crop).
+    # "" = the checkpoint's own convention; or imagenet|minus_one_one|zero_one.
+    b.normalization = ""
+    b.batch_size = 16  # Clips per extraction step (global).
+    b.dtype = "float32"  # Compute dtype: float32 | bfloat16.
+    c.backbones[name] = b
+  c.backbones.video.tubelet = 2  # Frames per tubelet (random init only).
+
+  # ---- Representations ----
+  c.reps = ml_collections.ConfigDict()
+  c.reps.dir = ""  # Store root; "" = <workdir>/reps.
+  # reps config: official zarr groups (relative paths: under manual_dir).
+  c.reps.zarr_image = ""  # Image branch, e.g. trailers_i_swin_fpc24.zarr.
+  c.reps.zarr_video = ""  # Video branch.
+
+  # ---- DIViTA head (divita_jax/models/divita.py) ----
+  c.model = ml_collections.ConfigDict()
+  c.model.branches = ("image", "video")  # Which representations to use.
+  c.model.fusion = "late"  # late (mean of branch logits) | early (concat).
+  c.model.cam = "tsfm_128_4_6_0.25"  # tsfm_* | savg | gru_* | conv_*.
+  c.model.mask_padding = True  # False: reference's unmasked zero padding.
+  c.model.num_classes = genres.NUM_GENRES
+
+  # ---- Training (divita_jax/train.py), reference values ----
+  c.train = ml_collections.ConfigDict()
+  c.train.num_clips = 30  # Clips per training window / eval window.
+  c.train.batch_size = 32  # Global batch of trailers.
+  c.train.eval_batch_size = 64  # Global batch of eval windows.
+  c.train.max_epochs = 100
+  c.train.learning_rate = 1e-4
+  c.train.weight_decay = 0.01  # AdamW decoupled weight decay.
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.amsgrad = True
+  c.train.plateau_patience = 10  # ReduceLROnPlateau on validation loss.
+  c.train.plateau_factor = 0.1
+  c.train.plateau_threshold = 1e-4  # Relative.
+  c.train.early_stop_patience = 20  # On validation loss, min delta 0.
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_epochs = 1
+
+  # ---- Device mesh (divita_jax/sharding.py) ----
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)  # Sizes of mesh axes; -1 fills with the devices.
+  c.mesh.axes = ("data", "model")
+  # Logical axis name -> mesh axis (None = replicated).
+  c.mesh.rules = (
+    ("batch", "data"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("clips", None),
+    ("classes", None),
+  )
+
+  if "runlocal" in variants:
+    c.dataset.num_trailers = 48
+    c.train.max_epochs = 5
+  if "trailers12k" in variants:
+    c.dataset.config = "raw"
+    c.clips.frames_per_clip = 24
+    c.clips.fps = 24.0
+    c.backbones.image.variant = "B/16"
+    c.backbones.image.resolution = 224
+    c.backbones.video.variant = "B/16x2"
+    c.backbones.video.resolution = 224
+    # Written by `python -m divita_jax.convert` (README, Conversion).
+    c.backbones.image.checkpoint = "checkpoints/vit_b16_in21k_in1k"
+    c.backbones.video.checkpoint = "checkpoints/vivit_b16x2_k400"
+    c.backbones.image.batch_size = 64
+    c.backbones.video.batch_size = 8
+  if "reps" in variants:  # Table 6 from the official zarr representations.
+    c.dataset.config = "reps"
+    c.reps.zarr_image = "trailers_i_swin_fpc24.zarr"
+    c.reps.zarr_video = "trailers_ik_swin_fps24_fpc24.zarr"
+  if "image_only" in variants:
+    c.model.branches = ("image",)
+  if "video_only" in variants:
+    c.model.branches = ("video",)
+  if "early_fusion" in variants:
+    c.model.fusion = "early"
+  if "fixed_clips" in variants:
+    c.clips.segmentation = "fixed"
+  return c
