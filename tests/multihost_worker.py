@@ -19,8 +19,8 @@ jax = multihost_common.start(
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from divita_jax.configs import divita  # noqa: E402
 from divita_jax import checkpoints, reps, train  # noqa: E402
+from divita_jax.configs import divita  # noqa: E402
 
 
 def main():

@@ -7,8 +7,8 @@ import os
 import av
 import numpy as np
 
-from divita_jax.configs import divita
 from divita_jax import extract, video
+from divita_jax.configs import divita
 from divita_jax.models import backbone
 
 

@@ -5,8 +5,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from divita_jax.configs import divita as divita_config
 from divita_jax import hosts, sharding, train
+from divita_jax.configs import divita as divita_config
 
 
 def _mesh_config(shape, axes=("data", "model")):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from divita_jax.configs import divita as divita_config
 from divita_jax import checkpoints, metrics, optim, reps, train
+from divita_jax.configs import divita as divita_config
 
 
 def test_adamw_amsgrad_matches_torch():
