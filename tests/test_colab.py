@@ -20,6 +20,7 @@ def test_notebook_is_stripped_and_installs_in_colab_only():
   assert all(not c.outputs and c.execution_count is None for c in code)
   first = code[0].source
   assert '"google.colab" in sys.modules' in first and "pip" in first
+  assert "YOUR_ORG" not in first  # A local checkout needs no URL.
 
 
 def test_notebook_runs(trained_workdir, tmp_path, monkeypatch):
@@ -27,6 +28,8 @@ def test_notebook_runs(trained_workdir, tmp_path, monkeypatch):
   # The kernel inherits this process's environment.
   monkeypatch.setenv("DIVITA_WORKDIR", trained_workdir)
   monkeypatch.setenv("DIVITA_PLOTS_DIR", str(plots_dir))
+  tfds_dir = os.path.join(trained_workdir, "tfds", "trailers12k")
+  built = sorted(os.listdir(tfds_dir))
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = NotebookClient(
     nb,
@@ -42,6 +45,7 @@ def test_notebook_runs(trained_workdir, tmp_path, monkeypatch):
     for o in c.outputs
   )
   assert trained_workdir in text
+  assert sorted(os.listdir(tfds_dir)) == built  # The run's dataset, reused.
   assert "true genres:" in text and " shots, " in text
   for name in PLOTS:
     image = matplotlib.image.imread(plots_dir / f"{name}.png")
