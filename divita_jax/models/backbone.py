@@ -34,6 +34,8 @@ NORMALIZATIONS = {
   "minus_one_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
   "zero_one": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+# Kinds applied to single frames (image models); the others take clips.
+IMAGE_KINDS = ("vit", "swin", "resnet", "shufflenet")
 SPEC_FILE = "spec.json"
 PARAMS_DIR = "params"
 
@@ -85,6 +87,11 @@ def module_from_spec(spec, dtype="float32") -> nn.Module:
   if cls is None:
     raise ValueError(f"Unknown backbone kind {spec['kind']!r}; vit | vivit.")
   return cls(**spec["model"], dtype=jnp.dtype(dtype))
+
+
+def is_image_model(spec) -> bool:
+  """True for 2-D backbones: applied per frame, features pooled over T."""
+  return spec["kind"] in IMAGE_KINDS
 
 
 def dummy_input(spec, batch=1):
