@@ -13,6 +13,7 @@ status 143. Library code never calls `sys.exit`.
 
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import jax
@@ -45,15 +46,21 @@ def _tree_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-def managers(fold_dir: str):
-  """(latest, best): latest keeps two, so a broken newest falls back."""
+def managers(fold_dir: str, read_only: bool = False):
+  """(latest, best): latest keeps two, so a broken newest falls back.
+
+  read_only: for commands that only read a workdir (nothing is created).
+  """
   out = []
   for sub, item, keep in ((LATEST, "state", 2), (BEST, "variables", 1)):
     out.append(
       ocp.CheckpointManager(
         os.path.join(fold_dir, sub),
         options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, enable_async_checkpointing=False, create=True
+          max_to_keep=keep,
+          enable_async_checkpointing=False,
+          create=not read_only,
+          read_only=read_only,
         ),
         item_handlers={
           item: _tree_handler(),
@@ -64,14 +71,71 @@ def managers(fold_dir: str):
   return tuple(out)
 
 
-def restore(mngr, item: str, abstract):
+class ConfigMismatch(ValueError):
+  """A checkpoint whose tree does not fit the config (another config's)."""
+
+
+def _paths(tree) -> dict[str, tuple]:
+  """'/'-joined key path -> shape, for dicts and dataclass nodes alike."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [
+      str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+      for k in path
+    ]
+    out["/".join(keys)] = tuple(getattr(leaf, "shape", ()))
+  return out
+
+
+def check_fits(saved_tree, abstract, where: str) -> None:
+  """Raises ConfigMismatch naming the differences of the two trees."""
+  saved, want = _paths(saved_tree), _paths(abstract)
+  if saved == want:
+    return
+  diff = sorted(set(saved) ^ set(want))
+  diff += [
+    f"{k}: {saved[k]} vs {want[k]}"
+    for k in saved
+    if k in want and saved[k] != want[k]
+  ]
+  raise ConfigMismatch(
+    f"{where} was written by a different config: {len(diff)} parameter(s) "
+    f"differ (first: {diff[:3]}). Use a new --workdir for the new config "
+    "(or --overwrite, which moves the old results aside)."
+  )
+
+
+def _move_aside(mngr, step: int) -> str:
+  """Renames a damaged step folder out of the manager's sight."""
+  src = os.path.join(str(mngr.directory), str(step))
+  root = os.path.join(os.path.dirname(str(mngr.directory)), "damaged")
+  os.makedirs(root, exist_ok=True)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  dst = os.path.join(
+    root, f"{os.path.basename(str(mngr.directory))}-{step}-{stamp}"
+  )
+  os.rename(src, dst)
+  mngr.reload()
+  return dst
+
+
+def restore(mngr, item: str, abstract, read_only: bool = False):
   """Newest readable checkpoint (item, host dict), or (None, None).
 
-  An unreadable checkpoint (e.g. truncated by a full disk) is reported,
-  deleted and the previous one is tried.
+  A checkpoint whose files are unreadable (truncated by a full disk, a
+  crash) is reported and skipped for the previous one; unless `read_only`,
+  it is moved aside to `<fold>/damaged/` (never deleted). A readable
+  checkpoint of another config's tree raises ConfigMismatch.
   """
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
   for step in sorted(mngr.all_steps(), reverse=True):
+    where = f"Checkpoint {mngr.directory}/{step}"
+    try:
+      saved = mngr.item_metadata(step)[item].tree
+    except Exception as e:  # noqa: BLE001 - unreadable metadata.
+      _damaged(mngr, step, e, read_only)
+      continue
+    check_fits(saved, abstract, where)
     try:
       out = mngr.restore(
         step,
@@ -83,17 +147,24 @@ def restore(mngr, item: str, abstract):
         ),
       )
       return out[item], out["host"]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint.
-      logging.warning(
-        "Checkpoint %d in %s is unreadable (%s: %s); deleting it and "
-        "falling back to the previous one.",
-        step,
-        mngr.directory,
-        type(e).__name__,
-        e,
-      )
-      mngr.delete(step)
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt files.
+      _damaged(mngr, step, e, read_only)
   return None, None
+
+
+def _damaged(mngr, step: int, error: Exception, read_only: bool) -> None:
+  action = "left in place (read-only)"
+  if not read_only:
+    action = f"moved to {_move_aside(mngr, step)}"
+  logging.warning(
+    "Checkpoint %d in %s is unreadable (%s: %s); %s, falling back to the "
+    "previous one.",
+    step,
+    mngr.directory,
+    type(error).__name__,
+    error,
+    action,
+  )
 
 
 def save(mngr, step: int, item: str, tree, host: dict):
@@ -123,7 +194,7 @@ def load_best(fold_dir: str, abstract_variables: Callable[[dict], object]):
   abstract_variables: num_features -> the variables' abstract tree (with
   shardings), e.g. from `train.programs`.
   """
-  _, best = managers(fold_dir)
+  _, best = managers(fold_dir, read_only=True)
   step = best.latest_step()
   if step is None:
     raise FileNotFoundError(f"No best checkpoint under {fold_dir}/{BEST}.")
@@ -131,7 +202,7 @@ def load_best(fold_dir: str, abstract_variables: Callable[[dict], object]):
     step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
   )["host"]
   abstract = abstract_variables(host["num_features"])
-  variables, host = restore(best, "variables", abstract)
+  variables, host = restore(best, "variables", abstract, read_only=True)
   if variables is None:
     raise ValueError(
       f"The best checkpoint under {fold_dir}/{BEST} is unreadable."

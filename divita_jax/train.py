@@ -301,6 +301,11 @@ def train_fold(
     seed=config.seed,
     num_epochs=tc.max_epochs,
   )
+  # Start point: the fold's latest readable checkpoint (resume), else init
+  # from config.seed (no pretrained head). First, so that a checkpoint of
+  # another config stops the run before anything is written.
+  latest, best = checkpoints.managers(fold_dir)
+  state, host = checkpoints.restore(latest, "state", p.abstract)
   f = _Fold(
     mesh,
     p.train_step,
@@ -308,16 +313,12 @@ def train_fold(
     train_data,
     eval_data("validation"),
     labels[subsets["validation"]],
-    *checkpoints.managers(fold_dir),
+    latest,
+    best,
     metric_writers.create_default_writer(
       fold_dir, just_logging=jax.process_index() > 0
     ),
   )
-
-  # Start point: the latest readable checkpoint of this fold (resume), else
-  # a fresh init from config.seed. Frozen-backbone training has no
-  # pretrained head to start from.
-  state, host = checkpoints.restore(f.latest, "state", p.abstract)
   if state is None:
     state = p.init(jax.random.PRNGKey(config.seed))
     host = _initial_host(config, num_features)

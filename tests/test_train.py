@@ -115,6 +115,41 @@ def test_train_fold_learns_resumes_exactly_and_falls_back(
   _check_learning(config, labels, split, whole)
   _check_sigterm_resume(problem, str(tmp_path / "fold"), whole, whole_dir)
   _check_truncated_fallback(config, whole_dir, str(tmp_path / "copy"), caplog)
+  _check_other_config(problem, whole_dir, str(tmp_path / "other"))
+
+
+def _files(root):
+  """{relative path: size} of every file under root."""
+  return {
+    os.path.relpath(os.path.join(d, n), root): os.path.getsize(
+      os.path.join(d, n)
+    )
+    for d, _, names in os.walk(root)
+    for n in names
+  }
+
+
+def _check_other_config(problem, whole_dir, fold_dir):
+  config, stores, ids, labels, split = problem
+  shutil.copytree(whole_dir, fold_dir)
+  before = _files(fold_dir)
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model.cam = "tsfm_16_4_2_0.1"  # Another head: other shapes.
+  with pytest.raises(checkpoints.ConfigMismatch, match="different config"):
+    train.train_fold(other, fold_dir, stores, ids, labels, split, 1)
+  assert _files(fold_dir) == before  # Nothing deleted, nothing written.
+  # A reading command on a damaged best checkpoint changes nothing either.
+  best = os.path.join(fold_dir, "best")
+  for d, _, names in os.walk(best):
+    for n in names:
+      with open(os.path.join(d, n), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 3)
+  before = _files(fold_dir)
+  with pytest.raises(ValueError, match="unreadable"):
+    checkpoints.load_best(
+      fold_dir, lambda nf: train.abstract_variables(config, nf)
+    )
+  assert _files(fold_dir) == before
 
 
 def _check_learning(config, labels, split, whole):
@@ -184,4 +219,6 @@ def _check_truncated_fallback(config, whole_dir, fold_dir, caplog):
   assert int(state.step) == previous
   assert host["epochs_done"] == previous // 4
   assert "unreadable" in caplog.text
-  assert latest.all_steps() == [previous]  # The broken one is gone.
+  assert latest.all_steps() == [previous]  # The broken one is set aside,
+  (moved,) = os.listdir(os.path.join(fold_dir, "damaged"))  # not deleted.
+  assert moved.startswith(f"checkpoints-{newest}-")
