@@ -198,9 +198,15 @@ def load_best(fold_dir: str, abstract_variables: Callable[[dict], object]):
   step = best.latest_step()
   if step is None:
     raise FileNotFoundError(f"No best checkpoint under {fold_dir}/{BEST}.")
-  host = best.restore(
-    step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
-  )["host"]
+  try:
+    host = best.restore(
+      step, args=ocp.args.Composite(host=ocp.args.JsonRestore())
+    )["host"]
+  except Exception as e:  # noqa: BLE001 - truncated or corrupt files.
+    raise ValueError(
+      f"The best checkpoint {best.directory}/{step} is unreadable "
+      f"({type(e).__name__}: {e}); it was left as it is."
+    ) from e
   abstract = abstract_variables(host["num_features"])
   variables, host = restore(best, "variables", abstract, read_only=True)
   if variables is None:
