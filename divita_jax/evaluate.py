@@ -4,9 +4,11 @@ Each trailer is cut into consecutive windows of `num_clips` clips
 (rep_pipeline.eval_data); its probabilities are the mean of its windows'
 sigmoid probabilities (the reference's `mean_snippets`).
 
-Validation loss: BCE between each trailer's window-averaged probabilities
-and its labels, averaged over trailers and genres (the quantity that is
-scored), with PyTorch's log clamp at -100.
+Validation loss (drives reduce-on-plateau, early stopping and the best
+checkpoint): by default the official trainer's, the mean over validation
+batches of the windows' BCE (`window_loss`); `train.val_loss = "trailers"`
+takes the BCE of trailer-averaged probabilities instead (`trailer_loss`).
+The two can pick different epochs.
 """
 
 import jax
@@ -16,26 +18,63 @@ from divita_jax import hosts, rep_pipeline, sharding
 from divita_jax import metrics as metrics_lib
 
 
-def trailer_probs(eval_fn, variables, data, mesh, branches, num_trailers):
-  """Window probabilities averaged per trailer: [num_trailers, classes]."""
+def window_outputs(eval_fn, variables, data, mesh, branches) -> dict:
+  """Every eval window through the head: {'probs' [W, C], 'bce' [W],
+  'trailer' [W]} (trailer -1 = batch padding).
+
+  Each window's trailer index travels through the step with it, so the
+  mapping back to trailers does not depend on where the mesh places each
+  process's rows (TPU slices interleave processes along the data axis).
+  """
   it = rep_pipeline.iterate(data.dataset)
-  probs = []
+  keys = (*branches, "mask", "labels", "trailer")
+  out = []
   for _ in range(data.num_steps):
     batch = next(it)
-    inputs = {k: batch[k] for k in (*branches, "mask")}
-    probs.append(
-      np.asarray(eval_fn(variables, hosts.global_batch(inputs, mesh)))
-    )
-  probs = np.concatenate(probs)  # [padded windows, classes]
-  return metrics_lib.average_windows(probs, data.windows[:, 0], num_trailers)
+    inputs = hosts.global_batch({k: batch[k] for k in keys}, mesh)
+    out.append(jax.tree.map(np.asarray, eval_fn(variables, inputs)))
+  return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
-def bce_probs(probs: np.ndarray, labels: np.ndarray) -> float:
-  """Mean BCE of probabilities, log clamped at -100 as PyTorch's BCELoss."""
+def trailer_probs(outputs: dict, num_trailers: int) -> np.ndarray:
+  """Window probabilities averaged per trailer: [num_trailers, classes]."""
+  return metrics_lib.average_windows(
+    outputs["probs"], outputs["trailer"], num_trailers
+  )
+
+
+def window_loss(outputs: dict, batch_size: int) -> float:
+  """The official validation loss: the mean over validation batches (of
+  `batch_size` trailers, in subset order) of the BCE of every window's
+  logits against its trailer's labels, averaged over the batch's windows
+  and genres (PyTorch's BCEWithLogitsLoss per batch)."""
+  keep = outputs["trailer"] >= 0
+  bce = np.asarray(outputs["bce"], np.float64)[keep]
+  batch = outputs["trailer"][keep] // batch_size
+  sums = np.bincount(batch, weights=bce)
+  counts = np.bincount(batch)
+  return float(np.mean(sums[counts > 0] / counts[counts > 0]))
+
+
+def trailer_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+  """BCE of trailer-averaged probabilities (the scored quantity), averaged
+  over trailers and genres, log clamped at -100 as PyTorch's BCELoss."""
   probs = np.asarray(probs, np.float64)
   log_p = np.maximum(np.log(np.maximum(probs, 0)), -100)
   log_q = np.maximum(np.log(np.maximum(1 - probs, 0)), -100)
   return float(-np.mean(labels * log_p + (1 - labels) * log_q))
+
+
+def validation_loss(config, outputs: dict, probs, labels) -> float:
+  """config.train.val_loss: 'windows' (official, default) | 'trailers'."""
+  kind = config.train.val_loss
+  if kind == "windows":
+    return window_loss(outputs, config.train.batch_size)
+  if kind == "trailers":
+    return trailer_loss(probs, labels)
+  raise ValueError(
+    f"Unknown config.train.val_loss {kind!r}; expected windows | trailers."
+  )
 
 
 def predict_probs(config, programs, variables, readers: dict, ids):
@@ -59,9 +98,10 @@ def predict_probs(config, programs, variables, readers: dict, ids):
     num_clips=config.train.num_clips,
     global_batch_size=config.train.eval_batch_size,
   )
-  return trailer_probs(
-    p.eval_step, variables, data, mesh, config.model.branches, len(ids)
+  outputs = window_outputs(
+    p.eval_step, variables, data, mesh, config.model.branches
   )
+  return trailer_probs(outputs, len(ids))
 
 
 def branch_readers(config, readers: dict) -> dict:

@@ -159,10 +159,16 @@ def train_step(model, tx, state: TrainState, batch: dict, lr):
 
 
 def eval_step(model, variables: dict, batch: dict):
-  """Sigmoid probabilities [b, classes] of eval windows."""
+  """Eval windows -> {'probs' [b, C], 'bce' [b] (window BCE vs its
+  trailer's labels), 'trailer' [b] (carried through, see evaluate.py)}."""
   inputs = {b: batch[b] for b in model.branches}
   logits = model.apply(variables, inputs, batch["mask"], train=False)
-  return jax.nn.sigmoid(logits.astype(jnp.float32))
+  logits = logits.astype(jnp.float32)
+  return {
+    "probs": jax.nn.sigmoid(logits),
+    "bce": optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(-1),
+    "trailer": batch["trailer"],
+  }
 
 
 def compile_steps(model, tx, mesh, shardings):
@@ -197,7 +203,7 @@ class Programs(NamedTuple):
   abstract: TrainState  # ShapeDtypeStructs with shardings
   shardings: TrainState  # NamedShardings
   train_step: Callable  # (state, batch, lr) -> (state, loss); donates state
-  eval_step: Callable  # (variables, batch) -> probabilities, replicated
+  eval_step: Callable  # (variables, batch) -> window outputs, replicated
 
 
 _PROGRAMS = {}
@@ -358,14 +364,10 @@ def _evaluate_best(config, p, f, fold_dir, data, ids, labels, subsets):
     raise ValueError(f"No readable best checkpoint under {fold_dir}/best.")
   out = {"epoch": best["epoch"]}
   for name, key in (("validation", "val"), ("test", "test")):
-    probs = evaluate.trailer_probs(
-      p.eval_step,
-      variables,
-      data[key],
-      f.mesh,
-      config.model.branches,
-      len(subsets[name]),
+    outputs = evaluate.window_outputs(
+      p.eval_step, variables, data[key], f.mesh, config.model.branches
     )
+    probs = evaluate.trailer_probs(outputs, len(subsets[name]))
     out[key] = metrics_lib.compute_metrics(probs, labels[subsets[name]])
     out[f"{key}_probs"] = probs
     out[f"{key}_ids"] = [ids[i] for i in subsets[name]]
@@ -397,15 +399,11 @@ class _Fold:
 def _end_epoch(config, f: _Fold, state, host: dict, epoch: int, step: int):
   """Validation, plateau and early-stopping updates, best checkpoint."""
   tc = config.train
-  probs = evaluate.trailer_probs(
-    f.eval_step,
-    variables_of(state),
-    f.val,
-    f.mesh,
-    config.model.branches,
-    len(f.val_labels),
+  outputs = evaluate.window_outputs(
+    f.eval_step, variables_of(state), f.val, f.mesh, config.model.branches
   )
-  val_loss = evaluate.bce_probs(probs, f.val_labels)
+  probs = evaluate.trailer_probs(outputs, len(f.val_labels))
+  val_loss = evaluate.validation_loss(config, outputs, probs, f.val_labels)
   es = optim.early_stop_update(host["early_stop"], val_loss)
   improved = es.pop("improved")
   scalars = {

@@ -124,6 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.plateau_factor = 0.1
   c.train.plateau_threshold = 1e-4  # Relative.
   c.train.early_stop_patience = 20  # On validation loss, min delta 0.
+  # Validation loss: windows (official: mean over validation batches of the
+  # windows' BCE) | trailers (BCE of trailer-averaged probabilities).
+  c.train.val_loss = "windows"
   c.train.log_every_steps = 50
   c.train.checkpoint_every_epochs = 1
 
