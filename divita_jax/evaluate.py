@@ -36,8 +36,19 @@ def window_outputs(eval_fn, variables, data, mesh, branches) -> dict:
   return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
+def _canonical(outputs: dict, *columns) -> dict:
+  """Rows sorted by trailer, then content: sums then run in one order
+  whatever order the devices returned the rows in (bitwise equal results
+  on any mesh)."""
+  keys = [np.asarray(c).reshape(len(outputs["trailer"]), -1) for c in columns]
+  keys = [k[:, j] for k in keys for j in range(k.shape[1])]
+  order = np.lexsort((*keys[::-1], outputs["trailer"]))
+  return {k: v[order] for k, v in outputs.items()}
+
+
 def trailer_probs(outputs: dict, num_trailers: int) -> np.ndarray:
   """Window probabilities averaged per trailer: [num_trailers, classes]."""
+  outputs = _canonical(outputs, outputs["probs"])
   return metrics_lib.average_windows(
     outputs["probs"], outputs["trailer"], num_trailers
   )
@@ -48,6 +59,7 @@ def window_loss(outputs: dict, batch_size: int) -> float:
   `batch_size` trailers, in subset order) of the BCE of every window's
   logits against its trailer's labels, averaged over the batch's windows
   and genres (PyTorch's BCEWithLogitsLoss per batch)."""
+  outputs = _canonical(outputs, outputs["bce"])
   keep = outputs["trailer"] >= 0
   bce = np.asarray(outputs["bce"], np.float64)[keep]
   batch = outputs["trailer"][keep] // batch_size
