@@ -19,8 +19,26 @@ jax = multihost_common.start(
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from divita_jax import checkpoints, reps, train  # noqa: E402
+from divita_jax import checkpoints, reps, sharding, train  # noqa: E402
 from divita_jax.configs import divita  # noqa: E402
+
+INTERLEAVE = os.environ.get("DIVITA_TEST_INTERLEAVE") == "1"
+
+
+def _interleaved_mesh(mesh_config, devices=None):
+  """Processes alternate along the data axis, as create_device_mesh lays
+  out a TPU slice (v4-32: 0,1,2,3,0,1,2,3,...)."""
+  by_process = [
+    [d for d in jax.devices() if d.process_index == p]
+    for p in range(jax.process_count())
+  ]
+  order = [d for column in zip(*by_process) for d in column]
+  return _make_mesh(mesh_config, order)
+
+
+_make_mesh = sharding.make_mesh
+if INTERLEAVE:  # Every module reads sharding.make_mesh at call time.
+  sharding.make_mesh = _interleaved_mesh
 
 
 def main():
@@ -30,6 +48,8 @@ def main():
   config = divita.get_config()
   config.model.cam = "tsfm_16_4_2_0.1"
   config.mesh.shape = (-1, 2)  # 2 x 2 over 4 devices, whatever the hosts.
+  if INTERLEAVE:
+    config.mesh.shape = (-1, 1)  # 4 data rows: processes 0,1,0,1.
   config.train.num_clips = 6
   config.train.batch_size = 8
   config.train.eval_batch_size = 8
