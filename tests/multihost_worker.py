@@ -50,6 +50,9 @@ def main():
   config.mesh.shape = (-1, 2)  # 2 x 2 over 4 devices, whatever the hosts.
   if INTERLEAVE:
     config.mesh.shape = (-1, 1)  # 4 data rows: processes 0,1,0,1.
+    # Dropout masks follow global row positions, which the interleaving
+    # permutes: without dropout only the row order differs.
+    config.model.cam = "tsfm_16_4_2_0.0"
   config.train.num_clips = 6
   config.train.batch_size = 8
   config.train.eval_batch_size = 8

@@ -105,11 +105,11 @@ def test_interleaved_mesh_equals_one_process(uninterrupted, tmp_path):
   # TPU slices interleave processes along the data axis: eval rows come
   # back as [0, 1, 4, 5, 2, 3, 6, 7]; probabilities must still land on
   # their trailers.
-  store, one = uninterrupted
-  out = str(tmp_path / "i.npz")
+  store, _ = uninterrupted
   env = {"DIVITA_TEST_INTERLEAVE": "1"}
-  _wait(_launch(store, str(tmp_path / "inter"), out, 2, 2, env))
-  two = np.load(out)
+  _wait(_launch(store, str(tmp_path / "a"), str(tmp_path / "1.npz"), 1, 4, env))
+  _wait(_launch(store, str(tmp_path / "b"), str(tmp_path / "2.npz"), 2, 2, env))
+  one, two = np.load(tmp_path / "1.npz"), np.load(tmp_path / "2.npz")
   for key in one.files:
     np.testing.assert_allclose(one[key], two[key], atol=1e-5, err_msg=key)
 
