@@ -25,11 +25,13 @@ LATEST, BEST = "checkpoints", "best"
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM after writing a checkpoint at `step`."""
+  """Training stopped on SIGTERM / SIGINT after a checkpoint at `step`."""
 
-  def __init__(self, step: int):
-    super().__init__(f"Preempted: checkpoint at step {step} written.")
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
+    name = signal.Signals(signum).name
+    super().__init__(f"{name}: checkpoint at step {step} written.")
     self.step = step
+    self.signum = signum
 
 
 def _tree_handler() -> ocp.PyTreeCheckpointHandler:
@@ -217,30 +219,35 @@ def load_best(fold_dir: str, abstract_variables: Callable[[dict], object]):
 
 
 class Sigterm:
-  """Records SIGTERM (preemption) so the loop can checkpoint and stop."""
+  """Records SIGTERM (preemption) or SIGINT (Ctrl-C) so the loop can
+  checkpoint at the next step and stop."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, enabled: bool = True):
-    self.received = False
-    self._previous = None
+    self.received = None  # The signal number, once one arrived.
+    self._previous = {}
     self._enabled = enabled
 
   def __enter__(self):
     if not self._enabled:
       return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: checkpointing at the next step.")
-    self.received = True
+    del frame
+    name = signal.Signals(signum).name
+    logging.warning("%s received: checkpointing at the next step.", name)
+    self.received = signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 class Preemption:
@@ -262,10 +269,14 @@ class Preemption:
 
   @property
   def received(self) -> bool:
-    """A SIGTERM arrived (one process)."""
-    return not self._multi and self._sigterm.received
+    """A SIGTERM or SIGINT arrived (one process)."""
+    return not self._multi and self._sigterm.received is not None
+
+  @property
+  def signum(self) -> int:
+    return self._sigterm.received or signal.SIGTERM
 
   def at(self, step: int) -> bool:
     if self._multi:
       return self._latest.reached_preemption(step)
-    return self._sigterm.received
+    return self._sigterm.received is not None

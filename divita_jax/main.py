@@ -7,8 +7,9 @@ Multi-host (TPU pod slices, SLURM, multi-GPU hosts): pass
 `--distributed` alone where `jax.distributed.initialize()` finds them itself.
 """
 
+import json
 import logging as std_logging
-import signal
+import os
 import sys
 
 from absl import app, flags, logging
@@ -22,6 +23,12 @@ config_flags.DEFINE_config_file(
   lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go.")
+flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "The workdir holds another config's results: move them aside to "
+  "previous-<time>/ (nothing is deleted) and start anew.",
+)
 flags.DEFINE_bool(
   "distributed", False, "Call jax.distributed.initialize() with auto-detection."
 )
@@ -47,28 +54,69 @@ def initialize_distributed() -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops INFO chatter of orbax (several lines per checkpoint)."""
+  """Drops INFO chatter of orbax (several lines per checkpoint), the TPU
+  backend probe and TFDS's size notices; --verbosity=1 keeps them."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    noisy = "/orbax/" in record.pathname
-    return not noisy or record.levelno >= std_logging.WARNING
+    if FLAGS.verbosity >= 1 or record.levelno >= std_logging.ERROR:
+      return True
+    path = record.pathname
+    if "/orbax/" in path and record.levelno < std_logging.ERROR:
+      return False
+    if "/jax/_src/xla_bridge" in path:  # "Unable to initialize backend".
+      return False
+    return not (
+      "tensorflow_datasets" in path and "Unknown size" in str(record.msg)
+    )
+
+
+def _quiet_native_logs() -> None:
+  """TensorFlow's C++ notices (oneDNN, ...) before anything imports it."""
+  if "--verbosity" not in " ".join(sys.argv) and "-v" not in sys.argv:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _config_yaml(config) -> str:
+  """The config as plain YAML (no !!python/tuple tags)."""
+  import yaml
+
+  return yaml.safe_dump(json.loads(config.to_json_best_effort()), width=80)
+
+
+def parse_flags(argv):
+  """absl flag parsing; a config typo is one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = str(e.args[0] if e.args else e).strip("'\"")
+    msg = " ".join(msg.replace("\\n", "\n").replace("\\'", "'").split())
+    sys.exit(f"divita_jax.main: error: {msg}")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  std_logging.getLogger().addFilter(_QuietLibraries())
   initialize_distributed()
-  from divita_jax import run  # Imported after the runtime is initialized.
-  from divita_jax.checkpoints import Preempted
+  from divita_jax import checkpoints, run, workdir
 
-  logging.info("Config:\n%s", FLAGS.config)
+  print(f"Config:\n{_config_yaml(FLAGS.config)}", flush=True)
   try:
-    run.run(FLAGS.config, FLAGS.workdir)
-  except Preempted as e:
+    run.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+  except checkpoints.Preempted as e:
     logging.warning("%s Exiting; rerun the same command to resume.", e)
-    sys.exit(128 + signal.SIGTERM)
+    sys.exit(128 + e.signum)
+  except (workdir.WorkdirError, checkpoints.ConfigMismatch) as e:
+    sys.exit(f"divita_jax.main: error: {e}")
+  except KeyboardInterrupt:  # Before training (dataset build, extraction).
+    sys.exit(
+      "divita_jax.main: interrupted; what was written is kept, rerun the "
+      "same command to resume."
+    )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _quiet_native_logs()
+  app.run(main, flags_parser=parse_flags)

@@ -321,9 +321,10 @@ def train_fold(
     labels[subsets["validation"]],
     latest,
     best,
-    metric_writers.create_default_writer(
-      fold_dir, just_logging=jax.process_index() > 0
-    ),
+    # TensorBoard only: the console gets one line per epoch (_end_epoch).
+    metric_writers.SummaryWriter(fold_dir)
+    if jax.process_index() == 0
+    else metric_writers.MultiWriter([]),
   )
   if state is None:
     state = p.init(jax.random.PRNGKey(config.seed))
@@ -479,7 +480,7 @@ def _run_epochs(config, f: _Fold, state, host: dict):
           }
           checkpoints.save(f.latest, step, "state", state, host)
           f.writer.flush()
-          raise checkpoints.Preempted(step)
+          raise checkpoints.Preempted(step, preemption.signum)
       host = {
         **host,
         "train_loss_sum": sum(map(float, losses), host["train_loss_sum"]),
@@ -492,7 +493,7 @@ def _run_epochs(config, f: _Fold, state, host: dict):
         checkpoints.save(f.latest, step, "state", state, host)
       if preempted and not stop:
         f.writer.flush()
-        raise checkpoints.Preempted(step)
+        raise checkpoints.Preempted(step, preemption.signum)
       if stop:
         break
   return state, host

@@ -5,7 +5,6 @@
 """
 
 import os
-import signal
 import sys
 
 import multihost_common
@@ -62,8 +61,8 @@ def main():
     result = train.train_fold(
       config, workdir, readers, ids, problem["labels"], problem["split"], 0
     )
-  except checkpoints.Preempted:
-    sys.exit(128 + signal.SIGTERM)  # What main.py does.
+  except checkpoints.Preempted as e:
+    sys.exit(128 + e.signum)  # What main.py does.
   variables, _ = checkpoints.load_best(
     workdir, lambda nf: train.abstract_variables(config, nf)
   )

@@ -150,14 +150,17 @@ def _no_bigger_files_than(num_bytes: int):
   return limit
 
 
-def _preempted(store, workdir, out) -> list[str]:
-  """Runs until the first checkpoint, SIGTERMs; returns the checkpoints."""
+def _preempted(store, workdir, out, sig=signal.SIGTERM) -> list[str]:
+  """Runs until the first checkpoint, signals; returns the checkpoints."""
   (proc,) = _launch(store, workdir, out, 1, 4)
   _first_checkpoint(workdir, proc)
-  proc.send_signal(signal.SIGTERM)  # Preempted: checkpoint, then exit.
-  proc.communicate()
-  assert proc.returncode == 128 + signal.SIGTERM
-  return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  proc.send_signal(sig)  # Preempted or Ctrl-C: checkpoint, then exit.
+  output, _ = proc.communicate()
+  assert proc.returncode == 128 + sig, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+  steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  assert all(s.isdigit() for s in steps), steps  # No temporary leftovers.
+  return steps
 
 
 def _resume_failing(store, workdir, out, preexec_fn):
@@ -187,7 +190,7 @@ def test_full_disk_is_a_clear_error_and_keeps_checkpoints(
 ):
   store, one = uninterrupted
   workdir, out = str(tmp_path / "full"), str(tmp_path / "f.npz")
-  steps = _preempted(store, workdir, out)
+  steps = _preempted(store, workdir, out, signal.SIGINT)  # Ctrl-C.
   stderr = _resume_failing(store, workdir, out, _no_bigger_files_than(3000))
   assert "File too large" in stderr and workdir in stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps

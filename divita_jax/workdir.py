@@ -1,0 +1,164 @@
+"""A workdir belongs to one config; checks that need no work run first.
+
+`check_config` compares a run's config with the workdir's `config.json`
+before anything is touched: a field that changes results differs -> a
+clear error listing the fields (use a new workdir, or `--overwrite`, which
+moves the old results aside to `previous-<time>/`; nothing is deleted).
+Fields that cannot change results (where things are stored, logging, mesh,
+batch sizes of extraction and evaluation, which folds run) may differ.
+
+`preflight` finds the mistakes that would otherwise surface after hours of
+dataset building or extraction: a remote or unusable workdir, a missing
+manual_dir or converted checkpoint, batch sizes that do not fit the mesh.
+"""
+
+import fnmatch
+import json
+import os
+import time
+
+import jax
+import ml_collections
+
+from divita_jax import atomic, sharding
+
+CONFIG_FILE = "config.json"
+# Fields (dotted, fnmatch patterns) that cannot change results.
+FREE_FIELDS = (
+  "folds",
+  "dataset.data_dir",
+  "dataset.num_workers",
+  "backbones.*.batch_size",
+  "extract.*",
+  "reps.dir",
+  "train.eval_batch_size",
+  "train.log_every_steps",
+  "train.checkpoint_every_epochs",
+  "mesh.*",
+)
+# What --overwrite moves aside (caches of the dataset and reps stay).
+RESULTS = ("config.json", "results", "fold*")
+
+
+class WorkdirError(ValueError):
+  """A workdir or setting that cannot work; the message says what to do."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """Result-changing fields whose values differ: ['path: old -> new']."""
+  if isinstance(old, ml_collections.ConfigDict):
+    old = old.to_dict()
+  if isinstance(new, ml_collections.ConfigDict):
+    new = new.to_dict()
+  # Through JSON, as config.json was written: tuples become lists.
+  old, new = (
+    _flat(json.loads(json.dumps(old))),
+    _flat(json.loads(json.dumps(new))),
+  )
+  diffs = []
+  for key in sorted(set(old) | set(new)):
+    if any(fnmatch.fnmatchcase(key, p) for p in FREE_FIELDS):
+      continue
+    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if a != b:
+      diffs.append(f"{key}: {a!r} -> {b!r}")
+  return diffs
+
+
+def check_config(config, workdir: str, overwrite: bool = False) -> None:
+  """Raises WorkdirError if `workdir` holds another config's results; with
+  `overwrite`, moves them aside instead (process 0 only)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  diffs = config_differences(old, config)
+  if not diffs:
+    return
+  if not overwrite:
+    raise WorkdirError(
+      f"{workdir} holds the results of another config ({len(diffs)} "
+      f"field(s) differ: {'; '.join(diffs[:5])}"
+      f"{' ...' if len(diffs) > 5 else ''}). Use a new --workdir, or pass "
+      "--overwrite to move the old results aside."
+    )
+  if jax.process_index() == 0:
+    moved = move_results_aside(workdir)
+    print(f"--overwrite: the previous results were moved to {moved}.")
+
+
+def move_results_aside(workdir: str) -> str:
+  """Moves config.json, results/ and fold*/ into previous-<time>/."""
+  dst = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
+  os.makedirs(dst)
+  for name in sorted(os.listdir(workdir)):
+    if any(fnmatch.fnmatchcase(name, p) for p in RESULTS):
+      os.rename(os.path.join(workdir, name), os.path.join(dst, name))
+  return dst
+
+
+def write_config(config, workdir: str) -> None:
+  """config.json, atomically (predict.py rebuilds the run from it)."""
+  text = config.to_json_best_effort(indent=1, sort_keys=True)
+  atomic.write_text(os.path.join(workdir, CONFIG_FILE), text + "\n")
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
+def _check_dir(path: str, what: str) -> None:
+  if _is_remote(path):
+    raise WorkdirError(
+      f"{what} {path!r} is not a local path: remote storage (gs://, s3://) "
+      "is not supported yet; use a local or mounted folder (gcsfuse, NFS)."
+    )
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"{what} {path!r} exists and is not a directory.")
+  parent = path
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent.rstrip("/"))
+  if parent and not os.access(parent, os.W_OK | os.X_OK):
+    raise WorkdirError(f"{what} {path!r} is not writable.")
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """One clear error for each setting that would fail later."""
+  _check_dir(workdir, "--workdir")
+  for field in ("data_dir",):
+    if config.dataset[field]:
+      _check_dir(config.dataset[field], f"config.dataset.{field}")
+  if config.reps.dir:
+    _check_dir(config.reps.dir, "config.reps.dir")
+  d = config.dataset
+  if d.config in ("raw", "reps") and not d.manual_dir:
+    raise WorkdirError(
+      f"The {d.config} dataset needs its files: set "
+      "--config.dataset.manual_dir=DIR (mtgc.csv + videos/ or zarr groups)."
+    )
+  if d.manual_dir and not os.path.isdir(d.manual_dir):
+    raise WorkdirError(
+      f"config.dataset.manual_dir {d.manual_dir!r} is not a directory."
+    )
+  if d.config != "reps":
+    for b in config.model.branches:
+      ckpt = config.backbones[b].checkpoint
+      if ckpt and not os.path.isfile(os.path.join(ckpt, "spec.json")):
+        raise WorkdirError(
+          f"config.backbones.{b}.checkpoint {ckpt!r} is not a converted "
+          "checkpoint (no spec.json; run python -m divita_jax.convert)."
+        )
+  mesh = sharding.make_mesh(config.mesh)
+  for name in ("batch_size", "eval_batch_size"):
+    sharding.check_batch_size(config.train[name], mesh, f"config.train.{name}")

@@ -1,0 +1,76 @@
+"""A workdir belongs to one config; mistakes are caught before any work."""
+
+import os
+
+import pytest
+
+from divita_jax import workdir
+from divita_jax.configs import divita
+
+
+def test_config_differences_ignore_fields_that_cannot_change_results():
+  old = divita.get_config()
+  new = divita.get_config()
+  new.mesh.shape = (2, -1)
+  new.backbones.video.batch_size = 4
+  new.train.log_every_steps = 7
+  new.folds = (0,)
+  assert workdir.config_differences(old.to_dict(), new) == []
+  new.model.cam = "savg"
+  new.dataset.min_shot_len = 3
+  diffs = workdir.config_differences(old.to_dict(), new.to_dict())
+  assert diffs == [
+    "dataset.min_shot_len: 6 -> 3",
+    "model.cam: 'tsfm_128_4_6_0.25' -> 'savg'",
+  ]
+
+
+def test_other_config_is_an_error_and_overwrite_moves_results_aside(tmp_path):
+  config = divita.get_config()
+  work = str(tmp_path / "work")
+  os.makedirs(os.path.join(work, "fold0", "best"))
+  open(os.path.join(work, "fold0", "best", "x"), "w").close()
+  os.makedirs(os.path.join(work, "tfds"))
+  workdir.write_config(config, work)
+  workdir.check_config(config, work)  # Same config: fine.
+  other = divita.get_config()
+  other.model.cam = "savg"
+  with pytest.raises(workdir.WorkdirError, match=r"model\.cam.*--overwrite"):
+    workdir.check_config(other, work)
+  assert sorted(os.listdir(work)) == ["config.json", "fold0", "tfds"]
+  workdir.check_config(other, work, overwrite=True)
+  (previous,) = [d for d in os.listdir(work) if d.startswith("previous-")]
+  assert sorted(os.listdir(work)) == [previous, "tfds"]  # Cache kept.
+  kept = os.path.join(work, previous, "fold0", "best", "x")
+  assert os.path.exists(kept)  # Moved, not deleted.
+  assert (
+    oct(os.stat(os.path.join(work, previous, "config.json")).st_mode)[-3:]
+    == oct(0o666 & ~_umask())[-3:]
+  )
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_preflight_errors_name_the_setting(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = divita.get_config()
+  with pytest.raises(workdir.WorkdirError, match="not a local path"):
+    workdir.preflight(config, "gs://bucket/run")
+  assert not os.path.exists(tmp_path / "gs:")  # No local look-alike.
+  (tmp_path / "file").write_text("")
+  with pytest.raises(workdir.WorkdirError, match="not a directory"):
+    workdir.preflight(config, str(tmp_path / "file"))
+  raw = divita.get_config("trailers12k")
+  with pytest.raises(workdir.WorkdirError, match="dataset.manual_dir=DIR"):
+    workdir.preflight(raw, str(tmp_path / "w"))
+  raw.dataset.manual_dir = str(tmp_path)
+  with pytest.raises(workdir.WorkdirError, match="backbones.image.checkpoint"):
+    workdir.preflight(raw, str(tmp_path / "w"))
+  config.train.batch_size = 3  # 8 fake devices on the data axis.
+  with pytest.raises(ValueError, match="config.train.batch_size=3"):
+    workdir.preflight(config, str(tmp_path / "w"))
+  assert sorted(os.listdir(tmp_path)) == ["file"]  # Nothing was created.
