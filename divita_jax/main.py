@@ -104,7 +104,10 @@ def main(argv):
 
   print(f"Config:\n{_config_yaml(FLAGS.config)}", flush=True)
   try:
-    run.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    # Checks that need no work come first (config typos, workdir, files).
+    workdir.preflight(FLAGS.config, FLAGS.workdir)
+    workdir.check_config(FLAGS.config, FLAGS.workdir, FLAGS.overwrite)
+    run.run(FLAGS.config, FLAGS.workdir)
   except checkpoints.Preempted as e:
     logging.warning("%s Exiting; rerun the same command to resume.", e)
     sys.exit(128 + e.signum)
