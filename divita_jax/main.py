@@ -91,6 +91,8 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     msg = str(e.args[0] if e.args else e).strip("'\"")
     msg = " ".join(msg.replace("\\n", "\n").replace("\\'", "'").split())
+    if isinstance(e, (AttributeError, KeyError)):
+      msg = f"unknown config field {msg}"
     sys.exit(f"divita_jax.main: error: {msg}")
 
 
