@@ -507,3 +507,46 @@ def test_hf_wrong_architecture(tmp_path):
   transformers.VivitModel(config).save_pretrained(tmp_path / "hf")
   with pytest.raises(ConversionError, match="wrong architecture"):
     convert_vit.convert("hf_vit", str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+def test_scenic_factorized_vivit_with_its_own_temporal_sizes(tmp_path):
+  # Scenic sizes the temporal transformer separately: here 1 head and a
+  # 12-wide MLP against the spatial 4 heads and 24. The checkpoint is
+  # assembled from independently built parts; the reference features
+  # compose those parts by hand.
+  d, t, heads, mlp = 16, 2, 4, 24
+  spatial = vivit.ViViT(
+    width=d,
+    depth=1,
+    mlp_dim=mlp,
+    num_heads=heads,
+    patch_size=4,
+    tubelet=2,
+    model_type="factorized_encoder",
+    temporal_depth=1,
+  )
+  sparams = _random_params(spatial, np.zeros((1, 2 * t, 8, 8, 3)), 5)
+  temporal = vit.Encoder(1, 12, 1)  # depth, mlp_dim, num_heads
+  tparams = _random_params(temporal, np.zeros((1, 1 + t, d)), 6)
+  params = {**sparams, "TemporalTransformer": tparams}
+  (tmp_path / "checkpoint").write_bytes(
+    flax.serialization.msgpack_serialize({"params": params})
+  )
+  convert_cli.main(
+    [
+      "--source=scenic_vivit",
+      f"--input={tmp_path / 'checkpoint'}",
+      f"--output={tmp_path / 'out'}",
+    ]
+  )
+  m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
+  assert spec["model"]["temporal_num_heads"] == 1
+  assert spec["model"]["temporal_mlp_dim"] == 12
+  x = np.random.RandomState(0).randn(2, 2 * t, 8, 8, 3).astype(np.float32)
+  got = jax.jit(m2.apply)({"params": loaded}, x)[0]
+  _, inter = spatial.apply({"params": sparams}, x)
+  frames = inter["spatial_encoded"][:, :, 0]  # [B, T', D] class tokens
+  cls = np.broadcast_to(params["cls_TemporalTransformer"], (2, 1, d))
+  tokens = np.concatenate([cls, frames], 1)
+  want = temporal.apply({"params": tparams}, tokens)[:, 0]
+  np.testing.assert_allclose(got, want, atol=1e-5)

@@ -113,6 +113,21 @@ def infer_model(
       if (m := re.match(r"TemporalTransformer/encoderblock_(\d+)/", k))
     }
     model["temporal_depth"] = len(tblocks)
+    # The temporal transformer has sizes of its own (Scenic configures its
+    # heads and MLP separately): read them from its shapes.
+    tq = _need(
+      flat,
+      "TemporalTransformer/encoderblock_0/MultiHeadDotProductAttention_0/"
+      "query/kernel",
+      kind,
+    )
+    tmlp = _need(
+      flat, "TemporalTransformer/encoderblock_0/MlpBlock_0/Dense_0/kernel", kind
+    )
+    if tq.shape[1] != model["num_heads"]:
+      model["temporal_num_heads"] = tq.shape[1]
+    if tmlp.shape[1] != model["mlp_dim"]:
+      model["temporal_mlp_dim"] = tmlp.shape[1]
     tpe = _need(flat, "TemporalTransformer/posembed_input/pos_embedding", kind)
     num_frames = (tpe.shape[1] - prefix) * kernel.shape[0]
   elif kind == "vivit":  # T'*g*g tokens: one of the two sizes is needed.

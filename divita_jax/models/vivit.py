@@ -35,6 +35,10 @@ class ViViT(nn.Module):
   tubelet: int = 2
   model_type: str = "spatio_temporal"
   temporal_depth: int = 4  # factorized_encoder only.
+  # factorized_encoder: Scenic sizes its temporal transformer separately;
+  # None = the spatial one's.
+  temporal_num_heads: int | None = None
+  temporal_mlp_dim: int | None = None
   classifier: str = "token"
   representation_size: int | None = None
   num_classes: int | None = None
@@ -43,11 +47,11 @@ class ViViT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def encoder(self, depth, name):
+  def encoder(self, depth, name, mlp_dim=None, num_heads=None):
     return vit.Encoder(
       depth,
-      self.mlp_dim,
-      self.num_heads,
+      mlp_dim or self.mlp_dim,
+      num_heads or self.num_heads,
       self.layer_norm_eps,
       self.gelu_approximate,
       dtype=self.dtype,
@@ -88,7 +92,12 @@ class ViViT(nn.Module):
       out["spatial_encoded"] = x.reshape(b, nt, -1, d)
       x = vit.pool_tokens(x, self.classifier).reshape(b, nt, d)
       x = vit.add_cls(self, x, "cls_TemporalTransformer")
-      x = self.encoder(self.temporal_depth, "TemporalTransformer")(x)
+      x = self.encoder(
+        self.temporal_depth,
+        "TemporalTransformer",
+        self.temporal_mlp_dim,
+        self.temporal_num_heads,
+      )(x)
     else:
       raise ValueError(
         f"Unknown ViViT model_type {self.model_type!r}; "
