@@ -71,6 +71,11 @@ def read_mtgc(path: epath.PathLike) -> Annotations:
   ids, labels, splits, seen = [], [], [], {}
   for i, row in enumerate(rows):
     line = i + 2  # 1-based, after the header.
+    if row.get(None):  # csv.DictReader's place for cells beyond the header.
+      raise ValueError(
+        f"mtgc.csv line {line}: {len(header) + len(row[None])} cells, the "
+        f"header has {len(header)} (extra: {row[None]})."
+      )
     mid = (row["mid"] or "").strip()
     if not mid:
       raise ValueError(f"mtgc.csv line {line}, column 'mid': empty id.")
