@@ -45,7 +45,7 @@ def test_empty_and_missing_csv(tmp_path):
 def test_rows_with_extra_or_missing_cells_name_the_line(tmp_path):
   path = tmp_path / "mtgc.csv"
   good = "tt1," + ",".join(["0"] * 10) + ",0,1,2"
-  path.write_text(",".join(mtgc.COLUMNS) + f"\n{good}\n{good[:-2]}\n")
+  path.write_text(",".join(mtgc.COLUMNS) + f"\n{good}\ntt2{good[3:-2]}\n")
   with pytest.raises(ValueError, match="line 3, column 'split2'"):
     mtgc.read_mtgc(path)
   path.write_text(",".join(mtgc.COLUMNS) + f"\n{good}\ntt2{good[3:]},1\n")
