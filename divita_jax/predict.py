@@ -29,6 +29,7 @@ from divita_jax import (
   evaluate,
   extract,
   genres,
+  report,
   reps,
   sharding,
   shots,
@@ -244,13 +245,7 @@ def classify(
 
 def read_probs_csv(path: str) -> tuple[list[str], np.ndarray]:
   """(ids, float64 [N, 10]) of a `results/fold{k}_{subset}_probs.csv`."""
-  with open(path) as f:
-    header = f.readline().strip().split(",")
-    if header != ["id", *genres.SHORT_NAMES]:
-      raise ValueError(f"{path}: not a probabilities CSV (header {header}).")
-    rows = [line.strip().split(",") for line in f if line.strip()]
-  probs = np.array([[float(x) for x in r[1:]] for r in rows], np.float64)
-  return [r[0] for r in rows], probs.reshape(-1, genres.NUM_GENRES)
+  return report.read_predictions(path)
 
 
 def to_json(result: dict) -> dict:

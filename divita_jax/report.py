@@ -1,23 +1,58 @@
-"""Paper-style results files: per-fold CSVs and a mean +- std summary."""
+"""Results files: per-fold CSVs, a mean +- std summary, per-trailer
+probabilities (writer and reader), strict JSON records."""
 
 import csv
+import math
 import os
-import tempfile
 
 import numpy as np
 
-from divita_jax import genres
+from divita_jax import atomic, genres
 
 METRIC_COLUMNS = ("uap", "map", "wap", "sap") + genres.SHORT_NAMES
 HEADER = ("fold", "epoch") + METRIC_COLUMNS
 
 
 def _atomic_write(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  atomic.write_text(path, text)
+
+
+def write_predictions(path: str, ids, probs: np.ndarray) -> None:
+  """Per-trailer probabilities: `id,<genre short names>`, 6 decimals."""
+  lines = ["id," + ",".join(genres.SHORT_NAMES)]
+  lines += [
+    f"{i}," + ",".join(f"{p:.6f}" for p in row) for i, row in zip(ids, probs)
+  ]
+  _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def read_predictions(path: str) -> tuple[list[str], np.ndarray]:
+  """(ids, float64 [N, 10]) of a `write_predictions` CSV."""
+  with open(path) as f:
+    header = f.readline().strip().split(",")
+    if header != ["id", *genres.SHORT_NAMES]:
+      raise ValueError(f"{path}: not a probabilities CSV (header {header}).")
+    rows = [line.strip().split(",") for line in f if line.strip()]
+  probs = np.array([[float(x) for x in r[1:]] for r in rows], np.float64)
+  return [r[0] for r in rows], probs.reshape(-1, genres.NUM_GENRES)
+
+
+def _strict(value):
+  """NaN / inf -> None: results JSON is strict JSON."""
+  if isinstance(value, dict):
+    return {k: _strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def write_json(path: str, record: dict) -> None:
+  """Strict JSON (undefined metrics, NaN, become null)."""
+  atomic.write_json(path, _strict(record), indent=1, allow_nan=False)
 
 
 def fold_rows(results: dict[int, dict], subset: str) -> list[dict]:
@@ -48,12 +83,17 @@ def read_csv(path: str) -> list[dict]:
 def mean_std(rows: list[dict], key: str) -> str:
   """Mean +- sample std over folds; folds where the metric is undefined (a
   genre without positives in that fold's subset: NaN) are left out."""
-  values = np.array([r[key] for r in rows], np.float64)
-  values = values[np.isfinite(values)]
-  if not len(values):
+  values = np.array(
+    [np.nan if r[key] is None else r[key] for r in rows], np.float64
+  )
+  finite = values[np.isfinite(values)]
+  if not len(finite):
     return "n/a"
-  std = values.std(ddof=1) if len(values) > 1 else 0.0
-  return f"{values.mean():.2f} +- {std:.2f}"
+  std = finite.std(ddof=1) if len(finite) > 1 else 0.0
+  text = f"{finite.mean():.2f} +- {std:.2f}"
+  if len(finite) < len(values):  # Says so instead of a silent mean.
+    text += f" ({len(finite)}/{len(values)} folds)"
+  return text
 
 
 def summary_markdown(rows_by_subset: dict[str, list[dict]], title: str) -> str:

@@ -1,5 +1,8 @@
 """Results tables: per-fold CSVs and the mean +- sample std summary."""
 
+import json
+import os
+
 import numpy as np
 
 from divita_jax import genres, report
@@ -32,5 +35,25 @@ def test_summary_uses_sample_std():
 
 def test_summary_skips_undefined_folds():
   rows = [{"hor": v} for v in (float("nan"), 50.0, 70.0)]
-  assert report.mean_std(rows, "hor") == "60.00 +- 14.14"
+  assert report.mean_std(rows, "hor") == "60.00 +- 14.14 (2/3 folds)"
   assert report.mean_std([{"hor": float("nan")}], "hor") == "n/a"
+
+
+def test_strict_json_and_readable_permissions(tmp_path):
+  path = str(tmp_path / "fold0.json")
+  report.write_json(path, {"test": {"uap": 0.5, "hor": float("nan")}})
+  text = open(path).read()
+  assert "NaN" not in text and '"hor": null' in text
+  json.loads(text, parse_constant=lambda c: 1 / 0)  # Strict JSON.
+  mask = os.umask(0)
+  os.umask(mask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # Not 0600.
+
+
+def test_predictions_round_trip(tmp_path):
+  probs = np.random.default_rng(0).random((3, 10))
+  path = str(tmp_path / "p.csv")
+  report.write_predictions(path, ["a", "b", "c"], probs)
+  ids, back = report.read_predictions(path)
+  assert ids == ["a", "b", "c"]
+  np.testing.assert_allclose(back, probs, atol=5e-7)
