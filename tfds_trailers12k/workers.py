@@ -9,8 +9,8 @@ of this package, so the workers do not need the main module at all: it is
 hidden while they start (`_submit`).
 
 Failures: a worker that dies is not blamed on its file at once. Its items
-are re-run one per fresh worker; a file whose worker dies again is the
-file's failure (`crashed(item, detail)`). When not even a trivial task
+are re-run one per fresh worker; a file that kills two fresh workers in a
+row is the file's failure (`crashed(item, detail)`). When not even a trivial task
 runs in a fresh worker, the environment is broken: `WorkerStartError`, and
 nothing is recorded against any file.
 """
@@ -53,7 +53,12 @@ def _pool(workers: int):
 def _submit(pool, fn, item):
   # Spawn-context pools start their processes inside submit().
   with _main_module_hidden():
-    return pool.submit(fn, item)
+    try:
+      return pool.submit(fn, item)
+    except OSError as e:  # The process could not start.
+      raise concurrent.futures.process.BrokenProcessPool(
+        f"worker start failed: {e}"
+      ) from e
 
 
 def _isolated(fn, item):
@@ -83,8 +88,12 @@ def _retry(fn, pending, crashed):
     if future.done() and not future.cancelled() and future.exception() is None:
       yield future.result()  # Finished before the crash.
       continue
+    # The pool's death may not have been this item's (it may not even have
+    # started): two deaths in a row of fresh workers on it are its own.
     ok, result = _isolated(fn, item)
-    if not ok:  # Died twice on this file: the file's failure.
+    if not ok:
+      ok, result = _isolated(fn, item)
+    if not ok:
       check_workers_start()
       result = crashed(item, result)
     yield result
@@ -93,8 +102,8 @@ def _retry(fn, pending, crashed):
 def map_in_pool(fn, items: list, num_workers: int, desc: str, crashed):
   """Ordered map of `fn` over worker processes, with a trailers/s bar.
 
-  `crashed(item, detail)` is the result for an item whose worker died on
-  it twice, in fresh workers. num_workers 0 = all cores; 1 = in process.
+  `crashed(item, detail)` is the result for an item that killed two fresh
+  workers in a row. num_workers 0 = all cores; 1 = in process.
   """
   workers = num_workers or multiprocessing.cpu_count()
   workers = max(1, min(workers, len(items)))
