@@ -10,9 +10,9 @@ hidden while they start (`_submit`).
 
 Failures: a worker that dies is not blamed on its file at once. Its items
 are re-run one per fresh worker; a file that kills two fresh workers in a
-row is the file's failure (`crashed(item, detail)`). When not even a trivial task
-runs in a fresh worker, the environment is broken: `WorkerStartError`, and
-nothing is recorded against any file.
+row is the file's failure (`crashed(item, detail)`). When not even a
+trivial task runs in a fresh worker, the environment is broken:
+`WorkerStartError`, and nothing is recorded against any file.
 """
 
 import collections
