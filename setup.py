@@ -59,5 +59,12 @@ setuptools.setup(
   ),
   python_requires=">=3.10",
   install_requires=INSTALL_REQUIRES,
-  extras_require={"test": TEST_REQUIRES},
+  extras_require={
+    "test": TEST_REQUIRES,
+    # Accelerators: the plain install pins the CPU jaxlib; these add the
+    # matching plugin (pip install -e '.[cuda]' or '.[tpu]').
+    "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
+    "cuda13": ["jax[cuda13]>=0.10.2,<0.11"],
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+  },
 )
