@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from divita_jax import hosts
+
 LATEST, BEST = "checkpoints", "best"
 
 
@@ -130,7 +132,7 @@ def restore(mngr, item: str, abstract, read_only: bool = False):
   checkpoint of another config's tree raises ConfigMismatch.
   """
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  for step in sorted(mngr.all_steps(), reverse=True):
+  for step in sorted(hosts.agree_steps(mngr.all_steps()), reverse=True):
     where = f"Checkpoint {mngr.directory}/{step}"
     try:
       saved = mngr.item_metadata(step)[item].tree

@@ -4,11 +4,13 @@ The one place that decides which trailers and batch rows a process owns:
 dataset preparation and extraction split trailers with `process_shard`;
 the head's loaders give each process the rows `process_rows` of every
 global batch; `global_batch` assembles the processes' rows into one
-jax.Array split along the mesh's data axis.
+jax.Array split along the mesh's data axis. `agree` makes process 0's view
+of the filesystem everyone's.
 """
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
@@ -68,3 +70,25 @@ def global_batch(
     k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
     for k, v in local_batch.items()
   }
+
+
+def agree(value) -> np.ndarray:
+  """Process 0's value (a numpy array) on every process.
+
+  Decisions taken from the filesystem (a fold is finished, which trailers
+  have representations, the latest checkpoint) can differ between hosts
+  under attribute caching (NFS, gcsfuse); deciding on process 0 keeps every
+  process in the same collectives.
+  """
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value
+  return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def agree_steps(steps, capacity: int = 64) -> list[int]:
+  """Process 0's list of checkpoint steps (ints >= 0) on every process."""
+  padded = np.full(capacity, -1, np.int64)
+  steps = sorted(steps)[-capacity:]
+  padded[: len(steps)] = steps
+  return [int(s) for s in agree(padded) if s >= 0]
