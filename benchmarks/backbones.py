@@ -1,4 +1,4 @@
-r"""Backbone throughput: our Flax ViT / ViViT vs HF transformers PyTorch.
+r"""Backbone throughput: our Flax backbones vs their PyTorch references.
 
 Default (a few minutes on a 2-core CPU: batch 2, 8-frame clips, 3 rounds):
   python benchmarks/backbones.py
@@ -11,9 +11,19 @@ achieved GFLOP/s (analytic count of the forward pass) against a measured
 fp32 matmul peak (jnp.dot of two square matrices). The machine is shared,
 so every candidate, and the matmul, runs once per round, round-robin, and
 each keeps its best round: all numbers of a model see the same load.
+
+Swin rows (torchvision `swin_t` / `swin3d_t`, converted to our Flax
+`Swin` / `Swin3D` with the same random weights, same input; FLOPs counted
+by torch's FlopCounterMode on the reference, attention matmuls included):
+  python benchmarks/backbones.py --models swin,swin3d
+Swin-T at 224 (frames/s) and Video Swin-T at 16x224 and 24x224 (clips/s),
+fp32 (add bfloat16 with --swin_dtypes float32,bfloat16). The load average
+is printed at start and end.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -22,7 +32,8 @@ import numpy as np
 import torch
 import transformers
 
-from divita_jax.models import backbone
+from divita_jax.convert import swin as convert_swin
+from divita_jax.models import backbone, swin
 
 
 def best_times(fns, iters):
@@ -121,6 +132,54 @@ def bench_vivit(args):
   return bench("ViViT-B/16x2", b, flops, fns, args)
 
 
+def torchvision():
+  """torchvision through the tests' helper (CPU torch needs its schemas);
+  also lets transformers import torchvision."""
+  sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
+  from tests.torch_reference import torchvision as tv  # noqa: PLC0415
+
+  return tv()
+
+
+def swin_jax_fn(fields, params, x, dtype):
+  cls = swin.Swin3D if len(fields["patch"]) == 3 else swin.Swin
+  module = cls(**fields, dtype=jnp.dtype(dtype))
+  f = jax.jit(lambda p, v: module.apply({"params": p}, v)[0])
+  x, params = jnp.asarray(x), jax.tree.map(jnp.asarray, params)
+  return lambda: f(params, x).block_until_ready()
+
+
+def torch_flops(model, x):
+  from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+  with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    model(x)
+  return counter.get_total_flops()
+
+
+def bench_swin(args, frames=0):
+  """Swin-T at 224 (frames=0) or Video Swin-T on frames x 224 clips."""
+  tv = torchvision()
+  if frames:
+    b, arch, ref = args.swin3d_batch, "swin3d_t", tv.models.video.swin3d_t()
+    x = np.random.RandomState(0).randn(b, frames, 224, 224, 3)
+  else:
+    b, arch, ref = args.swin_batch, "swin_t", tv.models.swin_t()
+    x = np.random.RandomState(0).randn(b, 224, 224, 3)
+  x = x.astype(np.float32)
+  sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+  params, fields, _ = convert_swin.from_torchvision(sd, arch)
+  tx = torch.from_numpy(np.moveaxis(x, -1, 1).copy())  # N C [T] H W
+  dtypes = args.swin_dtypes.split(",")
+  fns = {("flax", d): swin_jax_fn(fields, params, x, d) for d in dtypes}
+  for d in dtypes:
+    fns[("torch", d)] = torch_fn(ref.eval(), tx, d == "bfloat16")
+  flops = torch_flops(ref, tx)
+  return bench(f"VSwin-T/{frames}" if frames else "Swin-T", b, flops, fns, args)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--vit_batch", type=int, default=2)
@@ -128,16 +187,33 @@ def main():
   p.add_argument("--frames", type=int, default=8, help="ViViT clip length.")
   p.add_argument("--iters", type=int, default=3, help="Timed rounds.")
   p.add_argument("--matmul", type=int, default=2048)
-  p.add_argument("--models", default="vit,vivit", help="Which to run.")
+  p.add_argument("--swin_batch", type=int, default=4)
+  p.add_argument("--swin3d_batch", type=int, default=1)
+  p.add_argument(
+    "--swin3d_frames", default="16,24", help="Video Swin clip lengths."
+  )
+  p.add_argument("--swin_dtypes", default="float32")
+  p.add_argument(
+    "--models", default="vit,vivit", help="Which to run: vit,vivit,swin,swin3d."
+  )
   args = p.parse_args()
+  print(f"load average at start: {os.getloadavg()}")
+  torchvision()  # before transformers imports torchvision
   rows = []
   if "vit" in args.models.split(","):
     rows += bench_vit(args)
   if "vivit" in args.models.split(","):
     rows += bench_vivit(args)
+  if "swin" in args.models.split(","):
+    rows += bench_swin(args)
+  if "swin3d" in args.models.split(","):
+    for frames in map(int, args.swin3d_frames.split(",")):
+      rows += bench_swin(args, frames)
+  print(f"load average at end: {os.getloadavg()}")
   print(
     f"device: {jax.devices()[0].device_kind}; ViT-B/16 and ViViT-B/16x2 at "
-    f"224 px, ViViT clips of {args.frames} frames; best of {args.iters} "
+    f"224 px, ViViT clips of {args.frames} frames; Swin-T at 224 px, "
+    f"VSwin-T/F: Video Swin-T on F x 224 px clips; best of {args.iters} "
     f"round-robin rounds; peak = fp32 jnp.dot {args.matmul}^2 in the same "
     "rounds."
   )

@@ -1,0 +1,482 @@
+"""Swin Transformer (2-D) and Video Swin (3-D) in Flax linen, channels-last.
+
+One shifted-window attention core serves any number of grid axes: `Swin`
+takes images [B, H, W, 3], `Swin3D` clips [B, T, H, W, 3]. The behaviour
+follows torchvision's `swin_t` / `swin3d_t` exactly, including its quirks:
+- grids are zero-padded (after norm1) to window multiples and the padded
+  tokens are attended to, unmasked; only the cyclic-shift regions are
+  masked, with -100 (not -inf);
+- a grid axis no larger than the window gets no shift; the 3-D model
+  (`shrink_window`) also shrinks the window to it and slices the full
+  window's relative-position index to `[:vol, :vol]`, as the pretrained
+  weights expect; the 2-D model keeps the window and pads instead;
+- patch merging concatenates x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2],
+  x[1::2, 1::2] (H varies first) over the last two grid axes only;
+- exact GELU, LayerNorm eps 1e-5.
+
+Parameter tree: `patch_embed/{kernel,bias}`, `patch_norm`,
+`stage_{i}/block_{j}/{norm1, attn/{qkv, proj,
+relative_position_bias_table}, norm2, mlp/{fc1, fc2}}`,
+`stage_{i}/downsample/{norm, reduction}` (all stages but the last),
+`norm`. qkv kernel [D, 3, heads, head_dim], proj kernel [heads, head_dim, D].
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from divita_jax.models.axes import logical
+
+# Shift-mask value of the reference (-inf would change the softmax).
+MASK_VALUE = -100.0
+
+# name -> (embed_dim, depths, num_heads); torchvision's T/S/B plus `tiny`.
+_SIZES = {
+  "tiny": (32, (1, 1, 2, 1), (1, 2, 4, 8)),
+  "T": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+  "S": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+  "B": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+}
+
+
+def decode_variant(variant: str, video: bool = False) -> dict[str, Any]:
+  """'T' | 'S' | 'B' | 'tiny' -> `Swin` fields (`Swin3D` with video)."""
+  if variant not in _SIZES:
+    raise ValueError(
+      f"Unknown Swin variant {variant!r}; expected one of {sorted(_SIZES)}."
+    )
+  embed_dim, depths, num_heads = _SIZES[variant]
+  return dict(
+    embed_dim=embed_dim,
+    depths=list(depths),
+    num_heads=list(num_heads),
+    window=[8, 7, 7] if video else [7, 7],
+    patch=[2, 4, 4] if video else [4, 4],
+    shrink_window=video,
+    pad_input=video,
+  )
+
+
+def feature_dim(fields: dict[str, Any]) -> int:
+  """Width of the pooled features (768 for T): doubled by each merge."""
+  return fields["embed_dim"] * 2 ** (len(fields["depths"]) - 1)
+
+
+# ---------------------------------------------------------------------------
+# Static window geometry (numpy, computed once per traced shape).
+
+
+@functools.cache
+def relative_position_index(window: tuple[int, ...]) -> np.ndarray:
+  """[vol, vol] index into the bias table, as torchvision builds it."""
+  coords = np.stack(np.meshgrid(*map(np.arange, window), indexing="ij"))
+  coords = coords.reshape(len(window), -1)  # [axes, vol]
+  rel = coords[:, :, None] - coords[:, None, :]  # [axes, vol, vol]
+  index = np.zeros(rel.shape[1:], np.int64)
+  for axis, w in enumerate(window):  # mixed radix, first axis slowest
+    index = index * (2 * w - 1) + rel[axis] + w - 1
+  return index
+
+
+def relative_index_in_graph(window, vol):
+  """`relative_position_index(window)[:vol, :vol]` built by XLA ops.
+
+  Only the [vol, axes] coordinates are a constant; a [vol, vol] one
+  bloats the compiled program.
+  """
+  coords = jnp.asarray(np.stack(np.unravel_index(np.arange(vol), window), -1))
+  rel = coords[:, None, :] - coords[None, :, :]  # [vol, vol, axes]
+  strides = np.cumprod([1] + [2 * w - 1 for w in window[:0:-1]])[::-1]
+  offset = np.dot(np.subtract(window, 1), strides)
+  return rel @ jnp.asarray(strides, jnp.int32) + int(offset)
+
+
+def window_and_shift(grid, window, shift, shrink):
+  """The reference's per-axis rule for this block's window and shift."""
+  window, shift = list(window), list(shift)
+  for i, n in enumerate(grid):
+    if n <= window[i]:  # 2-D: same as "window >= padded size"
+      shift[i] = 0
+      if shrink:
+        window[i] = n
+  return tuple(window), tuple(shift)
+
+
+@functools.cache
+def shift_regions(padded, window, shift) -> np.ndarray:
+  """[windows, vol] int32 region label of each token of each window."""
+  regions = np.zeros(padded, np.int32)
+  slices = [((0, -w), (-w, -s), (-s, None)) for w, s in zip(window, shift)]
+  for count, combo in enumerate(np.ndindex(*[3] * len(padded))):
+    # Same slice tuples as the reference: with a zero shift, (-0, None)
+    # covers the whole axis and later regions overwrite earlier ones.
+    regions[tuple(slice(*slices[a][k]) for a, k in enumerate(combo))] = count
+  return partition(regions[None, ..., None], window)[0, :, :, 0]
+
+
+def window_labels(grid, padded, window, shift):
+  """[windows, vol] labels, or None: attention across labels gets -100.
+
+  Only the shift regions are labelled: the padding beyond `grid` is
+  attended to, unmasked, as in the reference (masking it changes the
+  features). Labels, not a dense [windows, vol, vol] mask, keep the
+  compiled constants small (a dense one is 78 MB for 24x224 clips).
+  """
+  del grid  # deliberately unused; see above
+  return shift_regions(padded, window, shift) if any(shift) else None
+
+
+def partition(x, window):
+  """[B, *grid, C] -> [B, windows, vol, C], windows in grid order."""
+  b, *grid, c = x.shape
+  r = len(grid)
+  split = [d for n, w in zip(grid, window) for d in (n // w, w)]
+  x = x.reshape(b, *split, c)
+  perm = [0, *range(1, 2 * r, 2), *range(2, 2 * r + 1, 2), 2 * r + 1]
+  return x.transpose(perm).reshape(b, -1, int(np.prod(window)), c)
+
+
+def unpartition(x, grid, window):
+  """Inverse of `partition` -> [B, *grid, C]."""
+  b, _, _, c = x.shape
+  r = len(grid)
+  x = x.reshape(b, *[n // w for n, w in zip(grid, window)], *window, c)
+  perm = [0, *[p for i in range(r) for p in (1 + i, 1 + r + i)], 2 * r + 1]
+  return x.transpose(perm).reshape(b, *grid, c)
+
+
+def pad_to(x, axes, multiples):
+  """Zero-pads grid axes (at the end) up to multiples."""
+  pads = [(0, 0)] * x.ndim
+  for a, m in zip(axes, multiples):
+    pads[a] = (0, -x.shape[a] % m)
+  return jnp.pad(x, pads) if any(p[1] for p in pads) else x
+
+
+# ---------------------------------------------------------------------------
+# Attention.
+
+# Logits bytes per sequential block of windows: Video Swin's 392-token
+# windows make stage-0 logits 236 MB per 24-frame clip; in 8 MB blocks
+# (cache-sized, as models/attention.py) the attention runs ~2x faster on
+# CPU. Smaller maps (2-D Swin at small batch) take one block.
+BLOCK_BYTES = 8 << 20
+
+
+def _attend(q, k, v, bias, labels):
+  """softmax(q k^T + bias + mask) v over [B, nW, N, heads, hd] windows."""
+  logits = jnp.einsum(
+    "bwqhd,bwkhd->bwhqk", q, k, preferred_element_type=jnp.float32
+  )  # [B, nW, heads, N, N]
+  logits = logits + bias[None, None]
+  if labels is not None:
+    same = labels[:, :, None] == labels[:, None, :]  # [nW, N, N]
+    logits = logits + jnp.where(same, 0.0, MASK_VALUE)[None, :, None]
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bwhqk,bwkhd->bwqhd", probs, v)
+
+
+def attend_windows(q, k, v, bias, labels, block_bytes=BLOCK_BYTES):
+  """`_attend` looped (lax.map) over blocks of windows, never the batch."""
+  b, nw, n, h, hd = q.shape
+  per_window = b * h * n * n * 4
+  fits = [d for d in range(1, nw + 1) if nw % d == 0]
+  chunk = max([d for d in fits if d * per_window <= block_bytes] or [1])
+  if labels is not None:
+    labels = jnp.asarray(labels)  # compared in-graph: small constant
+  if chunk == nw:
+    return _attend(q, k, v, bias, labels)
+  groups = nw // chunk
+
+  def split(a):  # [B, nW, ...] -> [groups, B, chunk, ...]
+    return a.reshape(b, groups, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+  xs = (split(q), split(k), split(v))
+  if labels is None:
+    y = jax.lax.map(lambda t: _attend(*t, bias, None), xs)
+  else:
+    xs += (labels.reshape(groups, chunk, n),)
+    y = jax.lax.map(lambda t: _attend(*t[:3], bias, t[3]), xs)
+  return y.swapaxes(0, 1).reshape(b, nw, n, h, hd)
+
+
+# ---------------------------------------------------------------------------
+# Modules.
+
+_KERNEL = nn.initializers.truncated_normal(0.02)
+_ZEROS = nn.initializers.zeros
+_ONES = nn.initializers.ones
+
+
+def layer_norm(eps, dtype, name):
+  return nn.LayerNorm(
+    epsilon=eps,
+    dtype=dtype,
+    scale_init=logical(_ONES, "embed"),
+    bias_init=logical(_ZEROS, "embed"),
+    name=name,
+  )
+
+
+class WindowAttention(nn.Module):
+  """Shifted-window multi-head self-attention on a [B, *grid, C] map."""
+
+  num_heads: int
+  window: tuple[int, ...]  # configured window (bias table size)
+  shift: tuple[int, ...]
+  shrink_window: bool
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, *grid, c = x.shape
+    heads, hd = self.num_heads, c // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    window, shift = window_and_shift(
+      grid, self.window, self.shift, self.shrink_window
+    )
+    axes = tuple(range(1, len(grid) + 1))
+    x = pad_to(x, axes, window)  # unmasked, as the reference
+    padded = x.shape[1:-1]
+    if any(shift):
+      x = jnp.roll(x, [-s for s in shift], axes)
+    x = partition(x, window)  # [B, nW, N, C]
+    qkv = nn.DenseGeneral(
+      (3, heads, hd),
+      kernel_init=logical(_KERNEL, "embed", None, "heads", "kv"),
+      bias_init=logical(_ZEROS, None, "heads", "kv"),
+      name="qkv",
+      **kw,
+    )(x)  # [B, nW, N, 3, heads, hd]
+    q, k, v = (qkv[..., i, :, :] for i in range(3))
+    q = q * jnp.asarray(hd**-0.5, q.dtype)
+    labels = window_labels(tuple(grid), tuple(padded), window, shift)
+    y = attend_windows(q, k, v, self.bias(window), labels)
+    y = nn.DenseGeneral(
+      c,
+      axis=(-2, -1),
+      kernel_init=logical(_KERNEL, "heads", "kv", "embed"),
+      bias_init=logical(_ZEROS, "embed"),
+      name="proj",
+      **kw,
+    )(y)  # [B, nW, N, C]
+    y = unpartition(y, padded, window)
+    if any(shift):
+      y = jnp.roll(y, shift, axes)
+    return y[(slice(None), *map(slice, grid))]
+
+  def bias(self, window):
+    """[heads, N, N] relative-position bias of the (maybe shrunk) window."""
+    size = int(np.prod([2 * w - 1 for w in self.window]))
+    table = self.param(
+      "relative_position_bias_table",
+      logical(nn.initializers.truncated_normal(0.02), None, "heads"),
+      (size, self.num_heads),
+      self.param_dtype,
+    )
+    vol = int(np.prod(window))
+    index = relative_index_in_graph(tuple(self.window), vol)
+    return jnp.take(table, index, axis=0).transpose(2, 0, 1).astype(jnp.float32)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2."""
+
+  hidden: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Dense(
+      self.hidden,
+      kernel_init=logical(_KERNEL, "embed", "mlp"),
+      bias_init=logical(_ZEROS, "mlp"),
+      name="fc1",
+      **kw,
+    )(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(
+      c,
+      kernel_init=logical(_KERNEL, "mlp", "embed"),
+      bias_init=logical(_ZEROS, "embed"),
+      name="fc2",
+      **kw,
+    )(x)
+
+
+class Block(nn.Module):
+  """Pre-LN Swin block: x + WMSA(norm1(x)); x + MLP(norm2(x))."""
+
+  num_heads: int
+  window: tuple[int, ...]
+  shift: tuple[int, ...]
+  shrink_window: bool
+  mlp_ratio: float
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = layer_norm(self.eps, self.dtype, "norm1")(x)
+    x = x + WindowAttention(
+      self.num_heads,
+      self.window,
+      self.shift,
+      self.shrink_window,
+      name="attn",
+      **kw,
+    )(y)
+    y = layer_norm(self.eps, self.dtype, "norm2")(x)
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    return x + Mlp(hidden, name="mlp", **kw)(y)
+
+
+def merge_patches(x):
+  """[..., H, W, C] -> [..., ceil(H/2), ceil(W/2), 4C] in reference order."""
+  x = pad_to(x, (x.ndim - 3, x.ndim - 2), (2, 2))
+  *lead, h, w, c = x.shape
+  x = x.reshape(*lead, h // 2, 2, w // 2, 2, c)  # [..., h, i, w, j, C]
+  n = len(lead)
+  # Channel block k = i + 2 j: x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1).
+  x = x.transpose(*range(n), n, n + 2, n + 3, n + 1, n + 4)
+  return x.reshape(*lead, h // 2, w // 2, 4 * c)
+
+
+class PatchMerging(nn.Module):
+  """2x2 spatial merge, norm(4C), reduction to 2C (no bias)."""
+
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    x = layer_norm(self.eps, self.dtype, "norm")(merge_patches(x))
+    return nn.Dense(
+      2 * c,
+      use_bias=False,
+      kernel_init=logical(_KERNEL, "mlp", "embed"),
+      name="reduction",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )(x)
+
+
+class Stage(nn.Module):
+  """`depth` blocks (shift on odd ones), then an optional patch merging."""
+
+  depth: int
+  num_heads: int
+  window: tuple[int, ...]
+  shrink_window: bool
+  mlp_ratio: float
+  eps: float
+  downsample: bool
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    for j in range(self.depth):
+      shift = tuple(w // 2 if j % 2 else 0 for w in self.window)
+      x = Block(
+        self.num_heads,
+        self.window,
+        shift,
+        self.shrink_window,
+        self.mlp_ratio,
+        self.eps,
+        name=f"block_{j}",
+        **kw,
+      )(x)
+    if not self.downsample:
+      return x, x
+    return x, PatchMerging(self.eps, name="downsample", **kw)(x)
+
+
+class Swin(nn.Module):
+  """Swin on images [B, H, W, 3] -> (pooled [B, D], intermediates).
+
+  Intermediates: `stem` [B, h, w, C] (patch embedding after its norm),
+  `stage_{i}` [B, h_i, w_i, C_i] (blocks' output, before merging),
+  `encoded` [B, tokens, D] (after the final norm), `pooled` [B, D] (mean
+  of `encoded`). Deterministic; `dtype` is the compute dtype.
+  shrink_window / pad_input: torchvision 3-D rules (see module docstring;
+  pad_input zero-pads the input to patch multiples instead of flooring).
+  """
+
+  embed_dim: int = 96
+  depths: tuple[int, ...] = (2, 2, 6, 2)
+  num_heads: tuple[int, ...] = (3, 6, 12, 24)
+  window: tuple[int, ...] = (7, 7)
+  patch: tuple[int, ...] = (4, 4)
+  shrink_window: bool = False
+  pad_input: bool = False
+  mlp_ratio: float = 4.0
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    rank = len(self.patch)
+    if x.ndim != rank + 2 or len(self.window) != rank:
+      raise ValueError(
+        f"{type(self).__name__} with patch {self.patch} and window "
+        f"{self.window} expects [B, {rank} grid axes, 3] input, got {x.shape}."
+      )
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    patch = tuple(self.patch)
+    x = x.astype(self.dtype)
+    if self.pad_input:
+      x = pad_to(x, range(1, rank + 1), patch)
+    x = nn.Conv(
+      self.embed_dim,
+      patch,
+      strides=patch,
+      padding="VALID",  # torchvision's 2-D conv floors; 3-D padded above
+      kernel_init=logical(_KERNEL, *[None] * (rank + 1), "embed"),
+      bias_init=logical(_ZEROS, "embed"),
+      name="patch_embed",
+      **kw,
+    )(x)  # [B, *grid, C]
+    x = layer_norm(self.layer_norm_eps, self.dtype, "patch_norm")(x)
+    out = {"stem": x}
+    for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+      out[f"stage_{i}"], x = Stage(
+        depth,
+        heads,
+        tuple(self.window),
+        self.shrink_window,
+        self.mlp_ratio,
+        self.layer_norm_eps,
+        downsample=i < len(self.depths) - 1,
+        name=f"stage_{i}",
+        **kw,
+      )(x)
+    x = layer_norm(self.layer_norm_eps, self.dtype, "norm")(x)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, tokens, D]
+    out["encoded"] = x
+    out["pooled"] = pooled = jnp.mean(x, axis=1, dtype=jnp.float32)
+    return pooled.astype(self.dtype), out
+
+
+class Swin3D(Swin):
+  """Video Swin on clips [B, T, H, W, 3]; torchvision `swin3d_*` rules."""
+
+  window: tuple[int, ...] = (8, 7, 7)
+  patch: tuple[int, ...] = (2, 4, 4)
+  shrink_window: bool = True
+  pad_input: bool = True
