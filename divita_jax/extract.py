@@ -1,18 +1,28 @@
 """Frozen-backbone feature extraction into the representation store.
 
-Every clip of every trailer goes through the image backbone (ViT per frame,
-mean over the clip's frames) and the video backbone (ViViT per clip); each
-trailer's [num_clips, D] array is written atomically to an `NpyStore` under
-the branch's tag. Work is split across JAX processes (each takes its share of
-trailers) and each process shards its clip batches over its local devices, so
-no cross-process collective is needed. Trailers already in the store are
+Every clip of every trailer goes through each branch's backbone: 2-D (image)
+kinds per frame, pooled over the clip's frames (mean, or the centre frame
+only), video kinds per clip; each trailer's [num_clips, D] array is written
+atomically to an `NpyStore` under the branch's tag. Work is split across JAX
+processes (each takes its share of trailers) and each process shards its
+clip batches over its local devices, so extraction itself needs no
+cross-process collective. Loading a converted checkpoint does (orbax ends
+in a barrier), so every process loads every backbone whatever its share.
+
+Clips stream into fixed-size batches across trailer boundaries (no padded
+batch per trailer), travel to the device as uint8 and are normalised inside
+the jitted function; the next batch is dispatched before the previous
+result is fetched, so decoding (grain threads or worker processes), the
+transfer and the compute overlap. Trailers already in the store are
 skipped, so a rerun resumes; trailers whose video fails are recorded in
 `skipped_p<process>.json` beside the store and skipped.
 """
 
+import collections
 import json
 import os
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +35,39 @@ from tqdm import tqdm
 from divita_jax import hosts, input_pipeline, reps, video
 from divita_jax.models import backbone
 
+FRAME_POOLINGS = ("mean", "center")
+# Batches dispatched and not yet fetched: one computes while the next is
+# transferred and the previous one's features come back.
+IN_FLIGHT = 2
+
+
+def option(config: ml_collections.ConfigDict, name: str, branch: str = ""):
+  """config.extract.<name>, or with `branch` config.backbones.<branch>.<name>.
+
+  TODO(lead): config field. Remove the fallbacks below once
+  configs/divita.py defines config.extract.decode_processes,
+  config.extract.decode_threads and config.backbones.<b>.frame_pooling.
+  """
+  defaults = {
+    "decode_processes": -1,
+    "decode_threads": 2,
+    "frame_pooling": "mean",
+  }
+  section = config.backbones[branch] if branch else config.get("extract", {})
+  return section.get(name, defaults[name])
+
+
+def decode_processes(config: ml_collections.ConfigDict) -> int:
+  """Decode worker processes; -1 = one per core beside the main process on
+  GPU/TPU, none on CPU (its cores run the backbones; PyAV's threads
+  release the GIL)."""
+  n = int(option(config, "decode_processes"))
+  if n >= 0:
+    return n
+  if jax.default_backend() == "cpu":
+    return 0
+  return max(1, len(os.sched_getaffinity(0)) - 1)
+
 
 def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
   """Store tag naming everything that changes a branch's representations."""
@@ -35,9 +78,11 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
     else (f"random_{b.variant.replace('/', '-')}_seed{config.seed}")
   )
   c = config.clips
+  pooling = option(config, "frame_pooling", branch)
+  suffix = "_center" if pooling == "center" else ""  # Mean: as before.
   return (
     f"{branch}_{b.kind}_{name}_{c.segmentation}_fps{c.fps:g}"
-    f"_fpc{c.frames_per_clip}_r{b.resolution}"
+    f"_fpc{c.frames_per_clip}_r{b.resolution}{suffix}"
   )
 
 
@@ -60,44 +105,188 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
   )
 
 
-def make_feature_fn(module, params, kind: str, mean_std):
+def as_variables(params_or_variables) -> dict:
+  """{'params': ...[, 'batch_stats': ...]}; a bare params tree is wrapped."""
+  tree = params_or_variables
+  if isinstance(tree, Mapping) and "params" in tree:
+    return dict(tree)
+  return {"params": tree}
+
+
+def normalize(x, mean, std):
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, inside jit.
+
+  A lookup in the 256 x 3 table that video.normalize computes on the host:
+  the same float32 values bit for bit on every backend (XLA would turn
+  the divisions by constants into multiplications by reciprocals).
+  """
+  table = video.normalize(np.arange(256, dtype=np.uint8)[:, None], mean, std)
+  flat = jnp.asarray(table.reshape(-1))  # [256 * 3]: value * 3 + channel
+  return flat[x.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)]
+
+
+class FeatureFn:
+  """uint8 clips [n, T, H, W, 3] -> float32 features [n, D] of one backbone.
+
+  `fn(clips, batch_size)` runs all clips in fixed-size batches (one
+  compiled program); `Batcher` streams clips of many trailers through
+  `dispatch`. 2-D (image) kinds see every frame alone and average the
+  pooled features over T (`frame_pooling='mean'`), or see only the centre
+  frame T // 2 (`'center'`: the loader may then decode that frame alone).
+  """
+
+  def __init__(
+    self, module, variables, kind: str, mean_std, frame_pooling="mean"
+  ):
+    if frame_pooling not in FRAME_POOLINGS:
+      raise ValueError(
+        f"Unknown frame_pooling {frame_pooling!r}; {FRAME_POOLINGS}."
+      )
+    self.image = backbone.is_image_model({"kind": kind})
+    self.center_frame = self.image and frame_pooling == "center"
+    self.devices = jax.local_devices()
+    mesh = Mesh(np.array(self.devices), ("data",))
+    self.sharding = NamedSharding(mesh, PartitionSpec("data"))
+    self.variables = jax.device_put(
+      as_variables(variables), NamedSharding(mesh, PartitionSpec())
+    )
+    self.device_fn = jax.jit(self._features, in_shardings=(None, self.sharding))
+    self._module, self._mean_std = module, mean_std
+
+  def _features(self, variables, x):
+    if self.center_frame:  # Host already cut it to 1 frame: index 0.
+      x = x[:, x.shape[1] // 2]
+    x = normalize(x, *self._mean_std)
+    if self.center_frame or not self.image:  # [n, H, W, 3] | [n, T, ...]
+      pooled, _ = self._module.apply(variables, x)
+      return pooled.astype(jnp.float32)
+    n, t = x.shape[:2]  # Every frame alone, then the mean over the clip.
+    pooled, _ = self._module.apply(variables, x.reshape(n * t, *x.shape[2:]))
+    return pooled.reshape(n, t, -1).mean(axis=1).astype(jnp.float32)
+
+  def prepare(self, clips: np.ndarray) -> np.ndarray:
+    """What the device needs of uint8 clips: the centre frame alone for
+    centre pooling (1/T of the bytes)."""
+    if self.center_frame and clips.shape[1] > 1:
+      t = clips.shape[1] // 2
+      return clips[:, t : t + 1]
+    return clips
+
+  def padded_size(self, batch_size: int) -> int:
+    """Batch size rounded up to a multiple of the local devices."""
+    return -(-batch_size // len(self.devices)) * len(self.devices)
+
+  def dispatch(self, batch: np.ndarray) -> jax.Array:
+    """Starts the features of a full uint8 batch; returns without waiting."""
+    return self.device_fn(self.variables, jax.device_put(batch, self.sharding))
+
+  def __call__(self, clips: np.ndarray, batch_size: int) -> np.ndarray:
+    batcher = Batcher(self, batch_size)
+    done = dict(batcher.add(0, clips) + batcher.flush())
+    return done[0]
+
+
+def make_feature_fn(
+  module, variables, kind: str, mean_std, frame_pooling: str = "mean"
+) -> FeatureFn:
   """uint8 clips [n, T, H, W, 3] -> float32 features [n, D], jitted.
 
-  mean_std: the input convention (backbone.input_stats).
+  variables: {'params': ...} (and 'batch_stats' for BatchNorm backbones),
+  or a bare params tree. mean_std: the input convention
+  (backbone.input_stats). kind: the backbone kind (2-D kinds per frame).
   """
-  devices = jax.local_devices()
-  mesh = Mesh(np.array(devices), ("data",))
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+  return FeatureFn(module, variables, kind, mean_std, frame_pooling)
 
-  def features(params, x):
-    n, t = x.shape[:2]
-    if kind == "vit":  # Every frame alone, then the mean over the clip.
-      pooled, _ = module.apply(
-        {"params": params}, x.reshape(n * t, *x.shape[2:])
-      )
-      return pooled.reshape(n, t, -1).mean(axis=1).astype(jnp.float32)
-    pooled, _ = module.apply({"params": params}, x)
-    return pooled.astype(jnp.float32)
 
-  jitted = jax.jit(features, in_shardings=(None, batch_sharding))
+class Batcher:
+  """Clips of consecutive trailers -> fixed-size batches -> per trailer.
 
-  def run(clips: np.ndarray, batch_size: int) -> np.ndarray:
-    # A fixed batch shape (padded) keeps one compiled program.
-    batch_size = -(-batch_size // len(devices)) * len(devices)
-    outputs = []
-    for start in range(0, len(clips), batch_size):
-      chunk = video.normalize(clips[start : start + batch_size], *mean_std)
-      pad = batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate(
-          [chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]
-        )
-      out = jitted(params, jax.device_put(chunk, batch_sharding))
-      outputs.append(np.asarray(out)[: batch_size - pad])
-    return np.concatenate(outputs)
+  `add(key, clips)` queues a trailer's clips and dispatches every full
+  batch; a batch may hold the end of one trailer and the start of the
+  next. Results are fetched IN_FLIGHT batches late, so the device always
+  has the next batch. Returns the (key, float32 [n, D]) of trailers whose
+  features are complete; `flush()` pads and runs the last partial batch.
+  """
 
-  return run
+  def __init__(self, fn: FeatureFn, batch_size: int):
+    self.fn, self.size = fn, fn.padded_size(batch_size)
+    self._queued = collections.deque()  # [key, clips, next row]
+    self._num_queued = 0
+    self._in_flight = collections.deque()  # (output, [(key, rows)])
+    self._parts = {}  # key -> [feature arrays]
+    self._missing = {}  # key -> rows not yet fetched
+
+  def add(self, key, clips: np.ndarray) -> list:
+    clips = self.fn.prepare(clips)
+    self._missing[key], self._parts[key] = len(clips), []
+    if len(clips):
+      self._queued.append([key, clips, 0])
+      self._num_queued += len(clips)
+    done = [] if len(clips) else self._complete_empty(key, clips)
+    while self._num_queued >= self.size:
+      done += self._dispatch()
+    return done
+
+  def flush(self) -> list:
+    done = self._dispatch() if self._num_queued else []
+    while self._in_flight:
+      done += self._fetch()
+    return done
+
+  def _dispatch(self) -> list:
+    pieces, owners, need = [], [], self.size
+    while need and self._queued:
+      entry = self._queued[0]
+      key, clips, start = entry
+      part = clips[start : start + need]
+      pieces.append(part)
+      owners.append((key, len(part)))
+      entry[2] += len(part)
+      need -= len(part)
+      if entry[2] == len(clips):
+        self._queued.popleft()
+    self._num_queued -= self.size - need
+    if need:  # The last batch: zero rows keep the compiled shape.
+      pieces.append(np.zeros((need,) + pieces[0].shape[1:], np.uint8))
+    batch = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    self._in_flight.append((self.fn.dispatch(batch), owners))
+    return self._fetch() if len(self._in_flight) > IN_FLIGHT else []
+
+  def _fetch(self) -> list:
+    output, owners = self._in_flight.popleft()
+    features, row, done = np.asarray(output), 0, []
+    for key, rows in owners:
+      self._parts[key].append(features[row : row + rows])
+      row += rows
+      self._missing[key] -= rows
+      if not self._missing[key]:
+        del self._missing[key]
+        done.append((key, np.concatenate(self._parts.pop(key))))
+    return done
+
+  def _complete_empty(self, key, clips: np.ndarray) -> list:
+    """A trailer without clips: float32 [0, D]."""
+    shape = (self.size,) + clips.shape[1:]
+    out = jax.eval_shape(
+      self.fn.device_fn,
+      self.fn.variables,
+      jax.ShapeDtypeStruct(shape, np.uint8),
+    )
+    del self._missing[key], self._parts[key]
+    return [(key, np.zeros((0, out.shape[1]), np.float32))]
+
+
+def branch_feature_fn(config: ml_collections.ConfigDict, branch: str):
+  """The branch's backbone (make_backbone) as a FeatureFn."""
+  module, params, spec = make_backbone(config, branch)
+  b = config.backbones[branch]
+  return make_feature_fn(
+    module,
+    params,
+    b.kind,
+    backbone.input_stats(spec, b.normalization),
+    option(config, "frame_pooling", branch),
+  )
 
 
 def _record_skipped(store_root: str, skipped: list[dict]) -> None:
@@ -128,6 +317,9 @@ def extract(
   stores = {
     b: reps.NpyStore(store_root, backbone_tag(config, b)) for b in branches
   }
+  # Before looking at this process's share: loading a converted checkpoint
+  # ends in a barrier of all processes, also those with nothing left.
+  feature_fns = {b: branch_feature_fn(config, b) for b in branches}
   todo = [
     i
     for i in hosts.process_shard(np.arange(len(ids)))
@@ -136,55 +328,45 @@ def extract(
   logging.info(
     "Extraction: %d of %d trailers left for this process.", len(todo), len(ids)
   )
-  if not todo:
-    return stores
   # Clips are decoded once per resolution and shared by branches using it.
   by_resolution = {}
   for b in branches:
     by_resolution.setdefault(config.backbones[b].resolution, []).append(b)
-  feature_fns = {}
-  for b in branches:
-    module, params, spec = make_backbone(config, b)
-    feature_fns[b] = make_feature_fn(
-      module,
-      params,
-      config.backbones[b].kind,
-      backbone.input_stats(spec, config.backbones[b].normalization),
-    )
   for resolution, group in by_resolution.items():
-    _extract_group(
-      config,
-      source,
-      ids,
-      todo,
-      resolution,
-      group,
-      stores,
-      feature_fns,
-      store_root,
-    )
+    group_todo = [
+      i for i in todo if not all(stores[b].has(ids[i]) for b in group)
+    ]
+    if group_todo:
+      fns = {b: feature_fns[b] for b in group}
+      skipped = _extract_group(
+        config, source, group_todo, resolution, fns, stores
+      )
+      if skipped:
+        _record_skipped(store_root, skipped)
   return stores
 
 
-def _extract_group(
-  config,
-  source,
-  ids,
-  todo,
-  resolution,
-  branches,
-  stores,
-  feature_fns,
-  store_root,
-) -> None:
-  clip_kwargs = video.sample_kwargs(config.clips, resolution)
-  todo = [i for i in todo if not all(stores[b].has(ids[i]) for b in branches)]
-  loader = input_pipeline.clip_loader(
-    source, np.asarray(todo, np.int64), clip_kwargs=clip_kwargs
+def _loader(config, source, todo, resolution, center_frame_only):
+  return input_pipeline.clip_loader(
+    source,
+    np.asarray(todo, np.int64),
+    clip_kwargs=video.sample_kwargs(config.clips, resolution),
+    center_frame_only=center_frame_only,
+    worker_count=decode_processes(config),
+    num_threads=int(option(config, "decode_threads")),
   )
+
+
+def _extract_group(config, source, todo, resolution, fns, stores) -> list:
+  """Branches `fns` of one input resolution: their clips are decoded once.
+  Returns the skipped trailers ({'id', 'reason'})."""
+  center = all(fn.center_frame for fn in fns.values())
+  batchers = {
+    b: Batcher(fn, config.backbones[b].batch_size) for b, fn in fns.items()
+  }
   skipped, num_clips, start = [], 0, time.time()
   bar = tqdm(
-    loader,
+    _loader(config, source, todo, resolution, center),
     total=len(todo),
     desc=f"extract r{resolution}",
     disable=jax.process_index() != 0,
@@ -195,13 +377,15 @@ def _extract_group(
       logging.warning("Skipping %s: %s", item["id"], item["error"])
       skipped.append({"id": item["id"], "reason": item["error"]})
       continue
-    for b in branches:
-      feats = feature_fns[b](item["clips"], config.backbones[b].batch_size)
-      stores[b].write(item["id"], feats)  # [num_clips, D]
+    for b, batcher in batchers.items():
+      if not stores[b].has(item["id"]):
+        for tid, feats in batcher.add(item["id"], item["clips"]):
+          stores[b].write(tid, feats)  # [num_clips, D]
     num_clips += len(item["clips"])
     bar.set_postfix(clips_per_s=f"{num_clips / (time.time() - start):.1f}")
-  if skipped:
-    _record_skipped(store_root, skipped)
+  for b, batcher in batchers.items():
+    for tid, feats in batcher.flush():
+      stores[b].write(tid, feats)
   logging.info(
     "Extracted %d clips in %.1fs (%.1f clips/s); skipped %d.",
     num_clips,
@@ -209,3 +393,4 @@ def _extract_group(
     num_clips / max(time.time() - start, 1e-9),
     len(skipped),
   )
+  return skipped

@@ -1,4 +1,4 @@
-"""Blocked attention equals plain softmax attention, sharded or not."""
+"""Every attention implementation equals plain softmax attention (CPU)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +7,16 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from divita_jax.models import attention as attn
+from divita_jax.models import backbone
 
 
 def reference(q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  """Textbook softmax attention, float32 at the highest matmul precision."""
+  q, k, v = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
+  hi = jax.lax.Precision.HIGHEST
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=hi)
+  weights = jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=hi)
 
 
 def qkv(batch, tokens, heads, head_dim, dtype=jnp.float32):
@@ -75,3 +81,57 @@ def test_batch_sharded_stays_sharded_and_equal():
   # No collective: each device attends over its own rows only.
   hlo = f.lower(*(jax.device_put(a, spec) for a in (q, k, v))).compile()
   assert "all-gather" not in hlo.as_text()
+
+
+@pytest.mark.parametrize("implementation", attn.IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_each_implementation_matches_reference(implementation, dtype):
+  q, k, v = qkv(2, 515, 4, 16, dtype)  # 515 tokens: blocked loops.
+  got = jax.jit(
+    lambda q, k, v: attn.attention(q, k, v, implementation=implementation)
+  )(q, k, v)
+  assert got.dtype == dtype
+  atol = 2e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(
+    got.astype(jnp.float32), reference(q, k, v), atol=atol
+  )
+
+
+def _has_loop(fn, *args) -> bool:
+  jaxpr = str(jax.make_jaxpr(fn)(*args))  # lax.map traces to a scan.
+  return "scan[" in jaxpr or "while[" in jaxpr
+
+
+def test_chosen_by_backend_or_forced():
+  assert attn.default_implementation("cpu") == "blocked"
+  assert attn.default_implementation("gpu") == "dot_product"
+  assert attn.default_implementation("tpu") == "dot_product"
+  assert attn.default_implementation() == "blocked"  # This CPU.
+  q, k, v = qkv(1, 600, 2, 8)
+
+  def small_blocks(q, k, v):  # A new function each time: traced afresh.
+    return attn.attention(q, k, v, 600 * 64 * 4)
+
+  assert _has_loop(small_blocks, q, k, v)  # The CPU default loops.
+  # Layers call attention() without arguments: the context reaches them
+  # when they are traced inside it.
+  for impl, loops in [("one_block", False), ("dot_product", False)]:
+    with attn.use(impl):
+      assert _has_loop(lambda *a: small_blocks(*a), q, k, v) is loops
+  with pytest.raises(ValueError, match="Unknown attention"):
+    attn.attention(q, k, v, implementation="flash")
+
+
+def test_model_features_equal_across_implementations():
+  module, params, spec = backbone.create_backbone(
+    "vivit", "tiny/8", resolution=48, num_frames=4
+  )  # 2 x 36 + 1 tokens.
+  x = jax.random.normal(jax.random.key(1), (2, 4, 48, 48, 3))
+  out = {}
+  for impl in attn.IMPLEMENTATIONS:
+    with attn.use(impl):  # Traced inside: a fresh jit per implementation.
+      out[impl] = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])(
+        params, x
+      )
+  for impl in attn.IMPLEMENTATIONS:
+    np.testing.assert_allclose(out[impl], out["blocked"], atol=1e-5)

@@ -3,11 +3,17 @@
 import io
 import json
 import os
+import subprocess
+import sys
 
 import av
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from divita_jax import extract, video
+from divita_jax import extract, input_pipeline, video
 from divita_jax.configs import divita
 from divita_jax.models import backbone
 
@@ -103,3 +109,145 @@ def test_checkpoint_resampled_to_the_clip_size(tmp_path):
   fn = extract.make_feature_fn(module, params, "vivit", stats)
   clips = np.zeros((3, 4, 32, 32, 3), np.uint8)
   assert fn(clips, batch_size=8).shape == (3, 64)
+
+
+def _tiny(kind: str):
+  return backbone.create_backbone(kind, "tiny/8", resolution=32, num_frames=4)
+
+
+def _clips(n: int, seed: int = 0, frames: int = 4) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (n, frames, 32, 32, 3), dtype=np.uint8)
+
+
+def test_normalised_inside_equals_the_host_formula_bitwise():
+  x = np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 256, 3)
+  for stats in backbone.NORMALIZATIONS.values():
+    inside = jax.jit(lambda x, s=stats: extract.normalize(x, *s))(x)
+    np.testing.assert_array_equal(inside, video.normalize(x, *stats))
+
+
+class _Counting(extract.FeatureFn):
+  """The real feature function; counts the batches it is given."""
+
+  batches = 0
+
+  def dispatch(self, batch):
+    assert batch.dtype == np.uint8  # 1/4 of float32's bytes to the device.
+    self.batches += 1
+    return super().dispatch(batch)
+
+
+def test_batches_span_trailers_and_results_return_per_trailer():
+  module, params, spec = _tiny("vivit")
+  stats = backbone.input_stats(spec)
+  fn = _Counting(module, params, "vivit", stats)
+  trailers = {f"t{i}": _clips(n, i) for i, n in enumerate([5, 11, 0, 3, 9])}
+  batcher = extract.Batcher(fn, batch_size=8)
+  done = {}
+  for key, clips in trailers.items():
+    done.update(batcher.add(key, clips))
+  done.update(batcher.flush())
+  assert fn.batches == 4  # 28 clips in batches of 8; per trailer: 6.
+  assert done["t2"].shape == (0, 64)
+
+  # Each trailer equals the backbone on its host-normalised clips alone in
+  # zero-padded batches of 8 split over the devices alike, bit for bit
+  # (the old per-trailer path).
+  direct = jax.jit(
+    lambda x: module.apply({"params": params}, x)[0],
+    in_shardings=fn.sharding,
+  )
+
+  for key, clips in ((k, c) for k, c in trailers.items() if len(c)):
+    x = video.normalize(clips, *stats)
+    padded = np.zeros((-(-len(x) // 8) * 8,) + x.shape[1:], np.float32)
+    padded[: len(x)] = x
+    want = np.concatenate(
+      [direct(padded[i : i + 8]) for i in range(0, len(x), 8)]
+    )
+    np.testing.assert_array_equal(done[key], want[: len(x)], err_msg=key)
+
+
+class _BatchNormNet(nn.Module):
+  """A 2-D BatchNorm backbone: (pooled [B, 8], intermediates)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=True)(x)
+    return x.mean(axis=(1, 2)), {}
+
+
+def test_image_kinds_with_batch_stats_mean_or_centre_frame():
+  net = _BatchNormNet()
+  variables = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.tree.map(lambda a: a + 0.5, variables)  # Stats matter.
+  stats = backbone.input_stats(None, "imagenet")
+  clips = _clips(3, frames=5)
+  frames = video.normalize(clips, *stats)  # [3, 5, 32, 32, 3]
+  per_frame = net.apply(variables, frames.reshape(15, 32, 32, 3))[0]
+  mean = extract.make_feature_fn(net, variables, "resnet", stats)
+  np.testing.assert_allclose(
+    mean(clips, 4), per_frame.reshape(3, 5, 8).mean(1), atol=1e-6
+  )
+  center = extract.make_feature_fn(net, variables, "resnet", stats, "center")
+  want = per_frame.reshape(3, 5, 8)[:, 2]  # Frame T // 2.
+  np.testing.assert_allclose(center(clips, 4), want, atol=1e-6)
+  # The loader may decode the centre frame alone: the same features.
+  np.testing.assert_allclose(center(clips[:, 2:3], 4), want, atol=1e-6)
+
+
+def test_centre_frame_pooling_decodes_one_frame_per_clip(tmp_path):
+  config = _config()
+  config.model.branches = ("image",)
+  config.backbones.image.frame_pooling = "center"
+  good = _mp4(24, 0)
+  source = [_record("tt1", good, 24)]
+  stores = extract.extract(config, source, ["tt1"], str(tmp_path))
+  assert stores["image"].tag.endswith("_center")
+  (item,) = input_pipeline.clip_loader(
+    source,
+    np.array([0]),
+    clip_kwargs=video.sample_kwargs(config.clips, 32),
+    center_frame_only=True,
+  )
+  full, info = video.sample_clips(good, source[0]["shots"], **_kwargs())
+  np.testing.assert_array_equal(
+    item["frame_indices"][:, 0], info["frame_indices"][:, 2]
+  )
+  np.testing.assert_array_equal(item["clips"][:, 0], full[:, 2])
+  module, params, spec = extract.make_backbone(config, "image")
+  x = video.normalize(full[:, 2], *backbone.input_stats(spec))
+  want = module.apply({"params": params}, x)[0]
+  np.testing.assert_allclose(stores["image"].read("tt1"), want, atol=1e-5)
+
+
+def _kwargs():
+  return video.sample_kwargs(_config().clips, 32)
+
+
+def test_decode_processes_default_and_override():
+  config = _config()
+  assert extract.decode_processes(config) == 0  # CPU: cores compute.
+  config.extract = ml_collections.ConfigDict({"decode_processes": 3})
+  assert extract.decode_processes(config) == 3
+
+
+def test_gpu_smoke_tiny_runs_on_cpu():
+  """benchmarks/gpu_smoke.py --tiny: every row, 1 train + 1 eval program."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
+  out = subprocess.run(
+    [sys.executable, "benchmarks/gpu_smoke.py", "--tiny", "--repeats=1"],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  rows = [r for r in out.stdout.splitlines() if r.startswith("| Vi")]
+  assert len(rows) == 2 * 2 * 3  # Backbones x dtypes x attention.
+  assert "compiled train / eval programs | 1 / 1" in out.stdout
+  assert "global batch rows in process order | ok" in out.stdout

@@ -162,3 +162,30 @@ def test_global_batch_shards_along_data_axis():
   shard = out["x"].addressable_shards[0]
   assert shard.data.shape == (2, 3)  # 8 rows over 4 data shards.
   assert out["x"].sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+def test_clip_loader_in_worker_processes_equals_threads(source):
+  """Decoding in 2 spawned processes: the same trailers, same order."""
+  kw = dict(clip_kwargs=CLIPS, num_threads=1)
+  want = list(input_pipeline.clip_loader(source, [5, 2, 7, 0], **kw))
+  it = iter(
+    input_pipeline.clip_loader(source, [5, 2, 7, 0], worker_count=2, **kw)
+  )
+  got = [jax.tree.map(np.copy, x) for x in it]
+  it.close()
+  assert_same(got, want)
+
+
+def test_clip_loader_centre_frame_only(source):
+  full, centre = (
+    next(iter(input_pipeline.clip_loader(source, [4], **kw)))
+    for kw in (
+      {"clip_kwargs": CLIPS},
+      {"clip_kwargs": CLIPS, "center_frame_only": True},
+    )
+  )
+  assert centre["clips"].shape == full["clips"].shape[:1] + (1, 32, 32, 3)
+  np.testing.assert_array_equal(centre["clips"][:, 0], full["clips"][:, 2])
+  np.testing.assert_array_equal(
+    centre["frame_indices"][:, 0], full["frame_indices"][:, 2]
+  )

@@ -1,19 +1,31 @@
-"""Cache-blocked softmax attention for the ViT / ViViT encoders.
+"""Self-attention for the ViT / ViViT encoders, chosen by the backend.
 
-ViViT-B/16x2 on a 32-frame clip attends over 3137 tokens: one head's logits
-are 39 MB, all twelve 472 MB. XLA (CPU above all) writes the logits, reads
-them for the max, again for exp and sum, and again for the second matmul;
-at that size every pass goes to DRAM. We loop (lax.map, sequential) over
-blocks of heads and, when one head is still too big, over query chunks, so
-each block's logits stay in cache. Softmax normalization is applied after
-the second matmul ([q, head_dim] divides instead of [q, keys]). Same
-result as plain softmax attention to float rounding; on a 2-core EPYC it
-is 2.1x faster than one block at 785 and 3137 tokens
-(benchmarks/attention.py). Maps of at most 512 tokens take one block.
+CPU: cache-blocked softmax attention. ViViT-B/16x2 on a 32-frame clip
+attends over 3137 tokens: one head's logits are 39 MB, all twelve 472 MB.
+XLA on CPU writes the logits, reads them for the max, again for exp and
+sum, and again for the second matmul; at that size every pass goes to
+DRAM. We loop (lax.map, sequential) over blocks of heads and, when one head
+is still too big, over query chunks, so each block's logits stay in cache.
+Softmax normalization is applied after the second matmul ([q, head_dim]
+divides instead of [q, keys]). Same result as plain softmax attention to
+float rounding; on a 2-core EPYC it is 2.1x faster than one block at 785
+and 3137 tokens (benchmarks/attention.py). Maps of at most 512 tokens take
+one block.
 
-The loop runs over heads and query positions, never the batch, so a batch
-sharded over the mesh's data axis stays sharded inside it.
+GPU / TPU: that loop would be hundreds of small sequential kernels per
+layer, so `jax.nn.dot_product_attention` runs instead: cuDNN's fused
+(flash) attention for bf16/fp16 on GPUs where cuDNN supports the shape,
+XLA's fused softmax attention otherwise (float32 logits either way).
+
+The choice is made at trace time from `jax.default_backend()`; the
+`implementation` argument or the `use(...)` context (whole models, whose
+layers call `attention` without arguments) forces one. The loop runs over
+heads and query positions, never the batch, so a batch sharded over the
+mesh's data axis stays sharded inside it.
 """
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +36,74 @@ BLOCK_BYTES = 8 << 20
 # Below this many bytes per attention map (tokens <= 512) one block is
 # faster at any batch: 8.3 vs 14.2 ms at 8 x 197 tokens, 44 vs 63 ms at 32.
 SMALL_MAP_BYTES = 1 << 20
+# blocked: the loop above; one_block: the same math in one block (what XLA
+# gets from plain einsum + softmax); dot_product: jax.nn's (cuDNN or XLA).
+IMPLEMENTATIONS = ("blocked", "one_block", "dot_product")
+_FORCED = contextvars.ContextVar("attention_implementation", default=None)
+
+
+def default_implementation(backend: str | None = None) -> str:
+  """'blocked' on CPU, 'dot_product' on GPU / TPU (default: this process's
+  default backend)."""
+  backend = backend or jax.default_backend()
+  return "blocked" if backend == "cpu" else "dot_product"
+
+
+@contextlib.contextmanager
+def use(implementation: str):
+  """Forces an implementation for calls traced inside the context (the
+  choice is part of the trace: a function jit already traced keeps its
+  own; jit a new one inside the context)."""
+  _check(implementation)
+  token = _FORCED.set(implementation)
+  try:
+    yield
+  finally:
+    _FORCED.reset(token)
+
+
+def _check(implementation: str) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"Unknown attention implementation {implementation!r}; {IMPLEMENTATIONS}."
+    )
+
+
+def attention(q, k, v, block_bytes=BLOCK_BYTES, implementation=None):
+  """softmax(q k^T / sqrt(head_dim)) v over [B, N, heads, head_dim].
+
+  implementation: one of IMPLEMENTATIONS; None = the `use` context's, else
+  default_implementation().
+  """
+  impl = implementation or _FORCED.get() or default_implementation()
+  _check(impl)
+  if impl == "dot_product":
+    return dot_product(q, k, v)
+  if impl == "one_block":
+    block_bytes = 1 << 62
+  return blocked(q, k, v, block_bytes)
+
+
+def _cudnn_supported(q) -> bool:
+  """cuDNN flash attention: GPU, half precision, head_dim a multiple of 8
+  up to 128 (cuDNN 9 also needs compute capability 8.0+: checked by jax)."""
+  head_dim = q.shape[-1]
+  return (
+    jax.default_backend() == "gpu"
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+    and head_dim % 8 == 0
+    and head_dim <= 128
+  )
+
+
+def dot_product(q, k, v):
+  """jax.nn.dot_product_attention: cuDNN where supported, else XLA."""
+  if _cudnn_supported(q):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError):
+      pass  # No cuDNN or an unsupported GPU: jax says so at trace time.
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 def _softmax_attend(q, k, v):
@@ -55,8 +135,8 @@ def block_shape(batch, heads, tokens, block_bytes=BLOCK_BYTES):
   return max(d for d in divisors if d * per_head <= block_bytes), tokens
 
 
-def attention(q, k, v, block_bytes=BLOCK_BYTES):
-  """softmax(q k^T / sqrt(head_dim)) v over [B, N, heads, head_dim]."""
+def blocked(q, k, v, block_bytes=BLOCK_BYTES):
+  """Cache-blocked softmax attention over [B, N, heads, head_dim]."""
   b, n, h, hd = q.shape
   q = q * jnp.asarray(hd**-0.5, q.dtype)
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, N, hd]
