@@ -41,27 +41,11 @@ FRAME_POOLINGS = ("mean", "center")
 IN_FLIGHT = 2
 
 
-def option(config: ml_collections.ConfigDict, name: str, branch: str = ""):
-  """config.extract.<name>, or with `branch` config.backbones.<branch>.<name>.
-
-  TODO(lead): config field. Remove the fallbacks below once
-  configs/divita.py defines config.extract.decode_processes,
-  config.extract.decode_threads and config.backbones.<b>.frame_pooling.
-  """
-  defaults = {
-    "decode_processes": -1,
-    "decode_threads": 2,
-    "frame_pooling": "mean",
-  }
-  section = config.backbones[branch] if branch else config.get("extract", {})
-  return section.get(name, defaults[name])
-
-
 def decode_processes(config: ml_collections.ConfigDict) -> int:
   """Decode worker processes; -1 = one per core beside the main process on
   GPU/TPU, none on CPU (its cores run the backbones; PyAV's threads
   release the GIL)."""
-  n = int(option(config, "decode_processes"))
+  n = int(config.extract.decode_processes)
   if n >= 0:
     return n
   if jax.default_backend() == "cpu":
@@ -78,7 +62,7 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
     else (f"random_{b.variant.replace('/', '-')}_seed{config.seed}")
   )
   c = config.clips
-  pooling = option(config, "frame_pooling", branch)
+  pooling = config.backbones[branch].frame_pooling
   suffix = "_center" if pooling == "center" else ""  # Mean: as before.
   return (
     f"{branch}_{b.kind}_{name}_{c.segmentation}_fps{c.fps:g}"
@@ -285,7 +269,7 @@ def branch_feature_fn(config: ml_collections.ConfigDict, branch: str):
     params,
     b.kind,
     backbone.input_stats(spec, b.normalization),
-    option(config, "frame_pooling", branch),
+    config.backbones[branch].frame_pooling,
   )
 
 
@@ -353,7 +337,7 @@ def _loader(config, source, todo, resolution, center_frame_only):
     clip_kwargs=video.sample_kwargs(config.clips, resolution),
     center_frame_only=center_frame_only,
     worker_count=decode_processes(config),
-    num_threads=int(option(config, "decode_threads")),
+    num_threads=int(config.extract.decode_threads),
   )
 
 

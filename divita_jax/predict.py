@@ -38,6 +38,7 @@ from divita_jax import (
   video,
 )
 from divita_jax import run as run_lib
+from divita_jax.configs.divita import get_config
 from divita_jax.models import backbone
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
@@ -65,7 +66,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       "`python -m divita_jax.main`)."
     )
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Fields added since the run was made take their defaults.
+  return ml_collections.ConfigDict(_merged(get_config().to_dict(), saved))
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for k, v in saved.items():
+    both = isinstance(v, dict) and isinstance(out.get(k), dict)
+    out[k] = _merged(out[k], v) if both else v
+  return out
 
 
 def source_settings(config: ml_collections.ConfigDict) -> dict:
