@@ -60,6 +60,7 @@ def jax_fn(kind, variant, x, dtype, frames=1):
   module, params, _ = backbone.create_backbone(
     kind, variant, resolution=224, num_frames=frames, dtype=dtype
   )
+  params = params["params"]
   f = jax.jit(lambda p, v: module.apply({"params": p}, v)[0])
   x = jnp.asarray(x)
   return lambda: f(params, x).block_until_ready()

@@ -38,6 +38,7 @@ def _vit(dtype, tiny):
   m, p, spec = backbone.create_backbone(
     "vit", variant, resolution=res, dtype=dtype
   )
+  p = p["params"]
   return m, {"params": p}, spec, "vit", 8 if tiny else 64
 
 
@@ -46,6 +47,7 @@ def _vivit(dtype, tiny):
   m, p, spec = backbone.create_backbone(
     "vivit", variant, resolution=res, num_frames=_frames(tiny), dtype=dtype
   )
+  p = p["params"]
   return m, {"params": p}, spec, "vivit", 8 if tiny else 16
 
 

@@ -126,6 +126,7 @@ def test_model_features_equal_across_implementations():
   module, params, spec = backbone.create_backbone(
     "vivit", "tiny/8", resolution=48, num_frames=4
   )  # 2 x 36 + 1 tokens.
+  params = params["params"]
   x = jax.random.normal(jax.random.key(1), (2, 4, 48, 48, 3))
   out = {}
   for impl in attn.IMPLEMENTATIONS:

@@ -41,6 +41,7 @@ def _hf_vit(tmp_path, cls_model, seed, **cfg):
 
 def _run_vit(ckpt, x):
   module, params, _ = backbone.load_backbone(ckpt)
+  params = params["params"]
   return jax.tree.map(np.asarray, jax.jit(module.apply)({"params": params}, x))
 
 
@@ -168,6 +169,7 @@ def test_hf_vivit_parity(tmp_path, frames):
   )
   assert (spec["num_frames"], spec["resolution"]) == (frames, 24)
   module, params, _ = backbone.load_backbone(str(tmp_path / "out"))
+  params = params["params"]
   x = np.random.RandomState(frames).randn(2, frames, 24, 24, 3)
   x = x.astype(np.float32)
   _, out = jax.jit(module.apply)({"params": params}, x)
@@ -183,6 +185,7 @@ def test_hf_vivit_parity(tmp_path, frames):
     "hf_vivit", str(tmp_path / "hf"), str(tmp_path / "t8"), num_frames=8
   )
   _, p8, _ = backbone.load_backbone(str(tmp_path / "t8"))
+  p8 = p8["params"]
   assert spec["num_frames"] == 8
   assert spec["source"]["resampled_from"] == [frames, 24]
   np.testing.assert_allclose(
@@ -280,6 +283,7 @@ def test_vit_jax_npz_layout(tmp_path):
     ]
   )
   m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
+  loaded = loaded["params"]
   assert spec["model"]["depth"] == 2 and spec["resolution"] == 12
   assert spec["feature_dim"] == 16 and spec["model"]["num_classes"] == 6
   _assert_same_tree(params, loaded)
@@ -320,6 +324,7 @@ def test_big_vision_npz_layouts(tmp_path):
     _big_vision_npz(params, path, scan)
     convert_vit.convert("vit_npz", str(path), str(tmp_path / f"out_{scan}"))
     _, loaded, _ = backbone.load_backbone(str(tmp_path / f"out_{scan}"))
+    loaded = loaded["params"]
     lpe = np.asarray(loaded["Transformer"]["posembed_input"]["pos_embedding"])
     np.testing.assert_array_equal(lpe[:, 0], 0.0)
     got = apply({"params": loaded}, x)[1]["encoded"]
@@ -373,6 +378,7 @@ def test_scenic_vivit_layout(tmp_path, model_type, layout):
     + args
   )
   m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
+  loaded = loaded["params"]
   assert spec["num_frames"] == 4 and spec["model"]["model_type"] == model_type
   _assert_same_tree(params, loaded)
   x = np.random.RandomState(0).randn(2, 4, 8, 8, 3).astype(np.float32)
@@ -400,6 +406,7 @@ def test_cli_inflates_vit_npz_to_vivit(tmp_path):
     ]
   )
   m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
+  loaded = loaded["params"]
   assert spec["kind"] == "vivit" and spec["num_frames"] == 4
   assert loaded["embedding"]["kernel"].shape == (2, 4, 4, 3, 16)
   frame = np.random.RandomState(3).randn(2, 12, 12, 3).astype(np.float32)
@@ -419,6 +426,7 @@ def test_dont_load_and_drop(tmp_path):
     dont_load=["head/.*", "output_projection/.*"],
   )
   _, loaded, _ = backbone.load_backbone(str(tmp_path / "re"))
+  loaded = loaded["params"]
   assert spec["model"]["num_classes"] == 6
   np.testing.assert_array_equal(loaded["output_projection"]["kernel"], 0.0)
   np.testing.assert_array_equal(loaded["cls"], params["cls"])
@@ -429,6 +437,7 @@ def test_dont_load_and_drop(tmp_path):
     drop=["output_projection/.*"],
   )
   _, loaded, _ = backbone.load_backbone(str(tmp_path / "dr"))
+  loaded = loaded["params"]
   assert "num_classes" not in spec["model"]
   assert "output_projection" not in loaded
   saved = json.loads((tmp_path / "dr" / "spec.json").read_text())
@@ -540,6 +549,7 @@ def test_scenic_factorized_vivit_with_its_own_temporal_sizes(tmp_path):
     ]
   )
   m2, loaded, spec = backbone.load_backbone(str(tmp_path / "out"))
+  loaded = loaded["params"]
   assert spec["model"]["temporal_num_heads"] == 1
   assert spec["model"]["temporal_mlp_dim"] == 12
   x = np.random.RandomState(0).randn(2, 2 * t, 8, 8, 3).astype(np.float32)

@@ -100,6 +100,7 @@ def test_checkpoint_resampled_to_the_clip_size(tmp_path):
   _, params, spec = backbone.create_backbone(
     "vivit", "tiny/8", resolution=48, num_frames=8
   )
+  params = params["params"]
   backbone.save_backbone(str(tmp_path / "vivit"), params, spec)
   config = _config()
   config.backbones.video.checkpoint = str(tmp_path / "vivit")

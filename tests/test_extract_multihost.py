@@ -41,6 +41,7 @@ def _convert(root: str) -> None:
     _, params, spec = backbone.create_backbone(
       kind, "tiny/8", resolution=32, num_frames=4
     )
+    params = params["params"]
     backbone.save_backbone(os.path.join(root, kind), params, spec)
 
 

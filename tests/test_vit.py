@@ -90,6 +90,7 @@ def test_create_backbone_contract():
   module, params, spec = backbone.create_backbone(
     "vit", "tiny/8", resolution=32, seed=3
   )
+  params = params["params"]
   assert spec["kind"] == "vit" and spec["feature_dim"] == 64
   assert spec["normalization"] == "minus_one_one"
   assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
@@ -144,8 +145,10 @@ def test_load_backbone_resolution(tmp_path):
   module, params, spec = backbone.create_backbone(
     "vit", "tiny/8", resolution=24
   )
+  params = params["params"]
   backbone.save_backbone(str(tmp_path / "ckpt"), params, spec)
   m2, p2, s2 = backbone.load_backbone(str(tmp_path / "ckpt"), resolution=40)
+  p2 = p2["params"]
   assert s2["resolution"] == 40
   pe = p2["Transformer"]["posembed_input"]["pos_embedding"]
   want = surgery.resample_posemb(

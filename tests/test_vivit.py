@@ -155,6 +155,7 @@ def test_factorized_encoder_from_vit_and_temporal_resampling(tmp_path):
   )
   backbone.save_backbone(str(tmp_path / "fe"), params, spec)
   m2, p2, s2 = backbone.load_backbone(str(tmp_path / "fe"), num_frames=8)
+  p2 = p2["params"]
   tpe = p2["TemporalTransformer"]["posembed_input"]["pos_embedding"]
   old = params["TemporalTransformer"]["posembed_input"]["pos_embedding"]
   assert tpe.shape == (1, 5, 64) and s2["num_frames"] == 8
@@ -172,6 +173,7 @@ def test_create_vivit_contract():
   module, params, spec = backbone.create_backbone(
     "vivit", "tiny/8", resolution=16, num_frames=4, tubelet=2
   )
+  params = params["params"]
   assert spec["num_frames"] == 4 and spec["model"]["tubelet"] == 2
   feats, out = jax.jit(module.apply)(
     {"params": params}, jnp.ones((3, 4, 16, 16, 3))

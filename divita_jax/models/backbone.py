@@ -1,16 +1,18 @@
-"""Frozen backbones: create (random init) or load (converted checkpoint).
+"""Frozen backbones: create (random init), load or save any of them.
 
-A backbone is (module, params, spec):
-- module: `vit.ViT` or `vivit.ViViT`; `module.apply({'params': params}, x)`
-  with x float [B, H, W, 3] (ViT) or [B, T, H, W, 3] (ViViT), normalised
-  per spec, returns (features [B, feature_dim], intermediates dict with
-  'encoded' [B, tokens, D]). Deterministic, jit-friendly; `dtype` is the
-  compute dtype (params stay float32).
-- params: plain arrays (logical-axis boxes removed); the axis names are
-  available through `logical_axes(module, spec)`.
-- spec: JSON-able dict: kind, variant, model (module fields), normalization
-  (imagenet | minus_one_one | zero_one), mean, std (x = (u8/255 - mean) /
-  std), resolution, num_frames, feature_dim, source.
+A backbone is (module, variables, spec):
+- module: one of MODULES (ViT, ViViT, Swin, Swin3D, ResNet, ShuffleNetV2
+  2-D/3-D, R2Plus1D); `module.apply(variables, x)` with x float [B, H, W, 3]
+  (image models, `is_image_model`) or [B, T, H, W, 3] (clip models),
+  normalised per spec, returns (features [B, feature_dim], intermediates
+  with 'encoded' and per-stage features). Deterministic (BatchNorm in eval
+  mode), jit-friendly; `dtype` is the compute dtype (params stay float32).
+- variables: {'params': ...} plus 'batch_stats' for BatchNorm models, plain
+  arrays; the logical axis names come from `logical_axes(module, spec)`.
+- spec: JSON-able dict: kind, variant, model (module fields),
+  normalization (a NORMALIZATIONS name or "custom"), mean, std (x = (u8/255
+  - mean) / std), resolution, num_frames, feature_dim, source, and the
+  checkpoint's `preprocessing` (resize, crop, interpolation) when known.
 
 A converted checkpoint directory (`python -m divita_jax.convert`) holds
 `params/` (orbax) and `spec.json`.
@@ -27,40 +29,84 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from divita_jax.models import surgery, vit, vivit
+from divita_jax import atomic
+from divita_jax.models import (
+  r2plus1d,
+  resnet,
+  shufflenet,
+  surgery,
+  swin,
+  vit,
+  vivit,
+)
 
 NORMALIZATIONS = {
   "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
   "minus_one_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
   "zero_one": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-# Kinds applied to single frames (image models); the others take clips.
-IMAGE_KINDS = ("vit", "swin", "resnet", "shufflenet")
+# kind -> module class; the spec's `model` holds its fields.
+MODULES = {
+  "vit": vit.ViT,
+  "vivit": vivit.ViViT,
+  "swin": swin.Swin,
+  "swin3d": swin.Swin3D,
+  "resnet": resnet.ResNet,
+  "shufflenet": shufflenet.ShuffleNetV2,  # `dims` 2 or 3.
+  "r2plus1d": r2plus1d.R2Plus1D,
+}
+# Kinds whose position embeddings are resampled to a new input size.
+POSEMB_KINDS = ("vit", "vivit")
 SPEC_FILE = "spec.json"
 PARAMS_DIR = "params"
 
 
 def make_spec(
-  kind, model, *, variant, normalization, resolution, num_frames, source=None
+  kind,
+  model,
+  *,
+  variant,
+  resolution,
+  num_frames,
+  normalization=None,
+  mean=None,
+  std=None,
+  preprocessing=None,
+  source=None,
 ) -> dict[str, Any]:
-  """The spec dict (also written as spec.json by the converter)."""
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(
-      f"Unknown normalization {normalization!r}; {sorted(NORMALIZATIONS)}."
-    )
-  mean, std = NORMALIZATIONS[normalization]
-  return {
+  """The spec dict (also written as spec.json by the converter).
+
+  The input convention is a NORMALIZATIONS name, or explicit `mean` / `std`
+  (x = (u8 / 255 - mean) / std, per channel). `preprocessing`: the
+  checkpoint's own resize / crop / interpolation, for the record.
+  """
+  if normalization is not None:
+    if normalization not in NORMALIZATIONS:
+      raise ValueError(
+        f"Unknown normalization {normalization!r}; {sorted(NORMALIZATIONS)}."
+      )
+    mean, std = NORMALIZATIONS[normalization]
+  elif mean is None or std is None:
+    raise ValueError("make_spec needs a normalization name or mean and std.")
+  if kind in POSEMB_KINDS:
+    dim = int(model.get("representation_size") or model["width"])
+  else:
+    dim = pooled_dim(kind, model, resolution, num_frames)
+  spec = {
     "kind": kind,
     "variant": variant,
     "model": dict(model),
-    "normalization": normalization,
-    "mean": list(mean),
-    "std": list(std),
+    "normalization": normalization or "custom",
+    "mean": [float(v) for v in mean],
+    "std": [float(v) for v in std],
     "resolution": int(resolution),
     "num_frames": int(num_frames),
-    "feature_dim": int(model.get("representation_size") or model["width"]),
+    "feature_dim": dim,
     "source": source or {"type": "random_init"},
   }
+  if preprocessing:
+    spec["preprocessing"] = dict(preprocessing)
+  return spec
 
 
 def input_stats(spec, override: str | None = None) -> tuple[list, list]:
@@ -83,40 +129,96 @@ def normalize(pixels_uint8, spec):
 
 
 def module_from_spec(spec, dtype="float32") -> nn.Module:
-  cls = {"vit": vit.ViT, "vivit": vivit.ViViT}.get(spec["kind"])
+  cls = MODULES.get(spec["kind"])
   if cls is None:
-    raise ValueError(f"Unknown backbone kind {spec['kind']!r}; vit | vivit.")
+    raise ValueError(
+      f"Unknown backbone kind {spec['kind']!r}; {' | '.join(MODULES)}."
+    )
   return cls(**spec["model"], dtype=jnp.dtype(dtype))
 
 
 def is_image_model(spec) -> bool:
   """True for 2-D backbones: applied per frame, features pooled over T."""
-  return spec["kind"] in IMAGE_KINDS
+  if spec["kind"] == "shufflenet":
+    return spec["model"].get("dims", 2) == 2
+  return spec["kind"] in ("vit", "swin", "resnet")
 
 
 def dummy_input(spec, batch=1):
   r = spec["resolution"]
-  if spec["kind"] == "vit":
+  if is_image_model(spec):
     return jnp.zeros((batch, r, r, 3), jnp.float32)
   return jnp.zeros((batch, spec["num_frames"], r, r, 3), jnp.float32)
 
 
+def init_variables(module, spec, seed=0) -> dict:
+  """Random variables ({'params'} plus 'batch_stats' for BatchNorm
+  models, plain arrays) for the spec's input size."""
+  init = jax.jit(module.init)
+  return dict(nn.meta.unbox(init(jax.random.key(seed), dummy_input(spec))))
+
+
 def init_params(module, spec, seed=0):
   """Random params (plain arrays) for the spec's input size."""
-  init = jax.jit(module.init)
-  return nn.meta.unbox(init(jax.random.key(seed), dummy_input(spec)))["params"]
+  return init_variables(module, spec, seed)["params"]
+
+
+def abstract_variables(module, spec) -> dict:
+  """Shapes/dtypes of the variables, without allocating them."""
+  tree = jax.eval_shape(module.init, jax.random.key(0), dummy_input(spec))
+  return dict(nn.meta.unbox(tree))
 
 
 def abstract_params(module, spec):
   """Shapes/dtypes of the params, without allocating them."""
-  tree = jax.eval_shape(module.init, jax.random.key(0), dummy_input(spec))
-  return nn.meta.unbox(tree)["params"]
+  return abstract_variables(module, spec)["params"]
+
+
+def pooled_dim(kind: str, model: dict, resolution: int, frames: int) -> int:
+  """Width of the pooled features, from the model's output shape."""
+  spec = {"kind": kind, "model": model, "resolution": resolution}
+  spec["num_frames"] = frames
+  module = module_from_spec(spec)
+  x = dummy_input(spec)
+  out = jax.eval_shape(
+    lambda: module.apply(module.init(jax.random.key(0), x), x)[0]
+  )
+  return int(out.shape[-1])
 
 
 def logical_axes(module, spec):
   """Tree of PartitionSpecs of logical axis names, matching params."""
   tree = jax.eval_shape(module.init, jax.random.key(0), dummy_input(spec))
   return nn.get_partition_spec(tree)["params"]
+
+
+def _random_model(kind: str, variant: str, num_frames: int, tubelet: int):
+  """(spec kind, model fields, frames) of a named random-init variant."""
+  if kind in ("swin", "swin3d"):
+    return kind, swin.decode_variant(variant, video=kind == "swin3d"), None
+  if kind == "resnet":
+    return kind, resnet.decode_variant(variant), None
+  if kind in ("shufflenet", "shufflenet3d"):
+    dims = 3 if kind == "shufflenet3d" else 2
+    return "shufflenet", shufflenet.decode_variant(float(variant), dims), None
+  if kind == "r2plus1d":
+    return kind, r2plus1d.decode_variant(variant), None
+  if kind not in POSEMB_KINDS:
+    raise ValueError(
+      f"Unknown backbone kind {kind!r}; {' | '.join(MODULES)} | shufflenet3d."
+    )
+  model = vit.decode_variant(variant)
+  if kind == "vit":
+    if "tubelet" in model:
+      raise ValueError(f"ViT variant {variant!r} must not name a tubelet.")
+    return kind, model, 1
+  model.setdefault("tubelet", tubelet)
+  if num_frames % model["tubelet"]:
+    raise ValueError(
+      f"num_frames {num_frames} is not a multiple of the tubelet "
+      f"{model['tubelet']} of {variant!r}."
+    )
+  return kind, model, None
 
 
 def create_backbone(
@@ -129,25 +231,21 @@ def create_backbone(
   dtype: str = "float32",
   seed: int = 0,
 ):
-  """Randomly initialised backbone -> (module, params, spec).
+  """Randomly initialised backbone -> (module, variables, spec).
 
-  variant: 'Ti/16', 'S/16', 'B/16', 'L/16', 'H/14', 'tiny/8' (width 64,
-  2 layers); for ViViT also 'B/16x2' (tubelet from the name, else
-  `tubelet`). Token classifier, no head, normalization minus_one_one.
+  kind: vit | vivit | swin | swin3d | resnet | shufflenet | shufflenet3d |
+  r2plus1d. variant: ViT / ViViT 'Ti/16', 'S/16', 'B/16', 'L/16', 'H/14',
+  'tiny/8' (width 64, 2 layers), ViViT also 'B/16x2' (tubelet from the
+  name, else `tubelet`); Swin 'T', 'S', 'B', 'tiny'; ResNet 'resnet50', ...;
+  ShuffleNet the width '1.0', ...; R(2+1)D 'r2plus1d_18'. ViT / ViViT use
+  the minus_one_one convention, the others imagenet.
   """
-  model = vit.decode_variant(variant)
-  if kind == "vivit":
-    model.setdefault("tubelet", tubelet)
-    if num_frames % model["tubelet"]:
-      raise ValueError(
-        f"num_frames {num_frames} is not a multiple of the tubelet "
-        f"{model['tubelet']} of {variant!r}."
-      )
-  elif kind == "vit":
-    if "tubelet" in model:
-      raise ValueError(f"ViT variant {variant!r} must not name a tubelet.")
+  kind, model, frames = _random_model(kind, variant, num_frames, tubelet)
+  num_frames = frames or num_frames
+  spec = {"kind": kind, "model": model}
+  if is_image_model(spec):
     num_frames = 1
-  if resolution % model["patch_size"]:
+  if kind in POSEMB_KINDS and resolution % model["patch_size"]:
     raise ValueError(
       f"resolution {resolution} is not a multiple of patch "
       f"{model['patch_size']}."
@@ -156,12 +254,12 @@ def create_backbone(
     kind,
     model,
     variant=variant,
-    normalization="minus_one_one",
+    normalization="minus_one_one" if kind in POSEMB_KINDS else "imagenet",
     resolution=resolution,
     num_frames=num_frames,
   )
   module = module_from_spec(spec, dtype)
-  return module, init_params(module, spec, seed), spec
+  return module, init_variables(module, spec, seed), spec
 
 
 def token_grid(spec, resolution=None, num_frames=None):
@@ -174,7 +272,15 @@ def token_grid(spec, resolution=None, num_frames=None):
 
 
 def resize_params(params, spec, resolution, num_frames):
-  """Resamples position embeddings to a new input size -> (params, spec)."""
+  """Resamples position embeddings to a new input size -> (params, spec).
+
+  Backbones without position embeddings take any size as they are.
+  """
+  if spec["kind"] not in POSEMB_KINDS:
+    spec = copy.deepcopy(spec)
+    spec["resolution"] = resolution
+    spec["num_frames"] = 1 if is_image_model(spec) else num_frames
+    return params, spec
   old, new = token_grid(spec), token_grid(spec, resolution, num_frames)
   m = spec["model"]
   prefix = int(m.get("classifier", "token") in ("token", "0"))
@@ -203,21 +309,27 @@ def resize_params(params, spec, resolution, num_frames):
   return params, spec
 
 
-def save_backbone(out_dir: str, params, spec) -> None:
-  """Writes out_dir/params (orbax) and out_dir/spec.json (atomically)."""
+def save_backbone(out_dir: str, variables, spec) -> None:
+  """Writes out_dir/params (orbax) and out_dir/spec.json (atomically).
+
+  variables: {'params': ..., 'batch_stats': ...} (BatchNorm models) or
+  {'params': ...}; a bare params tree is accepted too.
+  """
   out_dir = os.path.abspath(out_dir)
   ckpt = os.path.join(out_dir, PARAMS_DIR)
   if os.path.exists(ckpt):
     raise FileExistsError(f"{ckpt} exists; remove it or pick another output.")
   os.makedirs(out_dir, exist_ok=True)
-  params = jax.tree.map(np.asarray, params)
+  if "params" not in variables:
+    variables = {"params": variables}
+  # Models without batch_stats store the params tree alone (the format of
+  # every checkpoint converted before BatchNorm backbones existed).
+  tree = variables if variables.get("batch_stats") else variables["params"]
+  tree = jax.tree.map(np.asarray, tree)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(ckpt, params)
+    ckptr.save(ckpt, tree)
     ckptr.wait_until_finished()
-  tmp = os.path.join(out_dir, SPEC_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(spec, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(out_dir, SPEC_FILE))
+  atomic.write_json(os.path.join(out_dir, SPEC_FILE), spec, sort_keys=True)
 
 
 def read_spec(ckpt_dir: str) -> dict[str, Any]:
@@ -238,18 +350,26 @@ def load_backbone(
   resolution: int | None = None,
   num_frames: int | None = None,
 ):
-  """Converted checkpoint -> (module, params, spec).
+  """Converted checkpoint -> (module, variables, spec).
 
+  `module.apply(variables, x)` returns (pooled, intermediates); variables
+  hold 'params' and, for BatchNorm models, 'batch_stats'.
   resolution / num_frames: optional new input size; position embeddings
   are resampled (surgery.resample_posemb) and the returned spec says so.
   """
   spec = read_spec(ckpt_dir)
   module = module_from_spec(spec, dtype)
-  target = abstract_params(module, spec)
+  target = abstract_variables(module, spec)
+  if not target.get("batch_stats"):
+    target = target["params"]
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(ckpt_dir, PARAMS_DIR), target)
+    tree = ckptr.restore(os.path.join(ckpt_dir, PARAMS_DIR), target)
+  variables = dict(tree) if "params" in tree else {"params": tree}
   resolution = resolution or spec["resolution"]
   num_frames = num_frames or spec["num_frames"]
   if (resolution, num_frames) != (spec["resolution"], spec["num_frames"]):
-    params, spec = resize_params(params, spec, resolution, num_frames)
-  return module, jax.tree.map(jnp.asarray, params), spec
+    params, spec = resize_params(
+      variables["params"], spec, resolution, num_frames
+    )
+    variables["params"] = params
+  return module, jax.tree.map(jnp.asarray, variables), spec
