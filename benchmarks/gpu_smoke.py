@@ -51,7 +51,34 @@ def _vivit(dtype, tiny):
   return m, {"params": p}, spec, "vivit", 8 if tiny else 16
 
 
-BACKBONES = [("ViT", _vit), ("ViViT", _vivit)]
+def _other(kind, variant, tiny_variant, res, tiny_res, batch):
+  """Factory of a backbone without attention.py paths (Swin, ConvNets)."""
+
+  def make(dtype, tiny):
+    m, v, spec = backbone.create_backbone(
+      kind,
+      tiny_variant if tiny else variant,
+      resolution=tiny_res if tiny else res,
+      num_frames=_frames(tiny),
+      dtype=dtype,
+    )
+    return m, v, spec, kind, batch
+
+  return make
+
+
+BACKBONES = [
+  ("ViT", _vit),
+  ("ViViT", _vivit),
+  ("Swin", _other("swin", "T", "tiny", 224, 32, 64)),
+  ("Swin3D", _other("swin3d", "T", "tiny", 224, 32, 8)),
+  ("ShuffleNet", _other("shufflenet", "1.0", "0.5", 224, 32, 64)),
+  ("ShuffleNet3D", _other("shufflenet3d", "1.0", "0.25", 112, 32, 64)),
+  ("ResNet", _other("resnet", "resnet50", "resnet18", 224, 32, 64)),
+  ("R(2+1)D", _other("r2plus1d", "r2plus1d_18", "r2plus1d_18", 112, 32, 16)),
+]
+# Backbones whose attention goes through models/attention.py.
+ATTENTION_KINDS = ("vit", "vivit")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -78,16 +105,21 @@ def _timed(fn, repeats: int) -> float:
   return (time.perf_counter() - start) / repeats
 
 
-def backbone_rows(tiny: bool, repeats: int) -> list[str]:
+def backbone_rows(tiny: bool, repeats: int, names) -> list[str]:
   rows = []
   for name, factory in BACKBONES:
+    if name not in names:
+      continue
     for dtype in DTYPES:
       module, variables, spec, kind, batch = factory(dtype, tiny)
       res, frames = spec["resolution"], _frames(tiny)
       rng = np.random.default_rng(0)
       clips = rng.integers(0, 256, (4 * batch, frames, res, res, 3), np.uint8)
       stats = backbone.input_stats(spec)
-      for impl in attention.IMPLEMENTATIONS:
+      impls = attention.IMPLEMENTATIONS
+      if kind not in ATTENTION_KINDS:
+        impls = ("blocked",)  # Its own attention (Swin) or none.
+      for impl in impls:
         with attention.use(impl):  # Traced inside: this implementation.
           fn = extract.make_feature_fn(module, variables, kind, stats)
           x = jax.device_put(clips[:batch], fn.sharding)
@@ -154,6 +186,11 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tiny", action="store_true", help="Tiny backbones (CPU).")
   p.add_argument("--repeats", type=int, default=0, help="0: 2 tiny, 5 full.")
+  p.add_argument(
+    "--backbones",
+    default=",".join(n for n, _ in BACKBONES),
+    help="Comma-separated names of BACKBONES to run.",
+  )
   args = p.parse_args()
   repeats = args.repeats or (2 if args.tiny else 5)
   devices = jax.devices()
@@ -167,7 +204,7 @@ def main() -> None:
     "| end-to-end clips/s | device-only clips/s | peak device MiB |"
   )
   print("|---|---|---|---|---|---|---|")
-  for row in backbone_rows(args.tiny, repeats):
+  for row in backbone_rows(args.tiny, repeats, args.backbones.split(",")):
     print(row, flush=True)
   train_programs, eval_programs, seconds = head_compiles()
   order, ok = mesh_order()

@@ -79,12 +79,12 @@ def test_extract_writes_skips_and_resumes(tmp_path):
 
   # Features equal the backbone applied directly to the sampled clips.
   config = _config()
-  module, params, spec = extract.make_backbone(config, "video")
+  module, variables, spec = extract.make_backbone(config, "video")
   clips, _ = video.sample_clips(
     good, source[0]["shots"], frames_per_clip=4, fps=8.0, resolution=32
   )
   x = video.normalize(clips, *backbone.input_stats(spec))
-  direct, _ = module.apply({"params": params}, x)
+  direct, _ = module.apply(variables, x)
   np.testing.assert_allclose(stores["video"].read("tt1"), direct, atol=1e-5)
 
   # A rerun skips what is stored: nothing is rewritten.
@@ -140,9 +140,9 @@ class _Counting(extract.FeatureFn):
 
 
 def test_batches_span_trailers_and_results_return_per_trailer():
-  module, params, spec = _tiny("vivit")
+  module, variables, spec = _tiny("vivit")
   stats = backbone.input_stats(spec)
-  fn = _Counting(module, params, "vivit", stats)
+  fn = _Counting(module, variables, "vivit", stats)
   trailers = {f"t{i}": _clips(n, i) for i, n in enumerate([5, 11, 0, 3, 9])}
   batcher = extract.Batcher(fn, batch_size=8)
   done = {}
@@ -156,7 +156,7 @@ def test_batches_span_trailers_and_results_return_per_trailer():
   # zero-padded batches of 8 split over the devices alike, bit for bit
   # (the old per-trailer path).
   direct = jax.jit(
-    lambda x: module.apply({"params": params}, x)[0],
+    lambda x: module.apply(variables, x)[0],
     in_shardings=fn.sharding,
   )
 
@@ -218,9 +218,9 @@ def test_centre_frame_pooling_decodes_one_frame_per_clip(tmp_path):
     item["frame_indices"][:, 0], info["frame_indices"][:, 2]
   )
   np.testing.assert_array_equal(item["clips"][:, 0], full[:, 2])
-  module, params, spec = extract.make_backbone(config, "image")
+  module, variables, spec = extract.make_backbone(config, "image")
   x = video.normalize(full[:, 2], *backbone.input_stats(spec))
-  want = module.apply({"params": params}, x)[0]
+  want = module.apply(variables, x)[0]
   np.testing.assert_allclose(stores["image"].read("tt1"), want, atol=1e-5)
 
 
@@ -240,7 +240,13 @@ def test_gpu_smoke_tiny_runs_on_cpu():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=root)
   out = subprocess.run(
-    [sys.executable, "benchmarks/gpu_smoke.py", "--tiny", "--repeats=1"],
+    [
+      sys.executable,
+      "benchmarks/gpu_smoke.py",
+      "--tiny",
+      "--repeats=1",
+      "--backbones=ViT,ViViT,ShuffleNet3D",
+    ],
     cwd=root,
     env=env,
     capture_output=True,
@@ -250,5 +256,6 @@ def test_gpu_smoke_tiny_runs_on_cpu():
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   rows = [r for r in out.stdout.splitlines() if r.startswith("| Vi")]
   assert len(rows) == 2 * 2 * 3  # Backbones x dtypes x attention.
+  assert out.stdout.count("| ShuffleNet3D |") == 2  # Per dtype.
   assert "compiled train / eval programs | 1 / 1" in out.stdout
   assert "global batch rows in process order | ok" in out.stdout

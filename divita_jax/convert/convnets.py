@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divita_jax.convert.tree import ConversionError
+from divita_jax.convert.tree import ConversionError, read_torch_state_dict
 from divita_jax.models import r2plus1d, resnet, shufflenet
 
 Flat = dict[str, np.ndarray]
@@ -91,21 +91,8 @@ _HEADS = ("fc.", "classifier.")
 
 
 def read_state_dict(path: str) -> Flat:
-  """`.pth`/`.pt`/`.bin` (torch.load weights_only) or `.safetensors` ->
-  flat {key: float32 array}, unwrapping {'state_dict': ...}."""
-  import torch  # noqa: PLC0415 (conversion-time dependency only)
-
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # noqa: PLC0415
-
-    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  sd = _unwrap(sd)
-  return {
-    k: v.detach().float().numpy()
-    for k, v in sd.items()
-    if isinstance(v, torch.Tensor)
-  }
+  """torchvision / Efficient-3DCNNs weights (see tree.read_torch_state_dict)."""
+  return read_torch_state_dict(path)
 
 
 def _unwrap(sd):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from divita_jax.convert.tree import ConversionError
+from divita_jax.convert.tree import ConversionError, read_torch_state_dict
 from divita_jax.models import swin
 
 Flat = dict[str, np.ndarray]
@@ -38,30 +38,6 @@ TORCHVISION_ARCHS = {
 }
 # Video Swin's recipe trains and tests on 32-frame clips (frame interval 2).
 VIDEO_FRAMES = 32
-
-
-def read_torch_state_dict(path: str) -> Flat:
-  """`.pth` / `.bin` (weights_only, no pickled code) or `.safetensors`."""
-  import torch  # noqa: PLC0415 (conversion-time dependency only)
-
-  if path.endswith(".safetensors"):
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    sd = load_file(path)
-  else:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):  # training checkpoints
-      if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-        sd = sd[wrapper]
-  out = {}
-  for k, v in sd.items():
-    if not isinstance(v, torch.Tensor):
-      raise ConversionError(
-        f"{path}: {k} is not a tensor ({type(v).__name__})."
-      )
-    v = v.detach().cpu()
-    out[k] = (v.float() if v.is_floating_point() else v).numpy()
-  return out
 
 
 # ---------------------------------------------------------------------------

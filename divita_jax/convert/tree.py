@@ -120,3 +120,29 @@ def build_params(
     )
   out = {k: loaded[k] if k in loaded else np.asarray(fresh[k]) for k in target}
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def read_torch_state_dict(path: str) -> Flat:
+  """PyTorch weights: `.pth` / `.pt` / `.bin` / `.ckpt` (torch.load with
+  weights_only: no pickled code runs) or `.safetensors` -> flat {key:
+  array}, floats as float32; training checkpoints unwrapped."""
+  import torch  # noqa: PLC0415 (conversion-time dependency only)
+
+  if path.endswith(".safetensors"):
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    sd = load_file(path)
+  else:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):  # training checkpoints
+      if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+        sd = sd[wrapper]
+  out = {}
+  for k, v in sd.items():
+    if not isinstance(v, torch.Tensor):
+      raise ConversionError(
+        f"{path}: {k} is not a tensor ({type(v).__name__})."
+      )
+    v = v.detach().cpu()
+    out[k] = (v.float() if v.is_floating_point() else v).numpy()
+  return out
