@@ -71,10 +71,14 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
 
 
 def make_backbone(config: ml_collections.ConfigDict, branch: str):
-  """(module, params, spec) from a converted checkpoint or random init."""
+  """(module, variables, spec) from a converted checkpoint (its spec.json
+  names the kind) or random init of `kind` / `variant`."""
   b = config.backbones[branch]
   if b.checkpoint:  # Position embeddings resampled to the clips' size.
-    frames = config.clips.frames_per_clip if b.kind == "vivit" else None
+    spec = backbone.read_spec(b.checkpoint)
+    frames = None
+    if not backbone.is_image_model(spec):
+      frames = config.clips.frames_per_clip
     return backbone.load_backbone(
       b.checkpoint, dtype=b.dtype, resolution=b.resolution, num_frames=frames
     )
@@ -126,7 +130,8 @@ class FeatureFn:
       raise ValueError(
         f"Unknown frame_pooling {frame_pooling!r}; {FRAME_POOLINGS}."
       )
-    self.image = backbone.is_image_model({"kind": kind})
+    spec = kind if isinstance(kind, Mapping) else {"kind": kind, "model": {}}
+    self.image = backbone.is_image_model(spec)
     self.center_frame = self.image and frame_pooling == "center"
     self.devices = jax.local_devices()
     mesh = Mesh(np.array(self.devices), ("data",))
@@ -177,7 +182,8 @@ def make_feature_fn(
 
   variables: {'params': ...} (and 'batch_stats' for BatchNorm backbones),
   or a bare params tree. mean_std: the input convention
-  (backbone.input_stats). kind: the backbone kind (2-D kinds per frame).
+  (backbone.input_stats). kind: the backbone's spec (or its kind name):
+  2-D backbones (backbone.is_image_model) see frames.
   """
   return FeatureFn(module, variables, kind, mean_std, frame_pooling)
 
@@ -262,14 +268,14 @@ class Batcher:
 
 def branch_feature_fn(config: ml_collections.ConfigDict, branch: str):
   """The branch's backbone (make_backbone) as a FeatureFn."""
-  module, params, spec = make_backbone(config, branch)
+  module, variables, spec = make_backbone(config, branch)
   b = config.backbones[branch]
   return make_feature_fn(
     module,
-    params,
-    b.kind,
+    variables,
+    spec,
     backbone.input_stats(spec, b.normalization),
-    config.backbones[branch].frame_pooling,
+    b.frame_pooling,
   )
 
 

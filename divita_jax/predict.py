@@ -39,7 +39,6 @@ from divita_jax import (
 )
 from divita_jax import run as run_lib
 from divita_jax.configs.divita import get_config
-from divita_jax.models import backbone
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
 # Per-file failures: bad videos, missing files and decoder errors.
@@ -125,13 +124,7 @@ def load_run(workdir: str, fold: int = 0) -> Run:
         "(relative paths are resolved from the current directory; run from "
         "where training ran)."
       )
-    module, params, spec = extract.make_backbone(config, b)
-    feature_fns[b] = extract.make_feature_fn(
-      module,
-      params,
-      config.backbones[b].kind,
-      backbone.input_stats(spec, config.backbones[b].normalization),
-    )
+    feature_fns[b] = extract.branch_feature_fn(config, b)
   return Run(config, fold, variables, feature_fns, source)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from divita_jax import extract, input_pipeline, video
 from divita_jax.configs import divita
@@ -259,3 +260,36 @@ def test_gpu_smoke_tiny_runs_on_cpu():
   assert out.stdout.count("| ShuffleNet3D |") == 2  # Per dtype.
   assert "compiled train / eval programs | 1 / 1" in out.stdout
   assert "global batch rows in process order | ok" in out.stdout
+
+
+def test_table6_presets_name_each_pair():
+  want = {
+    "swin": ("swin", "swin3d"),
+    "shufflenet": ("shufflenet", "shufflenet3d"),
+    "resnet": ("resnet", "r2plus1d"),
+  }
+  for pair, kinds in want.items():
+    c = divita.get_config(f"trailers12k,{pair}")
+    assert (c.backbones.image.kind, c.backbones.video.kind) == kinds
+    assert all(c.backbones[b].checkpoint for b in ("image", "video"))
+    c = divita.get_config(pair)  # Synthetic: tiny random-init variants.
+    assert (c.backbones.image.kind, c.backbones.video.kind) == kinds
+    assert not c.backbones.image.checkpoint
+  with pytest.raises(ValueError, match="one backbone pair"):
+    divita.get_config("swin,resnet")
+
+
+def test_light_pair_extracts_clip_features(tmp_path):
+  # The ShuffleNet pair random-initialised: 2-D per frame (BatchNorm
+  # statistics in the variables), 3-D per clip.
+  config = divita.get_config("shufflenet")
+  config.clips.frames_per_clip = 4
+  clips = _clips(3)
+  for branch, dim in (("image", 1024), ("video", 1024)):
+    module, variables, spec = extract.make_backbone(config, branch)
+    assert "batch_stats" in variables and spec["feature_dim"] == dim
+    fn = extract.make_feature_fn(
+      module, variables, spec, backbone.input_stats(spec)
+    )
+    feats = fn(clips, batch_size=8)
+    assert feats.shape == (3, dim) and np.all(np.isfinite(feats))

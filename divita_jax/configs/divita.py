@@ -15,9 +15,16 @@ mtgc.csv and the zarr groups, e.g. trailers_i_swin_fpc24.zarr):
   python -m divita_jax.main --config=configs/divita.py:reps \
     --config.dataset.manual_dir=MANUAL_DIR --workdir=DIR
 
-Variants (comma-separated after the colon): `trailers12k`, `reps`,
-`image_only`, `video_only`, `early_fusion`, `fixed_clips`, `runlocal` (even
-smaller).
+Table 6 rows from raw trailers: a backbone pair after `trailers12k`, e.g.
+`:trailers12k,swin` (the paper's best: Swin-T ImageNet + Video Swin-T
+Kinetics-400), `:trailers12k,shufflenet`, `:trailers12k,resnet`, and
+`:trailers12k` alone (ViT-B/16 + ViViT-B/16x2); single-branch rows add
+`image_only` or `video_only`. Without `trailers12k` the same pair runs as
+tiny random-init backbones on the synthetic data.
+
+Variants (comma-separated after the colon): `trailers12k`, `reps`, `vit`,
+`swin`, `shufflenet`, `resnet`, `image_only`, `video_only`, `early_fusion`,
+`fixed_clips`, `runlocal` (even smaller).
 Any field can be overridden, e.g. `--config.model.cam=gru_1_115`.
 """
 
@@ -35,6 +42,10 @@ def parse_variants(arg: str | None) -> set[str]:
     "fixed_clips",
     "runlocal",
     "reps",
+    "vit",
+    "swin",
+    "shufflenet",
+    "resnet",
   }
   variants = {v for v in (arg or "").split(",") if v}
   unknown = variants - known
@@ -82,7 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ("video", "vivit", "tiny/8"),
   ):
     b = ml_collections.ConfigDict()
-    b.kind = kind  # vit (per frame, mean over T) | vivit (per clip).
+    # Random init only (a checkpoint's spec.json names its own): vit | swin |
+    # resnet | shufflenet (per frame, pooled over T) | vivit | swin3d |
+    # shufflenet3d | r2plus1d (per clip).
+    b.kind = kind
     b.checkpoint = ""  # Converted checkpoint dir; "" = random init.
     b.variant = variant  # Used when checkpoint == "": model size/patch.
     b.resolution = 32  # Input side in pixels (short side resize + crop).
@@ -169,11 +183,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.backbones.image.resolution = 224
     c.backbones.video.variant = "B/16x2"
     c.backbones.video.resolution = 224
-    # Written by `python -m divita_jax.convert` (README, Conversion).
-    c.backbones.image.checkpoint = "checkpoints/vit_b16_in21k_in1k"
-    c.backbones.video.checkpoint = "checkpoints/vivit_b16x2_k400"
     c.backbones.image.batch_size = 64
     c.backbones.video.batch_size = 8
+
+  _backbone_pair(c, variants)
   if "reps" in variants:  # Table 6 from the official zarr representations.
     c.dataset.config = "reps"
     c.reps.zarr_image = "trailers_i_swin_fpc24.zarr"
@@ -187,3 +200,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "fixed_clips" in variants:
     c.clips.segmentation = "fixed"
   return c
+
+
+# Table 6 backbone pairs from raw trailers: (kind, converted checkpoint
+# dir, resolution) per branch. Checkpoints are written by `python -m
+# divita_jax.convert` (README, "Reproducing Table 6 from trailers").
+TABLE6 = {
+  "vit": (
+    ("vit", "checkpoints/vit_b16_in21k_in1k", 224),
+    ("vivit", "checkpoints/vivit_b16x2_k400", 224),
+  ),
+  "swin": (  # The paper's best pair.
+    ("swin", "checkpoints/swin_t_in1k", 224),
+    ("swin3d", "checkpoints/swin3d_t_k400", 224),
+  ),
+  "shufflenet": (  # The light pair of the efficiency claim.
+    ("shufflenet", "checkpoints/shufflenet_v2_x1_0_in1k", 224),
+    ("shufflenet3d", "checkpoints/shufflenetv2_3d_1.0x_kinetics", 112),
+  ),
+  "resnet": (
+    ("resnet", "checkpoints/resnet50_in1k", 224),
+    ("r2plus1d", "checkpoints/r2plus1d_18_k400", 112),
+  ),
+}
+
+
+# The same pairs as small random-init variants, for the synthetic data.
+TINY = {
+  "vit": (("vit", "tiny/8"), ("vivit", "tiny/8")),
+  "swin": (("swin", "tiny"), ("swin3d", "tiny")),
+  "shufflenet": (("shufflenet", "0.5"), ("shufflenet3d", "0.25")),
+  "resnet": (("resnet", "resnet18"), ("r2plus1d", "r2plus1d_18")),
+}
+
+
+def _backbone_pair(c, variants: set[str]) -> None:
+  """The named backbone pair: converted checkpoints with `trailers12k`,
+  tiny random-init variants on the synthetic data."""
+  pairs = sorted(variants & set(TABLE6))
+  if len(pairs) > 1:
+    raise ValueError(f"Pick one backbone pair, got {pairs}.")
+  name = pairs[0] if pairs else "vit"
+  for i, branch in enumerate(("image", "video")):
+    b = c.backbones[branch]
+    if "trailers12k" in variants:
+      b.kind, b.checkpoint, b.resolution = TABLE6[name][i]
+    else:
+      b.kind, b.variant = TINY[name][i]
