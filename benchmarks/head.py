@@ -1,78 +1,218 @@
-r"""Head training epoch at Trailers12k scale, input pipeline included.
+r"""The Table-6 input paths at scale: reps build, preloaded vs streamed zarr.
 
-Generates random clip representations (two branches, ~96 clips x 768
-features per trailer) in our NpyStore and in official-layout zarr v2 groups,
-then times one training epoch of the default DIViTA head (tsfm, late fusion,
-batch 32, windows of 30 clips) fed by `rep_pipeline` from each store, read
-directly (mmap / zarr) or preloaded into memory. Reports epoch seconds,
-examples/s, the share of step time spent waiting for data, and the pipeline
-alone. Baseline in the same process: the reference's scheme, a PyTorch head
-of the same shape fed by a DataLoader with 8 workers reading one zarr array
-per example (a few steps, extrapolated to the epoch).
+Writes random clip representations once as official-layout zarr v2 groups
+(two branches, one Blosc-lz4 chunk per trailer, ~96 clips x 768 features
+per trailer), then measures:
 
-  python benchmarks/head.py                    # 2,000 trailers, minutes
-  python benchmarks/head.py --trailers=12000   # full scale (~15 GB on disk)
+- the TFDS `reps` build (labels, folds, metadata only) on a 12,000-row
+  mtgc.csv (it reads no representations, so the full scale costs nothing);
+- one training epoch of the default DIViTA head (tsfm, late fusion, batch
+  32, windows of 30 clips) fed by `rep_pipeline`, each input path in a
+  fresh process so memory peaks do not mix: `preload` (the run's default:
+  every trailer read once into one buffer per branch), `stream` (zarr read
+  per batch in grain worker processes, `rep_pipeline.default_workers()`
+  unless --workers), `threads` (zarr read per batch in this process) and
+  `zarr-api` (the same through zarr-python's API, the path before the
+  direct chunk decode).
+
+Reported: peak RSS (VmHWM) against the representations' size (also net of
+the process's RSS before loading), epoch seconds and the share of it spent
+blocked in `next(it)` (worker start-up, once per fold, shown apart), and
+the load average (the machine may be shared). `--reference` adds the
+reference's scheme: a PyTorch head of the same shape fed by a DataLoader
+with 8 workers reading one zarr array per example (a few steps,
+extrapolated to the epoch).
+
+  python benchmarks/head.py                    # 3,000 trailers (~1.8 GB)
+  python benchmarks/head.py --trailers=12000   # full scale (~7 GB)
 """
 
 import argparse
+import json
 import os
-import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
-import zarr
 
-from configs import divita as divita_config
-from divita_jax import hosts, rep_pipeline, reps, sharding, train
+from divita_jax import reps
 
 BRANCHES = ("image", "video")
+MODES = ("preload", "stream", "threads", "zarr-api")
+
+
+def _status_kb(key: str, pid: int | str = "self") -> int:
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith(key + ":"):
+        return int(line.split()[1])
+  raise KeyError(key)
+
+
+def _load() -> str:
+  return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def generate(root: str, n: int, dim: int, mean_clips: int, seed: int = 0):
-  """Writes both layouts; returns trailer ids."""
+  """Writes the zarr groups once (reused when complete); returns clips [n]."""
+  import zarr
+
+  done = os.path.join(root, f"done_{n}_{dim}_{mean_clips}_{seed}.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return np.asarray(json.load(f))
   rng = np.random.default_rng(seed)
-  ids = [f"tt{i:07d}" for i in range(n)]
   clips = rng.integers(mean_clips * 2 // 3, mean_clips * 4 // 3 + 1, size=n)
-  npy = {b: reps.NpyStore(os.path.join(root, "npy"), b) for b in BRANCHES}
-  groups = {}
   for b in BRANCHES:
-    groups[b] = zarr.open_group(
-      os.path.join(root, f"trailers_{b}.zarr"), mode="w", zarr_format=2
-    )
-    groups[b].attrs["num_features"] = dim
-  for tid, c in zip(ids, clips):
-    for b in BRANCHES:
+    group = zarr.open_group(_group(root, b), mode="w", zarr_format=2)
+    group.attrs["num_features"] = dim
+    for tid, c in zip(_ids(n), clips):
       array = rng.standard_normal((c, dim), np.float32)  # [clips, features]
-      npy[b].write(tid, array)
-      groups[b].create_array(tid, data=array, chunks=array.shape)
-  return ids
+      group.create_array(tid, data=array, chunks=array.shape)
+  with open(done, "w") as f:
+    json.dump(clips.tolist(), f)
+  return clips
 
 
-def timed_epoch(p, mesh, data, state, threads: int):
-  """(state, epoch s, data-wait s) of one epoch, each step synchronised."""
+def _ids(n: int) -> list[str]:
+  return [f"tt{i:07d}" for i in range(n)]
+
+
+def _group(root: str, branch: str) -> str:
+  return os.path.join(root, f"trailers_{branch}.zarr")
+
+
+def reps_build_seconds(n: int) -> float:
+  """TFDS `reps` build on an n-row mtgc.csv, in a fresh data dir."""
+  import tfds_trailers12k
+  from tfds_trailers12k import dummy_data
+
+  with tempfile.TemporaryDirectory() as tmp:
+    rng = np.random.default_rng(0)
+    labels = rng.random((n, 10)) < 0.3
+    splits = rng.integers(0, 3, (n, 3))
+    dummy_data.write_mtgc(f"{tmp}/mtgc.csv", _ids(n), labels, splits)
+    start = time.perf_counter()
+    builder = tfds_trailers12k.build("reps", f"{tmp}/tfds", tmp)
+    tfds_trailers12k.load_index(builder)
+    return time.perf_counter() - start
+
+
+def measure(args) -> dict:
+  """One input path in this (fresh) process: memory and one epoch."""
+  import jax
+
+  from divita_jax import hosts, rep_pipeline, sharding, train
+  from divita_jax.configs import divita as divita_config
+
+  config = divita_config.get_config()
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  ids = _ids(args.trailers)
+  labels = np.random.default_rng(1).random((len(ids), 10)) < 0.3
+  p = train.programs(config, mesh, {b: args.features for b in BRANCHES})
+  state = p.init(jax.random.PRNGKey(0))
   lr = np.float32(1e-4)
-  it = rep_pipeline.iterate(data.dataset, num_threads=threads, prefetch=8)
-  wait = 0.0
+  shape = (tc.batch_size, tc.num_clips)
+  dummy = {b: np.zeros((*shape, args.features), np.float32) for b in BRANCHES}
+  dummy.update(
+    mask=np.ones(shape, bool), labels=np.zeros((shape[0], 10), np.float32)
+  )
+  for _ in range(2):  # Compiles outside the timings and the base RSS.
+    state, loss = p.train_step(state, hosts.global_batch(dummy, mesh), lr)
+  loss.block_until_ready()
+  store = ZarrApi if args.child == "zarr-api" else reps.ZarrStore
+  readers = {b: store(_group(args.dir, b)) for b in BRANCHES}
+  base_kb = _status_kb("VmRSS")  # Before any representation is loaded.
   start = time.perf_counter()
-  for _ in range(data.steps_per_epoch):
+  if args.child == "preload":
+    readers = rep_pipeline.preload(readers, ids)
+  load_s = time.perf_counter() - start
+  workers = args.workers if args.child == "stream" else 0
+  data = rep_pipeline.train_data(
+    readers,
+    ids,
+    labels,
+    np.arange(len(ids)),
+    num_clips=tc.num_clips,
+    global_batch_size=tc.batch_size,
+    seed=0,
+    num_epochs=1,
+    num_workers=workers,
+  )
+  epoch_s, waits, workers_kb = _epoch(p, mesh, data, state, args.threads)
+  used = rep_pipeline._WORKERS.get(data.dataset, 0)
+  return dict(
+    mode=args.child,
+    workers=used,
+    load_s=load_s,
+    base_gb=base_kb / 2**20,
+    peak_gb=_status_kb("VmHWM") / 2**20,
+    worker_peak_gb=workers_kb / 2**20,
+    startup_s=waits[0],
+    epoch_s=epoch_s - waits[0],
+    wait_s=float(np.sum(waits[1:])),
+    steps=data.steps_per_epoch,
+    pipeline_ex_s=pipeline_alone(data, args.threads),
+  )
+
+
+def _epoch(p, mesh, data, state, threads):
+  """(epoch s, [wait s per step], workers' peak RSS kB); every step
+  synchronised."""
+  from divita_jax import hosts, rep_pipeline
+
+  lr = np.float32(1e-4)
+  waits, workers_kb = [], 0
+  start = time.perf_counter()
+  it = rep_pipeline.iterate(data.dataset, num_threads=threads)
+  for step in range(data.steps_per_epoch):
     t = time.perf_counter()
     batch = next(it)
-    wait += time.perf_counter() - t
+    waits.append(time.perf_counter() - t)
     state, loss = p.train_step(state, hosts.global_batch(batch, mesh), lr)
     loss.block_until_ready()
-  return state, time.perf_counter() - start, wait
+    if step % 10 == 5:  # Workers exit at the end of their share: sample.
+      kb = sum(_status_kb("VmHWM", pid) for pid in _children())
+      workers_kb = max(workers_kb, kb)
+  epoch_s = time.perf_counter() - start
+  if hasattr(it, "close"):
+    it.close()
+  return epoch_s, waits, workers_kb
 
 
-def data_only(data, threads: int, steps: int) -> float:
-  """Examples/s of the pipeline alone."""
-  it = rep_pipeline.iterate(data.dataset, num_threads=threads, prefetch=8)
+def pipeline_alone(data, threads: int, steps: int = 30) -> float:
+  """Examples/s of the input alone (after its first batch)."""
+  from divita_jax import rep_pipeline
+
+  steps = min(steps, data.steps_per_epoch - 1)
+  it = rep_pipeline.iterate(data.dataset, num_threads=threads)
   next(it)
   start = time.perf_counter()
-  for _ in range(steps - 1):
+  for _ in range(steps):
     batch = next(it)
-  return (steps - 1) * len(batch["mask"]) / (time.perf_counter() - start)
+  ex_s = steps * len(batch["mask"]) / (time.perf_counter() - start)
+  if hasattr(it, "close"):
+    it.close()  # Worker processes and their shared memory.
+  return ex_s
+
+
+class ZarrApi(reps.ZarrStore):
+  """Every read through zarr-python (the path before the direct decode)."""
+
+  def _read_chunk(self, trailer_id):
+    return None
+
+
+def _children() -> list[int]:
+  """Child processes of this one (grain's workers while they run)."""
+  pids = []
+  for task in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{task}/children") as f:
+      pids += [int(x) for x in f.read().split()]
+  return pids
 
 
 def _reference_dataset(root, ids, num_clips):
@@ -87,14 +227,15 @@ def _reference_dataset(root, ids, num_clips):
       return len(ids)
 
     def __getitem__(self, i):
-      if self.stores is None:  # Opened in the worker.
+      if self.stores is None:  # Opened in the worker, read through zarr.
+        import zarr
+
         self.stores = {
-          b: reps.ZarrStore(os.path.join(root, f"trailers_{b}.zarr"))
-          for b in BRANCHES
+          b: zarr.open_group(_group(root, b), mode="r") for b in BRANCHES
         }
       out = []
       for b in BRANCHES:
-        a = self.stores[b].read(ids[i])
+        a = np.asarray(self.stores[b][ids[i]][...], np.float32)
         s = np.random.randint(0, max(len(a) - num_clips, 0) + 1)
         out.append(torch.from_numpy(a[s : s + num_clips]))
       return out
@@ -168,104 +309,101 @@ def reference_epoch(root, ids, dim, num_clips, batch_size, workers, steps):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--trailers", type=int, default=2000)
+  ap.add_argument("--trailers", type=int, default=3000)
   ap.add_argument("--clips", type=int, default=96, help="Mean clips/trailer.")
   ap.add_argument("--features", type=int, default=768)
-  ap.add_argument("--threads", type=int, default=4, help="grain threads.")
+  ap.add_argument("--build_trailers", type=int, default=12000)
+  ap.add_argument("--workers", type=int, default=None, help="stream: procs.")
+  ap.add_argument("--threads", type=int, default=2, help="grain threads.")
+  ap.add_argument("--modes", default=",".join(MODES))
+  ap.add_argument("--reference", action="store_true")
   ap.add_argument("--ref_workers", type=int, default=8)
   ap.add_argument("--ref_steps", type=int, default=20, help="Timed steps.")
-  ap.add_argument("--dir", default="", help="Data dir (default: temp).")
-  ap.add_argument("--keep", action="store_true", help="Keep generated data.")
+  ap.add_argument("--dir", default="/tmp/head_bench", help="zarr groups.")
+  ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
   args = ap.parse_args()
-
-  root = args.dir or tempfile.mkdtemp(prefix="head_bench_")
+  if args.child:
+    print("RESULT " + json.dumps(measure(args)), flush=True)
+    return
+  load_start = _load()
+  os.makedirs(args.dir, exist_ok=True)
   t = time.perf_counter()
-  ids = generate(root, args.trailers, args.features, args.clips)
+  clips = generate(args.dir, args.trailers, args.features, args.clips)
   gen_s = time.perf_counter() - t
+  size_gb = int(clips.sum()) * args.features * 4 * len(BRANCHES) / 2**30
+  build_s = reps_build_seconds(args.build_trailers)
+  rows = [_child(args, mode) for mode in args.modes.split(",")]
+  ref = None
+  if args.reference:
+    ref = _reference(args)
+  _print(args, rows, size_gb, gen_s, build_s, ref, load_start)
 
-  config = divita_config.get_config()
-  tc = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  labels = np.random.default_rng(1).random((len(ids), 10)) < 0.3
-  p = train.programs(config, mesh, {b: args.features for b in BRANCHES})
-  state = p.init(jax.random.PRNGKey(0))
-  npy = {b: reps.NpyStore(os.path.join(root, "npy"), b) for b in BRANCHES}
-  zarrs = {
-    b: reps.ZarrStore(os.path.join(root, f"trailers_{b}.zarr"))
-    for b in BRANCHES
-  }
-  sources = [
-    ("npy mmap", npy, False),
-    ("zarr direct", zarrs, False),
-    ("npy preloaded", npy, True),
-    ("zarr preloaded", zarrs, True),
-  ]
-  rows = []
-  for i, (name, readers, preload) in enumerate(sources):
-    t = time.perf_counter()
-    if preload:  # One store in memory at a time (7 GB at full scale).
-      readers = rep_pipeline.preload(readers, ids)
-    load_s = time.perf_counter() - t
-    data = rep_pipeline.train_data(
-      readers,
-      ids,
-      labels,
-      np.arange(len(ids)),
-      num_clips=tc.num_clips,
-      global_batch_size=tc.batch_size,
-      seed=0,
-      num_epochs=1,
-    )
-    if i == 0:  # Compile outside the timings.
-      state, _ = timed_epoch(p, mesh, _first_steps(data, 2), state, 1)[:2]
-    state, epoch_s, wait_s = timed_epoch(p, mesh, data, state, args.threads)
-    examples = data.steps_per_epoch * tc.batch_size
-    pipe = data_only(data, args.threads, min(data.steps_per_epoch, 40))
-    rows.append(
-      (name, epoch_s, examples / epoch_s, 100 * wait_s / epoch_s, pipe, load_s)
-    )
-    del data, readers  # Frees a preloaded store before the next one.
-  ref_loader, ref_train = reference_epoch(
-    root,
-    ids,
+
+def _child(args, mode: str) -> dict:
+  """`measure` in a fresh interpreter (its own memory peak)."""
+  cmd = [sys.executable, __file__, f"--child={mode}"]
+  cmd += [f"--{k}={getattr(args, k)}" for k in ("trailers", "features")]
+  cmd += [f"--{k}={getattr(args, k)}" for k in ("clips", "threads", "dir")]
+  if args.workers is not None:
+    cmd.append(f"--workers={args.workers}")
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  (line,) = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+  return json.loads(line[len("RESULT ") :])
+
+
+def _reference(args) -> tuple[float, float]:
+  from divita_jax.configs import divita as divita_config
+
+  tc = divita_config.get_config().train
+  steps = min(args.trailers // tc.batch_size, args.ref_steps)
+  return reference_epoch(
+    args.dir,
+    _ids(args.trailers),
     args.features,
     tc.num_clips,
     tc.batch_size,
     args.ref_workers,
-    min(len(ids) // tc.batch_size, args.ref_steps),
+    steps,
   )
 
+
+def _print(args, rows, size_gb, gen_s, build_s, ref, load_start):
   print(
-    f"\nDIViTA head epoch: {args.trailers} trailers x ~{args.clips} clips"
-    f" x {args.features} features x {len(BRANCHES)} branches, batch "
-    f"{tc.batch_size}, windows of {tc.num_clips}, cam {config.model.cam}; "
-    f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-    f"{os.cpu_count()} CPU cores; data generated in {gen_s:.0f} s."
+    f"\nDIViTA head input: {args.trailers} trailers x ~{args.clips} clips x "
+    f"{args.features} features x {len(BRANCHES)} branches = {size_gb:.2f} "
+    f"GB float32 (zarr v2, Blosc lz4, in {args.dir}; written in "
+    f"{gen_s:.0f} s); {os.cpu_count()} CPU cores; load average "
+    f"{load_start} at start, {_load()} at end (1/5/15 min)."
   )
   print(
-    "| input | epoch s | examples/s | data wait % | pipeline alone "
-    "ex/s | preload s |"
+    f"TFDS reps build ({args.build_trailers} trailers, labels/folds/"
+    f"metadata only): {build_s:.1f} s."
   )
-  print("|---|---|---|---|---|---|")
-  for name, epoch_s, ex_s, wait, pipe, load_s in rows:
+  print(
+    "| input | workers | load s | peak RSS GB | peak / reps | (peak - "
+    "base) / reps | workers' peak GB | epoch s | data wait % | start-up s "
+    "| input alone ex/s |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
     print(
-      f"| {name} | {epoch_s:.1f} | {ex_s:.0f} | {wait:.1f} | {pipe:.0f} "
-      f"| {load_s:.1f} |"
+      f"| {r['mode']} | {r['workers']} | {r['load_s']:.1f} | "
+      f"{r['peak_gb']:.2f} | {r['peak_gb'] / size_gb:.2f} | "
+      f"{(r['peak_gb'] - r['base_gb']) / size_gb:.2f} | "
+      f"{r['worker_peak_gb']:.2f} | {r['epoch_s']:.1f} | "
+      f"{100 * r['wait_s'] / r['epoch_s']:.1f} | {r['startup_s']:.1f} | "
+      f"{r['pipeline_ex_s']:.0f} |"
     )
-  ref_epoch = len(ids) / ref_train
-  best = min(r[1] for r in rows)
-  print(
-    f"| reference (PyTorch head, DataLoader {args.ref_workers} workers, "
-    f"zarr per example; {args.ref_steps} steps extrapolated) | "
-    f"{ref_epoch:.1f} | {ref_train:.0f} | - | {ref_loader:.0f} | - |"
-  )
-  print(f"\nBest JAX epoch vs the reference scheme: {ref_epoch / best:.1f}x.")
-  if not args.keep and not args.dir:
-    shutil.rmtree(root)
-
-
-def _first_steps(data, steps):
-  return rep_pipeline.TrainData(data.dataset.slice(slice(0, steps)), steps)
+  if ref:
+    loader_ex_s, train_ex_s = ref
+    print(
+      f"Reference scheme (PyTorch head, DataLoader {args.ref_workers} "
+      f"workers, zarr per example, {args.ref_steps} steps extrapolated): "
+      f"epoch {args.trailers / train_ex_s:.1f} s, loader alone "
+      f"{loader_ex_s:.0f} ex/s."
+    )
 
 
 if __name__ == "__main__":

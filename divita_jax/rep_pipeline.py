@@ -19,77 +19,42 @@ float32, `mask` bool [b, num_clips], `labels` float32 [b, 10], and for eval
 `trailer` int32 [b] (index into the subset, -1 = padding) and `valid` bool
 [b]. Datasets are grain `MapDataset`s of whole batches (random access), so
 an iterator's state is one integer and restores exactly.
+
+Readers (reps.py) are either preloaded (`preload`: one buffer per branch,
+a batch is one gather per branch) or read per batch: official zarr groups
+in worker processes (`train_data` chooses, `iterate` starts them; decoding
+in this process would starve the step), anything else in threads.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
-import inspect
+import os
+import weakref
 
 import grain
 import numpy as np
+from absl import flags
 
-from divita_jax import hosts
+from divita_jax import hosts, reps
 
-
-class InMemoryReader:
-  """Reader interface over arrays preloaded into one contiguous buffer."""
-
-  def __init__(self, reader, ids, num_threads: int = 8):
-    ids = list(ids)
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-      arrays = list(pool.map(functools.partial(_read, reader), ids))
-    sizes = np.array([a.shape[0] for a in arrays], np.int64)
-    self._offsets = dict(zip(ids, np.concatenate([[0], np.cumsum(sizes)])))
-    self._sizes = dict(zip(ids, sizes))
-    self.data = np.concatenate(arrays, 0)  # [total clips, D]
-    self.num_features = int(self.data.shape[1])
-    self.tag = getattr(reader, "tag", "memory")
-
-  def ids(self) -> list[str]:
-    return sorted(self._offsets)
-
-  def has(self, trailer_id: str) -> bool:
-    return trailer_id in self._offsets
-
-  def read(self, trailer_id: str, mmap: bool = False) -> np.ndarray:
-    del mmap
-    if trailer_id not in self._offsets:
-      raise KeyError(f"No preloaded representations for {trailer_id}.")
-    start = self._offsets[trailer_id]
-    return self.data[start : start + self._sizes[trailer_id]]
-
-  def locate(self, trailer_ids) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, sizes) [n] of the trailers' rows in `data`."""
-    try:
-      return (
-        np.array([self._offsets[t] for t in trailer_ids], np.int64),
-        np.array([self._sizes[t] for t in trailer_ids], np.int64),
-      )
-    except KeyError as e:
-      raise KeyError(f"No preloaded representations for {e.args[0]}.") from None
+# Train datasets -> worker processes `iterate` reads them in (see train_data).
+_WORKERS = weakref.WeakKeyDictionary()
 
 
 def preload(readers: dict, ids, num_threads: int = 8) -> dict:
   """Loads `ids` of every reader into memory (one buffer per branch);
   readers already in memory are kept as they are."""
-  if all(isinstance(r, InMemoryReader) for r in readers.values()):
+  if all(isinstance(r, reps.InMemoryReader) for r in readers.values()):
     return dict(readers)
-  return {b: InMemoryReader(r, ids, num_threads) for b, r in readers.items()}
+  return {
+    b: reps.InMemoryReader(r, ids, num_threads) for b, r in readers.items()
+  }
 
 
-def _read(reader, trailer_id: str) -> np.ndarray:
-  """[clips, D]; memory-mapped where the reader supports it."""
-  if "mmap" in inspect.signature(reader.read).parameters:
-    array = reader.read(trailer_id, mmap=True)
-  else:
-    array = reader.read(trailer_id)
-  if array.ndim != 2:
-    raise ValueError(
-      f"Representations of {trailer_id} must be [clips, features], got "
-      f"shape {array.shape}."
-    )
-  return array
+def default_workers() -> int:
+  """Worker processes for streaming from zarr: half the cores, 1 to 8 (the
+  other half runs the step and the host side of the input)."""
+  return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _window(array: np.ndarray, start: int, num_clips: int) -> np.ndarray:
@@ -113,12 +78,14 @@ class _Source:
     starts drawn with one `np.random.default_rng(seed)` per example."""
     rows = self.indices[np.asarray(positions, np.int64)]
     tids = [self.ids[r] for r in rows]
-    memory = all(isinstance(r, InMemoryReader) for r in self.readers.values())
+    memory = all(
+      isinstance(r, reps.InMemoryReader) for r in self.readers.values()
+    )
     if memory:  # Fast path: one gather per branch from the preloaded buffer.
       located = {b: r.locate(tids) for b, r in self.readers.items()}
       lengths = {b: sizes for b, (_, sizes) in located.items()}
     else:
-      arrays = {b: [_read(r, t) for t in tids] for b, r in self.readers.items()}
+      arrays = {b: _read_once(r, tids) for b, r in self.readers.items()}
       lengths = {b: np.array([len(a) for a in x]) for b, x in arrays.items()}
     length = _same_lengths(lengths, tids)  # [b]
     if starts is None:
@@ -142,6 +109,16 @@ class _Source:
         )
       out[b] = x
     return out
+
+
+def _read_once(reader, tids) -> list:
+  """Arrays of `tids`, each distinct trailer read once (an eval batch holds
+  consecutive windows of the same trailers)."""
+  arrays = {}
+  for t in tids:
+    if t not in arrays:
+      arrays[t] = reps.read(reader, t)
+  return [arrays[t] for t in tids]
 
 
 def _same_lengths(lengths: dict, tids) -> np.ndarray:
@@ -187,32 +164,49 @@ def train_data(
   num_epochs: int,
   process_index: int | None = None,
   process_count: int | None = None,
+  num_workers: int | None = None,
 ) -> TrainData:
-  """Batches of random windows for `num_epochs` epochs (see module doc)."""
+  """Batches of random windows for `num_epochs` epochs (see module doc).
+
+  `num_workers`: processes that `iterate` reads the batches in; None =
+  `default_workers()` when every reader is a `reps.ZarrStore` (streaming
+  from zarr: decoding needs processes to keep up), else 0 (threads of this
+  process: preloaded or .npy readers are cheap to read).
+  """
   indices = _check(readers, ids, labels, indices)
   share = hosts.process_rows(global_batch_size, process_index, process_count)
   src = _Source(
     dict(readers), tuple(ids), np.asarray(labels), indices, num_clips
   )
-  n = len(indices)
-  steps = -(-n // global_batch_size)
-
-  @functools.lru_cache(maxsize=2)
-  def order(epoch):  # [steps * global batch] subset positions
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return np.resize(perm, steps * global_batch_size)  # Wraps around.
-
-  def make_batch(i):
-    epoch, step = divmod(int(i), steps)
-    rows = order(epoch)[step * global_batch_size :][:global_batch_size]
-    # Window starts depend on (seed, epoch, position) only: independent of
-    # the process layout, the batch a trailer falls in, and thread timing.
-    return src.batch(
-      rows[share], seeds=[(seed, epoch, 1, int(p)) for p in rows[share]]
-    )
-
+  steps = -(-len(indices) // global_batch_size)
+  make_batch = functools.partial(
+    _train_batch, src, share, seed, steps, global_batch_size
+  )
   ds = grain.MapDataset.range(num_epochs * steps).map(make_batch)
+  if num_workers is None:  # Processes pay off for zarr decoding only.
+    zarr = all(isinstance(r, reps.ZarrStore) for r in readers.values())
+    num_workers = default_workers() if zarr else 0
+  if num_workers:
+    _WORKERS[ds] = num_workers
   return TrainData(ds, steps)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int, size: int) -> np.ndarray:
+  """[size] subset positions of an epoch: a permutation, wrapped around."""
+  return np.resize(np.random.default_rng([seed, epoch]).permutation(n), size)
+
+
+def _train_batch(src, share, seed, steps, global_batch_size, i) -> dict:
+  # Module-level (not a closure): worker processes receive it pickled.
+  epoch, step = divmod(int(i), steps)
+  order = _epoch_order(seed, epoch, len(src.indices), steps * global_batch_size)
+  rows = order[step * global_batch_size :][:global_batch_size]
+  # Window starts depend on (seed, epoch, position) only: independent of
+  # the process layout, the batch a trailer falls in, and thread timing.
+  return src.batch(
+    rows[share], seeds=[(seed, epoch, 1, int(p)) for p in rows[share]]
+  )
 
 
 def eval_windows(readers: dict, ids, indices, num_clips: int) -> np.ndarray:
@@ -220,7 +214,7 @@ def eval_windows(readers: dict, ids, indices, num_clips: int) -> np.ndarray:
   reader = next(iter(readers.values()))
   rows = []
   for pos, i in enumerate(np.asarray(indices)):
-    length = _read(reader, ids[i]).shape[0]
+    length = reps.length(reader, ids[i])
     for start in range(0, max(length, 1), num_clips):
       rows.append((pos, start))
   return np.asarray(rows, np.int64).reshape(-1, 2)
@@ -271,8 +265,21 @@ def iterate(
   num_threads: int = 2,
   prefetch: int = 4,
   state: dict | None = None,
+  num_workers: int | None = None,
 ):
-  """Prefetching iterator over `dataset`, optionally restored to `state`."""
+  """Prefetching iterator over `dataset`, optionally restored to `state`.
+
+  `num_workers` > 0 reads batches in that many worker processes (grain
+  `mp_prefetch`, `prefetch` batches buffered per worker); None = what
+  `train_data` chose for the dataset (0 for any other dataset: evaluation
+  iterators are short-lived, worker start-up would dominate). The state is
+  {'next_index': batches consumed} in both modes, so a run checkpointed
+  while streaming resumes preloaded and vice versa.
+  """
+  if num_workers is None:
+    num_workers = _WORKERS.get(dataset, 0)
+  if num_workers:
+    return _WorkerIterator(dataset, num_workers, prefetch, state)
   it = iter(
     dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
@@ -281,3 +288,60 @@ def iterate(
   if state is not None:
     it.set_state(state)
   return it
+
+
+class _WorkerIterator:
+  """Batches of a MapDataset read by worker processes, in order.
+
+  grain starts the workers with `spawn` (fresh interpreters: safe beside
+  JAX's threads; the dataset and its readers travel cloudpickled, and the
+  main module is imported as `__mp_main__`, so scripts need the usual
+  `if __name__ == "__main__"` guard). A restore restarts the workers at the
+  restored position.
+  """
+
+  def __init__(self, dataset, num_workers: int, buffer: int, state=None):
+    self._dataset, self._workers, self._buffer = dataset, num_workers, buffer
+    self._it = None
+    self.set_state(state or {"next_index": 0})
+
+  def set_state(self, state: dict) -> None:
+    self.close()
+    _default_unparsed_grain_flag()
+    self._next = int(state["next_index"])
+    rest = self._dataset.slice(slice(self._next, None))
+    # One batch at a time inside a worker: the workers are the parallelism.
+    ds = rest.to_iter_dataset(grain.ReadOptions(num_threads=0))
+    options = grain.MultiprocessingOptions(
+      num_workers=self._workers, per_worker_buffer_size=self._buffer
+    )
+    self._it = iter(ds.mp_prefetch(options))
+
+  def get_state(self) -> dict:
+    return {"next_index": self._next}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  def close(self) -> None:
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+  def __del__(self):
+    self.close()
+
+
+def _default_unparsed_grain_flag() -> None:
+  """grain 0.2.18 reads this flag in mp_prefetch without checking that
+  flags were parsed (google/grain#1355, fixed after 0.2.18): outside
+  absl.app (tests, notebooks, scripts) it then raises. Only this one flag
+  is marked given, with its default value."""
+  flag = flags.FLAGS["grain_enable_multiprocess_worker_profiling"]
+  if not flags.FLAGS.is_parsed() and not flag.present:
+    flag.present = 1

@@ -17,9 +17,6 @@ from jax.experimental import multihost_utils
 
 import tfds_trailers12k
 from divita_jax import extract, genres, rep_pipeline, report, reps, train
-from tfds_trailers12k import (
-  tfds_trailers12k_dataset_builder as trailers12k_builder,
-)
 
 
 def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -38,14 +35,8 @@ def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
     return dict(
       reencode_height=d.reencode_height, reencode_fps=d.reencode_fps, **shots
     )
-  if d.config == "reps":
-    groups = tuple(config.reps[f"zarr_{b}"] for b in config.model.branches)
-    if not all(groups):
-      raise ValueError(
-        "The reps dataset needs config.reps.zarr_<branch> for "
-        f"every branch of {tuple(config.model.branches)}."
-      )
-    return dict(zarr_groups=groups)
+  if d.config == "reps":  # Labels and folds; features stay in the zarr.
+    return {}
   raise ValueError(
     f"Unknown config.dataset.config {d.config!r}; use synthetic, raw or reps."
   )
@@ -89,15 +80,14 @@ def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
 
 def representation_readers(config, workdir, builder, index) -> dict:
   """Readers (branch -> store) of the clip representations the head uses."""
-  if config.dataset.config == "reps":  # Packaged in the TFDS dataset.
-    source = tfds_trailers12k.data_source(builder)
+  if config.dataset.config == "reps":  # Official zarr groups, in place.
+    groups = {b: config.reps[f"zarr_{b}"] for b in config.model.branches}
+    missing = [f"config.reps.zarr_{b}" for b, g in groups.items() if not g]
+    if missing:
+      raise ValueError(f"The reps dataset needs {', '.join(missing)}.")
+    manual_dir = config.dataset.manual_dir or ""  # Absolute paths stay.
     return {
-      b: reps.TfdsRepsReader(
-        source,
-        index["ids"],
-        trailers12k_builder.group_tag(config.reps[f"zarr_{b}"]),
-      )
-      for b in config.model.branches
+      b: reps.ZarrStore(os.path.join(manual_dir, g)) for b, g in groups.items()
     }
   store_root = config.reps.dir or os.path.join(workdir, "reps")
   stores = extract.extract(

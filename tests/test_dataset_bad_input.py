@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
-from divita_jax import shots
+from divita_jax import reps, shots
 from tfds_trailers12k import dummy_data, mtgc
 from tfds_trailers12k import tfds_trailers12k_dataset_builder as builder_module
 
@@ -104,24 +104,27 @@ def test_missing_column_stops_the_build(tmp_path):
     tfds_trailers12k.build("raw", str(tmp_path / "tfds"), str(manual))
 
 
-def test_reps_build_and_nan_error(tmp_path):
-  ids = dummy_data.write_reps(str(tmp_path / "ok"), clips=(5, 3, 7, 4))
-  builder = tfds_trailers12k.build(
-    "reps", str(tmp_path / "tfds"), str(tmp_path / "ok")
-  )
+def test_reps_build_stores_no_features_and_nan_error(tmp_path):
+  ok = str(tmp_path / "ok")
+  ids = dummy_data.write_reps(ok, clips=(5, 3, 7, 4))
+  builder = tfds_trailers12k.build("reps", str(tmp_path / "tfds"), ok)
   index = tfds_trailers12k.load_index(builder)
-  source = tfds_trailers12k.data_source(builder)
-  by_id = dict(zip(index["ids"], index["num_shots"]))
-  assert by_id == dict(zip(ids, (5, 3, 7, 4)))
-  reps = source[0]["reps"]
-  assert set(reps) == {"trailers_i_swin_fpc24", "trailers_ik_swin_fps24_fpc24"}
-  assert reps["trailers_i_swin_fpc24"].shape[1] == 8
-  assert reps["trailers_i_swin_fpc24"].dtype == np.float32
-  dummy_data.write_reps(str(tmp_path / "nan"), nan_id="tt2000002")
+  assert sorted(index["ids"]) == ids
+  np.testing.assert_array_equal(index["num_shots"], -1)  # No shots stored.
+  record = tfds_trailers12k.data_source(builder)[0]
+  assert "reps" not in record and record["labels"].shape == (10,)
+  # The features are read in place, lengths from the zarr metadata.
+  image = reps.ZarrStore(os.path.join(ok, dummy_data.REPS_GROUPS[0]))
+  assert [image.length(i) for i in ids] == [5, 3, 7, 4]
+  assert image.read(ids[0]).shape == (5, 8)
+  nan = str(tmp_path / "nan")
+  dummy_data.write_reps(nan, nan_id="tt2000002")
+  tfds_trailers12k.build("reps", str(tmp_path / "tfds2"), nan)  # Labels ok.
+  store = reps.ZarrStore(os.path.join(nan, dummy_data.REPS_GROUPS[0]))
   with pytest.raises(ValueError, match="tt2000002.*NaN"):
-    tfds_trailers12k.build(
-      "reps", str(tmp_path / "tfds2"), str(tmp_path / "nan")
-    )
+    store.read("tt2000002")
+  with pytest.raises(ValueError, match="tt2000002.*NaN"):
+    reps.InMemoryReader(store, ids)  # What the run's preload does.
 
 
 def test_raw_other_container_is_stored_as_mp4(tmp_path):

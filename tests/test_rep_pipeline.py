@@ -156,7 +156,7 @@ def test_eval_covers_every_clip_once_and_pads(data):
 def test_preload_fast_path_reads_the_same(data):
   stores, ids, labels = data
   memory = rep_pipeline.preload(stores, ids)
-  assert isinstance(memory["image"], rep_pipeline.InMemoryReader)
+  assert isinstance(memory["image"], reps.InMemoryReader)
   a = _train(data)
   b = rep_pipeline.train_data(
     memory,
@@ -216,3 +216,77 @@ def test_bad_inputs_have_clear_errors(data):
     rep_pipeline.eval_data(
       stores, ids, labels, [], num_clips=4, global_batch_size=2
     )
+
+
+def _zarr_copy(stores, ids, root):
+  """The stores' arrays as official-layout zarr v2 groups, one per branch."""
+  import zarr
+
+  out = {}
+  for b, store in stores.items():
+    path = str(root / f"trailers_{b}.zarr")
+    group = zarr.open_group(path, mode="w", zarr_format=2)
+    group.attrs["num_features"] = store.num_features
+    for tid in ids:
+      array = store.read(tid)
+      group.create_array(tid, data=array, chunks=array.shape)
+    out[b] = reps.ZarrStore(path)
+  return out
+
+
+def test_zarr_streams_in_worker_processes_in_order_and_restores(data, tmp_path):
+  stores, ids, labels = data
+  zarrs = _zarr_copy(stores, ids, tmp_path)
+  train = rep_pipeline.train_data(
+    zarrs,
+    ids,
+    labels,
+    np.arange(12),
+    num_clips=NUM_CLIPS,
+    global_batch_size=4,
+    seed=3,
+    num_epochs=2,
+    num_workers=2,
+  )
+  expected = [_train(data).dataset[i] for i in range(6)]  # From .npy.
+  it = rep_pipeline.iterate(train.dataset)
+  assert isinstance(it, rep_pipeline._WorkerIterator)  # Processes.
+  got = [next(it) for _ in range(3)]
+  state = it.get_state()
+  assert state == {"next_index": 3}
+  it.close()
+  # Restored in worker processes and in threads (a run may resume
+  # preloaded): the same batches in the same order.
+  for workers in (2, 0):
+    resumed = rep_pipeline.iterate(
+      train.dataset, state=state, num_workers=workers
+    )
+    batches = got + [next(resumed) for _ in range(3)]
+    for want, x in zip(expected, batches):
+      for k in want:
+        np.testing.assert_array_equal(x[k], want[k])
+    del resumed
+
+
+def test_default_workers_only_for_zarr_train_data(data, tmp_path):
+  stores, ids, labels = data
+  zarrs = _zarr_copy(stores, ids, tmp_path)
+  kw = dict(num_clips=NUM_CLIPS, global_batch_size=4, seed=0, num_epochs=1)
+  streamed = rep_pipeline.train_data(zarrs, ids, labels, np.arange(12), **kw)
+  assert rep_pipeline._WORKERS[streamed.dataset] >= 1
+  for readers in (stores, rep_pipeline.preload(zarrs, ids)):
+    local = rep_pipeline.train_data(readers, ids, labels, np.arange(12), **kw)
+    assert local.dataset not in rep_pipeline._WORKERS
+
+
+def test_preload_fills_one_buffer_from_lengths(data, tmp_path):
+  stores, ids, labels = data
+  zarrs = _zarr_copy(stores, ids, tmp_path)
+  memory = rep_pipeline.preload(zarrs, ids)["image"]
+  total = sum(stores["image"].length(t) for t in ids)
+  assert memory.data.shape == (total, 3) and memory.data.flags.c_contiguous
+  for tid in ids:
+    view = memory.read(tid)
+    assert view.base is memory.data or view.base is memory.data.base
+    np.testing.assert_array_equal(view, stores["image"].read(tid))
+    assert memory.length(tid) == len(view)

@@ -1,6 +1,7 @@
 """Representation stores: our .npy store and the official zarr v2 groups."""
 
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -16,7 +17,16 @@ def test_npy_store_round_trip_and_atomic_files(tmp_path):
   assert store.has("tt01") and not store.has("tt02")
   np.testing.assert_array_equal(store.read("tt01"), x)
   assert store.ids() == ["tt01"] and store.num_features == 5
+  assert store.length("tt01") == 7
   assert not [f for f in os.listdir(store.path) if f.endswith(".tmp")]
+  mode = os.stat(os.path.join(store.path, "tt01.npy")).st_mode & 0o777
+  assert mode == 0o644 & ~_umask()  # Readable by other users and hosts.
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def test_npy_store_rejects_bad_arrays(tmp_path):
@@ -49,6 +59,9 @@ def test_zarr_store_reads_official_v2_layout(tmp_path):
   assert store.ids() == ["tt0000002", "tt0347149"]
   assert store.num_features == 4 and store.has("tt0347149")
   np.testing.assert_array_equal(store.read("tt0347149"), x)
+  assert store.length("tt0347149") == 3
+  # The official layout (one chunk per trailer) is decoded without zarr.
+  np.testing.assert_array_equal(store._read_chunk("tt0347149"), x)
 
 
 def test_zarr_store_errors_name_the_id(tmp_path):
@@ -61,3 +74,52 @@ def test_zarr_store_errors_name_the_id(tmp_path):
     store.read("tt8")
   with pytest.raises(FileNotFoundError, match="missing.zarr"):
     reps.ZarrStore(str(tmp_path / "missing.zarr"))
+
+
+def test_zarr_store_other_layouts_read_through_zarr(tmp_path):
+  """Several chunks, filters and zarr v3 take zarr's own path; the same
+  arrays come out, and lengths come from metadata alone."""
+  x = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
+  v2 = zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2)
+  v2.create_array("chunked", data=x, chunks=(4, 4))
+  v2.create_array("one", data=x, chunks=x.shape)
+  v2.create_array("f64", data=x.astype(np.float64), chunks=x.shape)
+  v3 = zarr.open_group(str(tmp_path / "v3.zarr"), mode="w", zarr_format=3)
+  v3.create_array("tt1", data=x, chunks=(4, 4))
+  store2 = reps.ZarrStore(str(tmp_path / "v2.zarr"))
+  store3 = reps.ZarrStore(str(tmp_path / "v3.zarr"))
+  for store, tid in ((store2, "chunked"), (store2, "one"), (store2, "f64")):
+    np.testing.assert_array_equal(store.read(tid), x)
+    assert store.read(tid).dtype == np.float32
+  np.testing.assert_array_equal(store3.read("tt1"), x)
+  assert store3.ids() == ["tt1"] and store3.length("tt1") == 9
+  assert store3.num_features == 4 and store2.num_features == 4  # No attrs.
+  os.remove(tmp_path / "v2.zarr" / "one" / "0.0")  # Data gone, shape known.
+  assert store2.length("one") == 9
+  with pytest.raises(KeyError, match="tt9"):
+    store2.length("tt9")
+
+
+def test_zarr_store_pickles_without_its_group(tmp_path):
+  x = np.arange(8, dtype=np.float32).reshape(2, 4)
+  path = _official_group(str(tmp_path / "g.zarr"), {"tt1": x})
+  store = reps.ZarrStore(path)
+  store.read("tt1")
+  copy = pickle.loads(pickle.dumps(store))  # What worker processes get.
+  assert copy.tag == "g" and copy.ids() == ["tt1"]
+  np.testing.assert_array_equal(copy.read("tt1"), x)
+
+
+def test_in_memory_reader_checks_lengths_and_names_missing_ids(tmp_path):
+  store = reps.NpyStore(str(tmp_path), "image")
+  store.write("a", np.ones((3, 2)))
+  store.write("b", np.zeros((1, 2)))
+  memory = reps.InMemoryReader(store, ["a", "b"])
+  assert memory.data.shape == (4, 2) and memory.length("a") == 3
+  np.testing.assert_array_equal(memory.read("b"), np.zeros((1, 2)))
+  offsets, sizes = memory.locate(["b", "a"])
+  assert list(offsets) == [3, 0] and list(sizes) == [1, 3]
+  with pytest.raises(KeyError, match="No preloaded representations for c"):
+    memory.read("c")
+  with pytest.raises(KeyError, match="No representations for c"):
+    reps.InMemoryReader(store, ["a", "c"])

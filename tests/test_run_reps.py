@@ -1,18 +1,29 @@
-"""The Table-6 path: official zarr reps -> TFDS `reps` -> head -> results."""
+"""The Table-6 path: TFDS `reps` (labels, folds) + official zarr reps read in
+place -> head -> results; a rerun trains nothing."""
 
+import glob
 import os
+import shutil
 
 import numpy as np
 
-from configs import divita
-from divita_jax import report, run
+from divita_jax import report, run, train
+from divita_jax.configs import divita
 from tfds_trailers12k import dummy_data
 
 
-def test_run_on_official_reps(tmp_path):
+def _mtimes(workdir):
+  files = glob.glob(os.path.join(workdir, "fold*", "**"), recursive=True)
+  files += glob.glob(os.path.join(workdir, "results", "fold*"))
+  return {f: os.stat(f).st_mtime_ns for f in files if os.path.isfile(f)}
+
+
+def test_run_on_official_reps(tmp_path, monkeypatch):
   manual = str(tmp_path / "manual")
   clips = tuple(int(c) for c in np.random.default_rng(0).integers(2, 9, 30))
-  dummy_data.write_reps(manual, num=30, clips=clips, features=(8, 6))
+  ids = dummy_data.write_reps(manual, num=30, clips=clips, features=(8, 6))
+  # A trailer without video representations is dropped by the run.
+  shutil.rmtree(os.path.join(manual, dummy_data.REPS_GROUPS[1], ids[0]))
   config = divita.get_config("reps")
   config.dataset.manual_dir = manual
   config.folds = (0, 1)
@@ -28,6 +39,25 @@ def test_run_on_official_reps(tmp_path):
   rows = report.read_csv(os.path.join(workdir, "results", "test.csv"))
   assert [r["fold"] for r in rows] == [0, 1]
   assert not os.path.exists(os.path.join(workdir, "reps"))  # No extraction.
-  # A rerun loads the finished folds instead of training again.
+  (features,) = glob.glob(f"{workdir}/tfds/**/features.json", recursive=True)
+  with open(features) as f:
+    assert "float32" not in f.read()  # Labels, folds, metadata: no reps.
+  predicted = set()
+  for fold in (0, 1):
+    for subset in ("val", "test"):
+      path = os.path.join(workdir, "results", f"fold{fold}_{subset}_probs.csv")
+      with open(path) as f:
+        predicted |= {line.split(",")[0] for line in f.readlines()[1:]}
+  assert ids[0] not in predicted and ids[1] in predicted
+
+  # A rerun loads the finished folds: no training step, no file rewritten.
+  before = _mtimes(workdir)
+  assert any("checkpoint" in f or "best" in f for f in before)
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("The rerun trained a fold.")
+
+  monkeypatch.setattr(train, "train_fold", no_training)
   again = run.run(config, workdir)
-  assert again[1]["test"]["uap"] == results[1]["test"]["uap"]
+  assert _mtimes(workdir) == before
+  assert again == results

@@ -55,8 +55,6 @@ def make_config(config: str, **config_kwargs) -> Trailers12kConfig:
     raise ValueError(
       f"Unknown trailers12k config field(s) {sorted(unknown)} for {config!r}."
     )
-  if "zarr_groups" in config_kwargs:
-    config_kwargs["zarr_groups"] = tuple(config_kwargs["zarr_groups"])
   changed = {
     k: v
     for k, v in sorted(config_kwargs.items())
@@ -101,7 +99,7 @@ def build(
   """Builds trailers12k/<config> under data_dir if needed; returns it.
 
   `config_kwargs` override `Trailers12kConfig` fields (e.g. num_trailers,
-  seed, detector, zarr_groups); `num_workers` processes decode/generate
+  seed, detector); `num_workers` processes decode/generate
   (0 = all cores). Prints a summary including
   the skipped trailers (also in `builder.info.metadata['skipped']`).
   """
@@ -161,10 +159,8 @@ def _compute_index(builder) -> dict:
     ids.append(ex["id"].decode() if isinstance(ex["id"], bytes) else ex["id"])
     labels.append(ex["labels"])
     splits.append(ex["split_assignment"])
-    if "shots" in ex:
-      num_shots.append(len(ex["shots"]))
-    else:  # reps: number of clips of the first group.
-      num_shots.append(len(next(iter(ex["reps"].values()))))
+    # reps: no shots stored (the clip counts are the zarr stores' lengths).
+    num_shots.append(len(ex["shots"]) if "shots" in ex else -1)
   return dict(
     ids=np.asarray(ids, dtype=str),
     labels=np.asarray(labels, np.int32).reshape(-1, 10),
@@ -177,8 +173,8 @@ def load_index(builder: tfds.core.DatasetBuilder) -> dict:
   """Per-record ids, labels, split_assignment, num_shots (record order).
 
   Returns {'ids': list[str], 'labels': int32 [N, 10], 'split_assignment':
-  int32 [N, 3], 'num_shots': int32 [N]} (reps: num_shots = clips of the
-  first group). Computed once by reading the dataset, then cached as
+  int32 [N, 3], 'num_shots': int32 [N]} (reps: -1, the config stores no
+  shots). Computed once by reading the dataset, then cached as
   index.npz in the builder's data directory.
   """
   path = os.path.join(builder.data_dir, _INDEX_FILE)

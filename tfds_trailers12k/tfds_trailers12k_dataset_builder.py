@@ -3,8 +3,10 @@
 One stored split, `all`; the three official folds are per-example
 `split_assignment` rows (select them with `tfds_trailers12k.subset_indices`).
 Configs: `synthetic` (generated), `raw` (manual_dir: mtgc.csv, videos/,
-optional metadata.json), `reps` (manual_dir: mtgc.csv + official zarr v2
-representation groups). See README.md in this folder.
+optional metadata.json), `reps` (manual_dir: mtgc.csv, optional
+metadata.json: labels, folds and metadata only; the official zarr
+representations are read in place by the run, `divita_jax.reps.ZarrStore`,
+not copied). See README.md in this folder.
 
 Built with `file_format=array_record` (no TensorFlow needed):
   tfds build tfds_trailers12k --config=synthetic --data_dir=DIR
@@ -25,11 +27,6 @@ from divita_jax.genres import NUM_FOLDS, NUM_GENRES
 from tfds_trailers12k import mtgc, prepared, synthetic
 
 _CRASHED = "worker process crashed while decoding (corrupt or hostile file)"
-# Official Swin groups (paper's best); override with `zarr_groups`.
-DEFAULT_ZARR_GROUPS = (
-  "trailers_i_swin_fpc24.zarr",
-  "trailers_ik_swin_fps24_fpc24.zarr",
-)
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,8 +47,6 @@ class Trailers12kConfig(tfds.core.BuilderConfig):
   # raw: re-encode to this height / fps (0 = keep the source's).
   reencode_height: int = 0
   reencode_fps: float = 0.0
-  # reps: zarr group directories inside manual_dir.
-  zarr_groups: tuple[str, ...] = DEFAULT_ZARR_GROUPS
 
   def shot_kwargs(self) -> dict:
     return dict(
@@ -61,11 +56,6 @@ class Trailers12kConfig(tfds.core.BuilderConfig):
       downscale=self.downscale,
       max_flash_len=self.max_flash_len,
     )
-
-
-def group_tag(group: str) -> str:
-  """Feature name of a zarr group: its directory name without `.zarr`."""
-  return epath.Path(group).name.removesuffix(".zarr")
 
 
 def _metadata_features() -> dict:
@@ -81,17 +71,7 @@ def _features(cfg: Trailers12kConfig) -> tfds.features.FeaturesDict:
     ),
     **_metadata_features(),
   }
-  if cfg.kind == "reps":
-    f["reps"] = tfds.features.FeaturesDict(
-      {
-        group_tag(g): tfds.features.Tensor(
-          shape=(None, None),
-          dtype=np.float32,
-          encoding=tfds.features.Encoding.ZLIB,
-        )
-        for g in cfg.zarr_groups
-      }
-    )
+  if cfg.kind == "reps":  # Features stay in the zarr groups.
     return tfds.features.FeaturesDict(f)
   f.update(
     video=tfds.features.Tensor(shape=(), dtype=np.object_),  # mp4 bytes.
@@ -179,7 +159,8 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
     Trailers12kConfig(
       name="reps",
       kind="reps",
-      description="Official precomputed zarr clip representations.",
+      description="Labels, folds and metadata for the official zarr "
+      "clip representations (read in place, not copied).",
     ),
   ]
   DEFAULT_CONFIG_NAME = "synthetic"
@@ -189,7 +170,7 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   raw: put `mtgc.csv`, `videos/<mid>.mp4` (any container FFmpeg reads) and
   optionally `metadata.json` in manual_dir.
-  reps: put `mtgc.csv` and the official zarr groups (e.g.
+  reps: put `mtgc.csv` (and the official zarr groups the run reads, e.g.
   trailers_i_swin_fpc24.zarr) in manual_dir.
   """
 
@@ -229,7 +210,7 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
     if self.builder_config.kind == "raw":
       yield from self._generate_raw(root, ann, meta)
     else:
-      yield from self._generate_reps(root, ann, meta)
+      yield from self._generate_reps(ann, meta)
 
   def _skip(self, mid: str, reason: str) -> None:
     self.info.metadata["skipped"].append({"id": mid, "reason": reason})
@@ -368,33 +349,11 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
         },
       )
 
-  def _generate_reps(self, root: epath.Path, ann: mtgc.Annotations, meta):
-    import zarr  # Only the reps config needs zarr.
-
-    groups = {}
-    for g in self.builder_config.zarr_groups:
-      if not (root / g).is_dir():
-        raise FileNotFoundError(f"Zarr group {root / g} not found.")
-      groups[group_tag(g)] = zarr.open_group(str(root / g), mode="r")
+  def _generate_reps(self, ann: mtgc.Annotations, meta):
+    """Every trailer of mtgc.csv; which ones have representations is the
+    run's business (`run.available` drops the ones missing from a group)."""
     for i, mid in enumerate(ann.ids):
-      missing = [t for t, grp in groups.items() if mid not in grp]
-      if missing:
-        self._skip(mid, f"missing representations in {missing}")
-        continue
-      reps = {}
-      for tag, grp in groups.items():
-        array = np.asarray(grp[mid][...], np.float32)  # [clips, features]
-        if array.ndim != 2 or not np.all(np.isfinite(array)):
-          raise ValueError(
-            f"Representations of {mid} in zarr group {tag}: expected "
-            f"finite float32 [clips, features], got shape {array.shape} "
-            "with NaN/inf or wrong rank."
-          )
-        reps[tag] = array
       yield (
         mid,
-        {
-          **self._common(mid, ann.labels[i], ann.splits[i], meta.get(mid, {})),
-          "reps": reps,
-        },
+        self._common(mid, ann.labels[i], ann.splits[i], meta.get(mid, {})),
       )
