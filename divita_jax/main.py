@@ -106,10 +106,7 @@ def main(argv):
 
   print(f"Config:\n{_config_yaml(FLAGS.config)}", flush=True)
   try:
-    # Checks that need no work come first (config typos, workdir, files).
-    workdir.preflight(FLAGS.config, FLAGS.workdir)
-    workdir.check_config(FLAGS.config, FLAGS.workdir, FLAGS.overwrite)
-    run.run(FLAGS.config, FLAGS.workdir)
+    run.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except checkpoints.Preempted as e:
     logging.warning("%s Exiting; rerun the same command to resume.", e)
     sys.exit(128 + e.signum)

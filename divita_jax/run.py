@@ -16,7 +16,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import tfds_trailers12k
-from divita_jax import extract, genres, rep_pipeline, report, reps, train
+from divita_jax import (
+  extract,
+  hosts,
+  rep_pipeline,
+  report,
+  reps,
+  train,
+)
+from divita_jax import workdir as workdir_lib
 
 
 def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -69,6 +77,7 @@ def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
       data_dir,
       manual_dir,
       num_workers=config.dataset.num_workers,
+      retry_skipped=config.dataset.retry_skipped,
       **kwargs,
     )
   multihost_utils.sync_global_devices("dataset built")
@@ -101,27 +110,21 @@ def representation_readers(config, workdir, builder, index) -> dict:
 
 
 def available(readers: dict, index: dict) -> np.ndarray:
-  """Boolean [N]: trailers with representations in every branch."""
-  return np.array(
-    [all(r.has(i) for r in readers.values()) for i in index["ids"]]
+  """Boolean [N]: trailers with representations in every branch (process
+  0's view, so every process trains on the same trailers)."""
+  return hosts.agree(
+    np.array([all(r.has(i) for r in readers.values()) for i in index["ids"]])
   )
 
 
-def write_predictions(path: str, ids, probs: np.ndarray) -> None:
-  lines = ["id," + ",".join(genres.SHORT_NAMES)]
-  lines += [
-    f"{i}," + ",".join(f"{p:.6f}" for p in row) for i, row in zip(ids, probs)
-  ]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, path)
+def _rounded(metrics: dict) -> dict:
+  return {k: round(100 * float(v), 2) for k, v in metrics.items()}
 
 
 def run_fold(config, workdir, readers, index, keep, fold) -> dict:
   """Trains and evaluates one fold, or loads its finished result."""
   out = os.path.join(workdir, "results", f"fold{fold}.json")
-  if os.path.exists(out):
+  if hosts.agree(os.path.exists(out)):  # Finished: every process loads it.
     with open(out) as f:
       return json.load(f)
   ids = [i for i, k in zip(index["ids"], keep) if k]
@@ -137,25 +140,30 @@ def run_fold(config, workdir, readers, index, keep, fold) -> dict:
   summary = {k: result[k] for k in ("epoch", "val", "test")}
   summary = json.loads(json.dumps(summary, default=float))
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     for subset in ("val", "test"):
-      write_predictions(
+      report.write_predictions(
         os.path.join(workdir, "results", f"fold{fold}_{subset}_probs.csv"),
         result[f"{subset}_ids"],
         np.asarray(result[f"{subset}_probs"]),
       )
-    with open(out + ".tmp", "w") as f:
-      json.dump(summary, f, indent=1)
-    os.replace(out + ".tmp", out)
+    report.write_json(out, summary)
   return summary
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every stage; returns {fold: {'epoch', 'val', 'test'}}."""
+def run(
+  config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
+) -> dict:
+  """Runs every stage; returns {fold: {'epoch', 'val', 'test'}}.
+
+  First, before any work: the settings that would fail later
+  (workdir.preflight), and the workdir's config.json against `config`
+  (another config's results -> an error, or moved aside with `overwrite`).
+  """
+  workdir_lib.preflight(config, workdir)
+  workdir_lib.check_config(config, workdir, overwrite)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:  # predict.py rebuilds the run from this file.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    workdir_lib.write_config(config, workdir)
   builder, index = ensure_dataset(config, workdir)
   readers = representation_readers(config, workdir, builder, index)
   keep = available(readers, index)
@@ -170,7 +178,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   for fold in config.folds:
     results[fold] = run_fold(config, workdir, readers, index, keep, fold)
-    logging.info("Fold %d test: %s", fold, results[fold]["test"])
+    logging.info(
+      "Fold %d (best epoch %d) test x100: %s",
+      fold,
+      results[fold]["epoch"],
+      _rounded(results[fold]["test"]),
+    )
   if jax.process_index() == 0:
     title = (
       f"DIViTA on trailers12k/{config.dataset.config}: "

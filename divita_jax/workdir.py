@@ -28,6 +28,7 @@ FREE_FIELDS = (
   "folds",
   "dataset.data_dir",
   "dataset.num_workers",
+  "dataset.retry_skipped",
   "backbones.*.batch_size",
   "extract.*",
   "reps.dir",

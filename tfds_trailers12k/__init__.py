@@ -1,12 +1,12 @@
 """Trailers12k as a TFDS dataset (`trailers12k`), and how to select folds.
 
   builder = tfds_trailers12k.build("synthetic", data_dir, num_trailers=96)
-  source = tfds_trailers12k.data_source(builder)   # random access, 'all'
+  source = tfds_trailers12k.data_source(builder)   # random access
   index = tfds_trailers12k.load_index(builder)     # ids, labels, folds
   train = tfds_trailers12k.subset_indices(index["split_assignment"], 0,
                                           "train")  # record indices
 
-Videos are stored once (split `all`); a fold's train / validation / test
+Videos are stored once (split `trailers`); a fold's train / validation / test
 subset is a list of record indices into `data_source(builder)`.
 """
 
@@ -19,7 +19,8 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
-from divita_jax.genres import NUM_FOLDS, SUBSETS
+from divita_jax.genres import NUM_FOLDS, NUM_GENRES, SUBSETS
+from tfds_trailers12k import lock
 from tfds_trailers12k.tfds_trailers12k_dataset_builder import (
   Trailers12k,
   Trailers12kConfig,
@@ -94,22 +95,33 @@ def build(
   data_dir: str,
   manual_dir: str | None = None,
   num_workers: int = 0,
+  retry_skipped: bool | None = None,
   **config_kwargs,
 ) -> tfds.core.DatasetBuilder:
   """Builds trailers12k/<config> under data_dir if needed; returns it.
 
   `config_kwargs` override `Trailers12kConfig` fields (e.g. num_trailers,
   seed, detector); `num_workers` processes decode/generate
-  (0 = all cores). Prints a summary including
-  the skipped trailers (also in `builder.info.metadata['skipped']`).
+  (0 = all cores); `retry_skipped` re-attempts trailers a killed build
+  saved as skipped (None: the TRAILERS12K_RETRY_SKIPPED environment
+  variable, set by `python -m tfds_trailers12k --retry_skipped`). A build prints a summary including the skipped
+  trailers (also in `builder.info.metadata['skipped']`).
   """
   cfg = make_config(config, **config_kwargs)
   builder = Trailers12k(config=cfg, data_dir=data_dir)
-  builder.num_workers = num_workers
+  if builder.is_prepared():
+    return builder
+  if cfg.kind != "synthetic" and not manual_dir:
+    raise ValueError(f"trailers12k/{config} needs manual_dir.")
   start = time.time()
-  if not builder.is_prepared():
-    if cfg.kind != "synthetic" and not manual_dir:
-      raise ValueError(f"trailers12k/{config} needs manual_dir.")
+  # One build of this config in this data_dir at a time; a second one waits
+  # and then finds the dataset ready.
+  with lock.build_lock(f"{builder.data_path}.lock"):
+    builder = Trailers12k(config=cfg, data_dir=data_dir)
+    if builder.is_prepared():
+      return builder
+    builder.num_workers = num_workers
+    builder.retry_skipped = retry_skipped
     builder.download_and_prepare(
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
@@ -147,8 +159,9 @@ def prepare_share(
 
 
 def data_source(builder: tfds.core.DatasetBuilder):
-  """Random-access source of split 'all' (record order = index order)."""
-  return builder.as_data_source(split="all")
+  """Random-access source of the split `trailers` (record order = index
+  order)."""
+  return builder.as_data_source(split="trailers")
 
 
 def _compute_index(builder) -> dict:
@@ -163,7 +176,7 @@ def _compute_index(builder) -> dict:
     num_shots.append(len(ex["shots"]) if "shots" in ex else -1)
   return dict(
     ids=np.asarray(ids, dtype=str),
-    labels=np.asarray(labels, np.int32).reshape(-1, 10),
+    labels=np.asarray(labels, np.int32).reshape(-1, NUM_GENRES),
     split_assignment=np.asarray(splits, np.int32).reshape(-1, NUM_FOLDS),
     num_shots=np.asarray(num_shots, np.int32),
   )

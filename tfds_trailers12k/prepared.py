@@ -47,6 +47,11 @@ class PreparedExamples:
     np.savez(tmp, **arrays)
     tmp.rename(self.path(mid))
 
+  def skipped(self, mid: str) -> bool:
+    """A saved skip (not an example)."""
+    with np.load(self.path(mid), allow_pickle=False) as f:
+      return bool(str(f["reason"]))
+
   def load(self, mid: str) -> tuple[str, dict | None, str]:
     """(id, features or None if skipped, reason), as the worker returned."""
     try:

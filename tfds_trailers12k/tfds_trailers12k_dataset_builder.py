@@ -1,6 +1,6 @@
 """TFDS builder `trailers12k`: trailers, shots, genres and folds.
 
-One stored split, `all`; the three official folds are per-example
+One stored split, `trailers`; the three official folds are per-example
 `split_assignment` rows (select them with `tfds_trailers12k.subset_indices`).
 Configs: `synthetic` (generated), `raw` (manual_dir: mtgc.csv, videos/,
 optional metadata.json), `reps` (manual_dir: mtgc.csv, optional
@@ -13,10 +13,8 @@ Built with `file_format=array_record` (no TensorFlow needed):
   tfds build tfds_trailers12k --config=raw --manual_dir=MANUAL --data_dir=DIR
 """
 
-import collections
-import concurrent.futures
 import dataclasses
-import multiprocessing
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -25,8 +23,12 @@ from etils import epath
 from divita_jax import transcode
 from divita_jax.genres import NUM_FOLDS, NUM_GENRES
 from tfds_trailers12k import mtgc, prepared, synthetic
+from tfds_trailers12k.workers import map_in_pool
 
-_CRASHED = "worker process crashed while decoding (corrupt or hostile file)"
+RETRY_SKIPPED_ENV = "TRAILERS12K_RETRY_SKIPPED"
+# Two fresh worker processes died on the file in a row (a decoder crash on
+# a corrupt or hostile file); environment failures never get here.
+_CRASHED = "the file killed its worker process twice (decoder crash)"
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,60 +86,6 @@ def _features(cfg: Trailers12kConfig) -> tfds.features.FeaturesDict:
   if cfg.kind == "synthetic":
     f["true_shots"] = tfds.features.Tensor(shape=(None, 2), dtype=np.int32)
   return tfds.features.FeaturesDict(f)
-
-
-def _run_isolated(fn, item, ctx):
-  """fn(item) in a fresh one-worker pool; None if that process dies."""
-  with concurrent.futures.ProcessPoolExecutor(1, ctx) as pool:
-    try:
-      return pool.submit(fn, item).result()
-    except concurrent.futures.process.BrokenProcessPool:
-      return None
-
-
-def map_in_pool(fn, items: list, num_workers: int, desc: str, crashed):
-  """Ordered map over worker processes with a trailers/s progress bar.
-
-  A worker that dies (e.g. a decoder crash on a hostile file) does not stop
-  the build: the items in flight are re-run one per process, and the one
-  that kills its process yields `crashed(item)` instead.
-  """
-  workers = num_workers or multiprocessing.cpu_count()
-  workers = max(1, min(workers, len(items)))
-  bar = tfds.core.utils.tqdm(total=len(items), desc=desc, unit=" trailers")
-  if workers == 1:
-    for item in items:
-      yield fn(item)
-      bar.update(1)
-    bar.close()
-    return
-  # spawn: the caller may be a multithreaded JAX/TF process (fork-unsafe).
-  ctx = multiprocessing.get_context("spawn")
-  todo = collections.deque(items)
-  while todo:
-    # A bounded window of futures, so finished videos waiting behind a
-    # slow one do not pile up in memory.
-    pending = collections.deque()
-    with concurrent.futures.ProcessPoolExecutor(workers, ctx) as pool:
-      try:
-        while todo or pending:
-          while todo and len(pending) < 2 * workers:
-            item = todo.popleft()
-            pending.append((item, pool.submit(fn, item)))
-          result = pending[0][1].result()
-          pending.popleft()
-          yield result
-          bar.update(1)
-      except concurrent.futures.process.BrokenProcessPool:
-        pass
-    for item, future in pending:  # Only after a crash: find the culprit.
-      if future.done() and future.exception() is None:
-        result = future.result()  # Finished before the crash.
-      else:
-        result = _run_isolated(fn, item, ctx)
-      yield crashed(item) if result is None else result
-      bar.update(1)
-  bar.close()
 
 
 class Trailers12k(tfds.core.GeneratorBasedBuilder):
@@ -201,6 +149,21 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root: epath.Path | None):
     """Yields (id, features) of the configured kind; skips bad trailers."""
+    count = 0
+    for example in self._examples(root):
+      count += 1
+      yield example
+    if not count:
+      skipped = self.info.metadata["skipped"]
+      reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+      raise ValueError(
+        f"No trailer survived the build of trailers12k/"
+        f"{self.builder_config.name}: {len(skipped)} skipped (first: "
+        f"{reasons or 'none listed'}). Saved skips are re-attempted with "
+        "retry_skipped=True (python -m tfds_trailers12k --retry_skipped)."
+      )
+
+  def _examples(self, root: epath.Path | None):
     if root is None:
       yield from self._generate_synthetic()
       return
@@ -233,6 +196,15 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       return synthetic.synthetic_example, lambda it: synthetic.trailer_id(it[0])
     return transcode.raw_example, lambda it: it[0]
 
+  def _retry_skipped(self) -> bool:
+    """build(retry_skipped=True), or `python -m tfds_trailers12k
+    --retry_skipped` (through the environment, as `tfds build` has no such
+    flag)."""
+    retry = getattr(self, "retry_skipped", None)
+    if retry is None:
+      retry = os.environ.get(RETRY_SKIPPED_ENV) == "1"
+    return bool(retry)
+
   def _prepare(self, items: list, desc: str):
     """Yields worker results for items in order: saved ones, or computed.
 
@@ -242,16 +214,23 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
     fn, key = self._worker()
     store = self.prepared()
     todo = [it for it in items if not store.has(key(it))]
+    if self._retry_skipped():
+      done = [it for it in items if it not in todo]
+      skipped = [it for it in done if store.skipped(key(it))]
+      if skipped:
+        print(f"Re-attempting {len(skipped)} trailers skipped earlier.")
+      todo += skipped
+    todo_ids = {key(it) for it in todo}
     self.prepared_counts = dict(reused=len(items) - len(todo), computed=0)
     computed = map_in_pool(
       fn,
       todo,
       self.num_workers,
       desc,
-      lambda it: (key(it), None, _CRASHED),
+      lambda it, detail: (key(it), None, f"{_CRASHED}: {detail}"),
     )
     for it in items:
-      if store.has(key(it)):
+      if key(it) not in todo_ids:
         yield store.load(key(it))
         continue
       result = next(computed)

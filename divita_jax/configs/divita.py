@@ -77,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.reencode_height = 0  # raw: re-encode to this height (0 = keep).
   c.dataset.reencode_fps = 0.0  # raw: re-encode to this fps (0 = keep).
   c.dataset.num_workers = 0  # Build processes; 0 = all cores.
+  # Re-attempt trailers an interrupted build saved as skipped.
+  c.dataset.retry_skipped = False
 
   # ---- Clip sampling (divita_jax/video.py) ----
   c.clips = ml_collections.ConfigDict()
