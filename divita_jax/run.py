@@ -71,8 +71,8 @@ def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
     )
     logging.info("Prepared %d trailers in this process.", len(done))
     multihost_utils.sync_global_devices("trailers prepared")
-  if jax.process_index() == 0:
-    tfds_trailers12k.build(
+  if jax.process_index() == 0:  # Writes the dataset and its index once.
+    built = tfds_trailers12k.build(
       config.dataset.config,
       data_dir,
       manual_dir,
@@ -80,6 +80,7 @@ def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
       retry_skipped=config.dataset.retry_skipped,
       **kwargs,
     )
+    tfds_trailers12k.load_index(built)
   multihost_utils.sync_global_devices("dataset built")
   builder = tfds_trailers12k.build(
     config.dataset.config, data_dir, manual_dir, **kwargs
