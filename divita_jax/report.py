@@ -61,7 +61,13 @@ def fold_rows(results: dict[int, dict], subset: str) -> list[dict]:
   for fold in sorted(results):
     metrics = results[fold][subset]
     row = {"fold": fold, "epoch": int(results[fold]["epoch"])}
-    row.update({k: 100.0 * float(metrics[k]) for k in METRIC_COLUMNS})
+    # Undefined metrics (None in a fold's JSON, NaN in memory) stay NaN.
+    row.update(
+      {
+        k: np.nan if metrics[k] is None else 100.0 * float(metrics[k])
+        for k in METRIC_COLUMNS
+      }
+    )
     rows.append(row)
   return rows
 

@@ -119,7 +119,12 @@ def available(readers: dict, index: dict) -> np.ndarray:
 
 
 def _rounded(metrics: dict) -> dict:
-  return {k: round(100 * float(v), 2) for k, v in metrics.items()}
+  """x100, 2 decimals; undefined (None / NaN) stays None."""
+  out = {}
+  for k, v in metrics.items():
+    v = np.nan if v is None else float(v)
+    out[k] = None if np.isnan(v) else round(100 * v, 2)
+  return out
 
 
 def run_fold(config, workdir, readers, index, keep, fold) -> dict:

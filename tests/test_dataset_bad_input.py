@@ -158,6 +158,10 @@ def _die_on_two(item):
 
 def test_worker_crash_is_skipped_not_fatal():
   out = builder_module.map_in_pool(
-    _die_on_two, [0, 1, 2, 3, 4], 2, "test", lambda item: ("crash", item)
+    _die_on_two,
+    [0, 1, 2, 3, 4],
+    2,
+    "test",
+    lambda item, detail: ("crash", item),
   )
   assert list(out) == [0, 10, ("crash", 2), 30, 40]
