@@ -37,12 +37,12 @@ def read_predictions(path: str) -> tuple[list[str], np.ndarray]:
   return [r[0] for r in rows], probs.reshape(-1, genres.NUM_GENRES)
 
 
-def _strict(value):
+def strict(value):
   """NaN / inf -> None: results JSON is strict JSON."""
   if isinstance(value, dict):
-    return {k: _strict(v) for k, v in value.items()}
+    return {k: strict(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_strict(v) for v in value]
+    return [strict(v) for v in value]
   if isinstance(value, (float, np.floating)):
     return float(value) if math.isfinite(value) else None
   if isinstance(value, np.integer):
@@ -52,7 +52,7 @@ def _strict(value):
 
 def write_json(path: str, record: dict) -> None:
   """Strict JSON (undefined metrics, NaN, become null)."""
-  atomic.write_json(path, _strict(record), indent=1, allow_nan=False)
+  atomic.write_json(path, strict(record), indent=1, allow_nan=False)
 
 
 def fold_rows(results: dict[int, dict], subset: str) -> list[dict]:

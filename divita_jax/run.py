@@ -144,7 +144,7 @@ def run_fold(config, workdir, readers, index, keep, fold) -> dict:
     fold,
   )
   summary = {k: result[k] for k in ("epoch", "val", "test")}
-  summary = json.loads(json.dumps(summary, default=float))
+  summary = report.strict(summary)  # As a rerun reads it back: NaN -> None.
   if jax.process_index() == 0:
     for subset in ("val", "test"):
       report.write_predictions(
