@@ -4,6 +4,9 @@ Default (a few minutes on a 2-core CPU: batch 2, 8-frame clips, 3 rounds):
   python benchmarks/backbones.py
 Full size (ViViT-B/16x2 on 32-frame clips, bigger batches):
   python benchmarks/backbones.py --frames 32 --vit_batch 8 --iters 5
+The Table-6 cost table (params, GMACs, clips/s of every paper backbone;
+benchmarks/costs.py, its flags after it):
+  python benchmarks/backbones.py --table6 [--quick]
 
 Prints frames/s (ViT-B/16 at 224) and clips/s (ViViT-B/16x2), fp32 and bf16,
 next to HF `ViTModel` / `VivitModel` of the same size in this process, and
@@ -226,4 +229,10 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  if "--table6" in sys.argv:  # The Table-6 cost table (benchmarks/costs.py).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import costs
+
+    costs.main([a for a in sys.argv[1:] if a != "--table6"])
+  else:
+    main()
