@@ -70,6 +70,14 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
   )
 
 
+def compute_dtype(name: str) -> str:
+  """'auto': bfloat16 on GPU/TPU (frozen backbones), float32 on CPU (XLA's
+  CPU bf16 matmuls are no faster; fp32 is the parity reference)."""
+  if name == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return name
+
+
 def make_backbone(config: ml_collections.ConfigDict, branch: str):
   """(module, variables, spec) from a converted checkpoint (its spec.json
   names the kind) or random init of `kind` / `variant`."""
@@ -80,7 +88,10 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
     if not backbone.is_image_model(spec):
       frames = config.clips.frames_per_clip
     return backbone.load_backbone(
-      b.checkpoint, dtype=b.dtype, resolution=b.resolution, num_frames=frames
+      b.checkpoint,
+      dtype=compute_dtype(b.dtype),
+      resolution=b.resolution,
+      num_frames=frames,
     )
   return backbone.create_backbone(
     b.kind,
@@ -88,7 +99,7 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
     resolution=b.resolution,
     num_frames=config.clips.frames_per_clip,
     tubelet=config.backbones.video.tubelet,
-    dtype=b.dtype,
+    dtype=compute_dtype(b.dtype),
     seed=config.seed,
   )
 

@@ -1,6 +1,8 @@
 """A workdir belongs to one config; mistakes are caught before any work."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +76,29 @@ def test_preflight_errors_name_the_setting(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="config.train.batch_size=3"):
     workdir.preflight(config, str(tmp_path / "w"))
   assert sorted(os.listdir(tmp_path)) == ["file"]  # Nothing was created.
+
+
+def _main(*flags, cwd):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run(
+    [sys.executable, "-m", "divita_jax.main", *flags],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_main_user_mistakes_are_one_line_errors(tmp_path):
+  config = "--config=configs/divita.py"
+  out = _main(
+    config, "--config.model.camm=x", f"--workdir={tmp_path}/w", cwd=tmp_path
+  )
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert (
+    "unknown config field" in out.stderr and 'Did you mean "cam"' in out.stderr
+  )
+  (tmp_path / "file").write_text("")
+  out = _main(config, f"--workdir={tmp_path}/file", cwd=tmp_path)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].endswith("is not a directory.")

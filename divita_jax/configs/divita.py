@@ -110,7 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 2-D kinds: mean over the clip's frames | center (frame T // 2 only:
     # decoded and run alone, T times cheaper; its own store tag).
     b.frame_pooling = "mean"
-    b.dtype = "float32"  # Compute dtype: float32 | bfloat16.
+    # Compute dtype: float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32
+    # on CPU).
+    b.dtype = "float32"
     c.backbones[name] = b
   c.backbones.video.tubelet = 2  # Frames per tubelet (random init only).
 
@@ -187,6 +189,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.backbones.video.resolution = 224
     c.backbones.image.batch_size = 64
     c.backbones.video.batch_size = 8
+    c.backbones.image.dtype = "auto"  # bf16 on accelerators.
+    c.backbones.video.dtype = "auto"
 
   _backbone_pair(c, variants)
   if "reps" in variants:  # Table 6 from the official zarr representations.
