@@ -32,7 +32,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from divita_jax import hosts, input_pipeline, reps, video
+from divita_jax import atomic, hosts, input_pipeline, reps, video
 from divita_jax.models import backbone
 
 FRAME_POOLINGS = ("mean", "center")
@@ -297,10 +297,8 @@ def _record_skipped(store_root: str, skipped: list[dict]) -> None:
     with open(path) as f:
       previous = json.load(f)
   by_id = {s["id"]: s for s in previous + skipped}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(sorted(by_id.values(), key=lambda s: s["id"]), f, indent=1)
-  os.replace(tmp, path)
+  records = sorted(by_id.values(), key=lambda s: s["id"])
+  atomic.write_json(path, records, indent=1)
 
 
 def extract(

@@ -198,6 +198,9 @@ def load_index(builder: tfds.core.DatasetBuilder) -> dict:
     except OSError:  # Read-only dataset directory: no cache, same result.
       index["ids"] = [str(i) for i in index["ids"]]
       return index
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # Readable by every host (not 0600).
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **index)
     os.replace(tmp, path)  # Atomic: concurrent readers see all or nothing.
