@@ -104,8 +104,9 @@ def build(
   seed, detector); `num_workers` processes decode/generate
   (0 = all cores); `retry_skipped` re-attempts trailers a killed build
   saved as skipped (None: the TRAILERS12K_RETRY_SKIPPED environment
-  variable, set by `python -m tfds_trailers12k --retry_skipped`). A build prints a summary including the skipped
-  trailers (also in `builder.info.metadata['skipped']`).
+  variable, set by `python -m tfds_trailers12k --retry_skipped`). A build
+  prints a summary including the skipped trailers (also in
+  `builder.info.metadata['skipped']`).
   """
   cfg = make_config(config, **config_kwargs)
   builder = Trailers12k(config=cfg, data_dir=data_dir)
