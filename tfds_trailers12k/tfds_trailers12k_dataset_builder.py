@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from divita_jax import transcode
+from divita_jax import shots, transcode
 from divita_jax.genres import NUM_FOLDS, NUM_GENRES
 from tfds_trailers12k import mtgc, prepared, synthetic
 from tfds_trailers12k.workers import map_in_pool
@@ -41,11 +41,12 @@ class Trailers12kConfig(tfds.core.BuilderConfig):
   seed: int = 0
   # synthetic / raw: shot detection (divita_jax/shots.py; threshold 0 =
   # the detector's default: 27 for content, 3.0 for adaptive).
+  # Defaults: divita_jax/shots.py's, the one place they are set.
   detector: str = "content"
   threshold: float = 0.0
-  min_shot_len: int = 6
+  min_shot_len: int = shots.DEFAULT_MIN_SHOT_LEN
   downscale: int = 0  # 0 = auto, about 256 px wide.
-  max_flash_len: int = 2
+  max_flash_len: int = shots.DEFAULT_MAX_FLASH_LEN
   # raw: re-encode to this height / fps (0 = keep the source's).
   reencode_height: int = 0
   reencode_fps: float = 0.0

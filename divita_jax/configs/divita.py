@@ -30,7 +30,7 @@ Any field can be overridden, e.g. `--config.model.cam=gru_1_115`.
 
 import ml_collections
 
-from divita_jax import genres
+from divita_jax import genres, shots
 
 
 def parse_variants(arg: str | None) -> set[str]:
@@ -71,9 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Shot detection at build time (divita_jax/shots.py), synthetic and raw.
   c.dataset.detector = "content"  # content | adaptive (PySceneDetect).
   c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0).
-  c.dataset.min_shot_len = 6  # Frames; shorter shots merge into neighbours.
+  # Frames; shorter shots merge into neighbours.
+  c.dataset.min_shot_len = shots.DEFAULT_MIN_SHOT_LEN
   c.dataset.downscale = 0  # Frame shrink factor; 0 = auto (~256 px wide).
-  c.dataset.max_flash_len = 2  # Flashes this short (frames) are not cuts.
+  # Flashes this short (frames) are not cuts.
+  c.dataset.max_flash_len = shots.DEFAULT_MAX_FLASH_LEN
   c.dataset.reencode_height = 0  # raw: re-encode to this height (0 = keep).
   c.dataset.reencode_fps = 0.0  # raw: re-encode to this fps (0 = keep).
   c.dataset.num_workers = 0  # Build processes; 0 = all cores.
