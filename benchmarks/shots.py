@@ -1,16 +1,22 @@
 r"""Shot detection speed vs decode-only and vs the PySceneDetect CLI.
 
-Generates (once, cached) a 1080p H.264 trailer-like video of synthetic
-scenes, then times on the same file, in this process:
+Generates (once, cached) a trailer-like H.264 video of synthetic scenes
+(1080p by default), then times on the same file, in this process:
   decode    PyAV threaded decode of every frame, no conversion (the floor);
   ours      divita_jax.shots.detect_shots (one decode, swscale shrink+BGR,
-            ContentDetector, flash filter) with its defaults;
-  cli       `scenedetect -i VIDEO list-scenes` with the CLI's default
-            settings (default detector, OpenCV backend), as a subprocess;
+            ContentDetector's score, flash filter) with its defaults;
+  cli       `python -m scenedetect -i VIDEO list-scenes` with the CLI's
+            default settings (default detector, OpenCV backend), run by
+            this interpreter so it needs no activated virtualenv;
 and checks whether our cut list agrees with the CLI's (and the truth).
+`--breakdown` also prints where a frame's time goes, stage by stage.
+
+Timings depend on the machine's load: the load averages at start and end
+and the other processes' CPU use are printed with the table, and ratios
+taken under load are marked (rule in benchmarks/loadavg.py).
 
   python benchmarks/shots.py                      # 1080p, 32 s (~2-3 min)
-  python benchmarks/shots.py --seconds=60 --height=720
+  python benchmarks/shots.py --height=360 --breakdown
 """
 
 import argparse
@@ -23,10 +29,18 @@ import time
 
 import av
 import cv2
+import loadavg  # benchmarks/loadavg.py, beside this script.
 import numpy as np
+from scenedetect.common import FrameTimecode
+from scenedetect.detectors import ContentDetector
+from scenedetect.detectors.content_detector import _mean_pixel_distance
 
 from divita_jax import shots
 from tfds_trailers12k import synthetic
+
+DECODE = "decode only (PyAV, threaded)"
+OURS = "ours: detect_shots (content)"
+CLI = "scenedetect CLI (defaults)"
 
 
 def make_video(path: str, seconds: float, height: int, fps: int) -> np.ndarray:
@@ -65,6 +79,8 @@ def decode_only(path: str) -> int:
 def cli_cuts(path: str) -> np.ndarray:
   with tempfile.TemporaryDirectory() as tmp:
     cmd = [
+      sys.executable,
+      "-m",
       "scenedetect",
       "-q",
       "-i",
@@ -83,15 +99,170 @@ def cli_cuts(path: str) -> np.ndarray:
   return np.array([int(r["Start Frame"]) - 1 for r in rows[1:]], np.int32)
 
 
+def pyscenedetect_fed(path: str) -> np.ndarray:
+  """Raw cuts of PySceneDetect's ContentDetector fed frame by frame.
+
+  How detect_shots worked before: a fresh swscale context per frame
+  (`to_ndarray`) and the detector's per-frame numpy and Python.
+  """
+  det, cuts = None, []
+  with av.open(path) as c:
+    stream = c.streams.video[0]
+    stream.thread_type = "AUTO"
+    fps = shots.stream_fps(stream)
+    for i, frame in enumerate(c.decode(stream)):
+      if det is None:
+        size = shots.downscale_size(frame.width, frame.height, 0)
+        det = ContentDetector(threshold=27.0, min_scene_len=0)
+      bgr = frame.to_ndarray(
+        width=size[0], height=size[1], format="bgr24", interpolation="POINT"
+      )
+      cuts += [
+        t.frame_num for t in det.process_frame(FrameTimecode(i, fps), bgr)
+      ]
+  return np.array(cuts, np.int32)
+
+
+def _pyscenedetect_score(prev: tuple, hsv: tuple) -> float:
+  """ContentDetector's score as it computes it from split HSV frames."""
+  parts = [_mean_pixel_distance(a, b) for a, b in zip(hsv, prev)]
+  return sum(parts) / 3.0
+
+
+def _stages(frames: list, w: int, h: int) -> dict:
+  """name -> (before, after): callables that run one stage on all frames."""
+  bgr = [shots._Shrinker(0)(f) for f in frames]
+  hsv = [cv2.cvtColor(b, cv2.COLOR_BGR2HSV) for b in bgr]
+
+  def old_sws():
+    for f in frames:
+      f.to_ndarray(width=w, height=h, format="bgr24", interpolation="POINT")
+
+  def new_sws():
+    shrink = shots._Shrinker(0)
+    for f in frames:
+      shrink(f)
+
+  def to_hsv():
+    for b in bgr:
+      cv2.cvtColor(b, cv2.COLOR_BGR2HSV)
+
+  def score(fn, frames):
+    return lambda: [fn(a, b) for a, b in zip(frames, frames[1:])]
+
+  def old_det():
+    d = ContentDetector(threshold=27.0, min_scene_len=0)
+    for i, b in enumerate(bgr):
+      d.process_frame(FrameTimecode(i, 24.0), b)
+
+  def new_det():
+    d = shots.ShotDetector()
+    for b in bgr:
+      d.process(b)
+
+  return {
+    f"shrink to {w}x{h} + YUV->BGR (swscale)": (old_sws, new_sws),
+    "BGR->HSV (cv2.cvtColor)": (to_hsv, to_hsv),
+    "score of a frame pair": (
+      score(_pyscenedetect_score, [cv2.split(x) for x in hsv]),
+      score(shots.content_score, hsv),
+    ),
+    "detector, all in (HSV + score + rest)": (old_det, new_det),
+  }
+
+
+def breakdown(path: str, n: int, t_dec: float, cpu_dec: float, count=150):
+  """Per-frame CPU cost of each stage, before (old path) and after (ours).
+
+  Rounds alternate the stages and keep each one's best, so that load
+  drifting during the run hits them alike.
+  """
+  with av.open(path) as c:
+    stream = c.streams.video[0]
+    stream.thread_type = "AUTO"
+    frames = [f for _, f in zip(range(count), c.decode(stream))]
+  w, h = shots.downscale_size(frames[0].width, frames[0].height, 0)
+  stages = _stages(frames, w, h)
+  best = {name: [float("inf")] * 2 for name in stages}
+  for _ in range(7):
+    for name, fns in stages.items():
+      for i, fn in enumerate(fns):
+        start = time.process_time()  # All threads: swscale may use some.
+        fn()
+        best[name][i] = min(best[name][i], time.process_time() - start)
+  ms = {k: [1e3 * t / len(frames) for t in v] for k, v in best.items()}
+  _, (hsv, _), score, det = ms.values()  # In _stages' order.
+  rest = [d - hsv - s for d, s in zip(det, score)]  # Python, bookkeeping.
+  print(
+    f"\nWhere a frame's time goes (CPU ms per frame, best of 7 rounds over "
+    f"{len(frames)} frames). Before: to_ndarray (new swscale context per "
+    "frame) + PySceneDetect's ContentDetector; after: divita_jax.shots. "
+    "'The rest' is a difference: noise can make it slightly negative.\n"
+  )
+  print("| stage | before | after |\n|---|---|---|")
+  print(f"| decode, threaded: wall | {1e3 * t_dec / n:.3f} | same |")
+  print(
+    f"| decode, threaded: CPU, all threads | {1e3 * cpu_dec / n:.3f} | same |"
+  )
+  for name, (before, after) in [*ms.items(), ("of which the rest", rest)]:
+    print(f"| {name} | {before:.3f} | {after:.3f} |")
+
+
 def agreement(a: np.ndarray, b: np.ndarray, tol: int = 1) -> str:
   matched = sum(any(abs(x - y) <= tol for y in b) for x in a)
   return f"{matched}/{len(a)} vs {len(b)}"
 
 
+def _cpu() -> float:
+  """CPU seconds of this process's threads and its finished children."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
 def timed(fn, *args):
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu()
   out = fn(*args)
-  return out, time.perf_counter() - start
+  return out, time.perf_counter() - start, _cpu() - cpu
+
+
+def run_methods(path: str, repeats: int):
+  """Best (wall, CPU) seconds per method, our cuts, the CLI's, the load."""
+  methods = {
+    DECODE: decode_only,
+    OURS: shots.detect_shots,
+    "before: PyAV + ContentDetector per frame": pyscenedetect_fed,
+  }
+  best = {name: (float("inf"), 0.0) for name in methods}
+  with loadavg.Watch() as load:
+    # Interleaved repeats (best of each): the machine is shared, so load
+    # drifts; alternating keeps the ratios fair.
+    for _ in range(repeats):
+      for name, fn in methods.items():
+        out, t, cpu = timed(fn, path)
+        best[name] = min(best[name], (t, cpu))
+        if name == DECODE:
+          n = out
+        elif name == OURS:
+          ours = shots.cuts_from_shots(out)
+    cli, t_cli, cpu_cli = timed(cli_cuts, path)
+  best[CLI] = (t_cli, cpu_cli)
+  return n, best, ours, cli, load
+
+
+def print_table(n: int, best: dict, notes: dict, load) -> None:
+  t_dec = best[DECODE][0]
+  mark = " (under load)" if load.busy else ""
+  print(load.report() + "\n")
+  print(
+    "| method | frames/s | x decode | CPU ms/frame | cuts |\n"
+    "|---|---|---|---|---|"
+  )
+  for name, (t, cpu) in best.items():
+    ratio = f"{t_dec / t:.2f}" + ("" if name == DECODE else mark)
+    print(
+      f"| {name} | {n / t:.1f} | {ratio} | {1e3 * cpu / n:.2f} | "
+      f"{notes.get(name, '-')} |"
+    )
 
 
 def main():
@@ -101,6 +272,7 @@ def main():
   p.add_argument("--fps", type=int, default=24)
   p.add_argument("--video", default="")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--breakdown", action="store_true")
   args = p.parse_args()
   path = args.video or os.path.join(
     tempfile.gettempdir(), f"shots_bench_{args.height}p_{args.seconds:g}s.mp4"
@@ -110,27 +282,20 @@ def main():
     print(f"writing {path} ...", file=sys.stderr)
     np.save(truth_path, make_video(path, args.seconds, args.height, args.fps))
   truth = np.load(truth_path) if os.path.exists(truth_path) else None
-  rows = []
-  # Interleaved repeats (best of each): the machine is shared, so load
-  # drifts; alternating keeps the ratio fair.
-  t_dec = t_ours = float("inf")
-  for _ in range(args.repeats):
-    (n, t), (ours, t2) = (
-      timed(decode_only, path),
-      timed(shots.detect_shots, path),
-    )
-    t_dec, t_ours = min(t_dec, t), min(t_ours, t2)
-  ours = shots.cuts_from_shots(ours)
-  rows.append(("decode only (PyAV, threaded)", n / t_dec, "-"))
-  cli, t_cli = timed(cli_cuts, path)
-  rows.append(("ours: detect_shots (content)", n / t_ours, f"{len(ours)} cuts"))
-  rows.append(("scenedetect CLI (defaults)", n / t_cli, f"{len(cli)} cuts"))
-  print(f"\n{path}: {n} frames, {args.height}p, {os.cpu_count()} cores\n")
-  print("| method | frames/s | x decode | cuts |\n|---|---|---|---|")
-  for name, fps, note in rows:
-    print(f"| {name} | {fps:.1f} | {fps / rows[0][1]:.2f} | {note} |")
+  n, best, ours, cli, load = run_methods(path, args.repeats)
+  raw = shots.cuts_from_shots(
+    shots.detect_shots(path, max_flash_len=0, min_shot_len=1)
+  )
+  print(f"\n{path}: {n} frames, {args.height}p, {os.cpu_count()} cores")
+  notes = {OURS: f"{len(ours)} cuts", CLI: f"{len(cli)} cuts"}
+  print_table(n, best, notes, load)
   print(
-    f"\nours vs CLI cuts (+-1 frame): {agreement(ours, cli)}; "
+    "\nraw cuts (no flash filter, no min length) identical to "
+    "PySceneDetect's ContentDetector fed the same frames: "
+    f"{np.array_equal(raw, pyscenedetect_fed(path))}"
+  )
+  print(
+    f"ours vs CLI cuts (+-1 frame): {agreement(ours, cli)}; "
     f"CLI vs ours: {agreement(cli, ours)}"
   )
   if truth is not None:
@@ -138,6 +303,8 @@ def main():
       f"ours vs truth: {agreement(ours, truth)}; "
       f"CLI vs truth: {agreement(cli, truth)}"
     )
+  if args.breakdown:
+    breakdown(path, n, *best[DECODE])
 
 
 if __name__ == "__main__":

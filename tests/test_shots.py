@@ -1,9 +1,16 @@
-"""Shot detection on the synthetic trailers: accuracy, flashes, bad input."""
+"""Shot detection on the synthetic trailers: accuracy, flashes, bad input,
+and the fast path against PySceneDetect fed frame by frame."""
 
 import dataclasses
+import io
 
+import av
+import cv2
 import numpy as np
 import pytest
+from scenedetect.common import FrameTimecode
+from scenedetect.detectors import AdaptiveDetector, ContentDetector
+from scenedetect.stats_manager import StatsManager
 
 from divita_jax import shots
 from tfds_trailers12k import dummy_data, synthetic
@@ -25,6 +32,114 @@ HARD = dataclasses.replace(
 def trailers():
   labels = synthetic.sample_labels(HARD)
   return [synthetic.make_trailer(i, HARD, labels[i]) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def noisy_video():
+  """640x360 H.264 of upscaled synthetic shots plus camera-like noise.
+
+  Big enough to be shrunk (the scaled swscale path) and noisy enough that
+  hue jitters and many scores land between 0 and the thresholds.
+  """
+  cfg = dataclasses.replace(HARD, height=90, width=160, min_seconds=3.0)
+  cfg = dataclasses.replace(cfg, max_seconds=3.0)
+  frames, _, _, _ = synthetic.render_frames(1, cfg, np.eye(10, dtype=int)[0])
+  rng = np.random.default_rng(0)
+  buf = io.BytesIO()
+  with av.open(buf, mode="w", format="mp4") as out:
+    stream = out.add_stream("libx264", rate=24)
+    stream.height, stream.width, stream.pix_fmt = 360, 640, "yuv420p"
+    stream.options = {"preset": "ultrafast", "crf": "23"}
+    for img in frames:
+      big = cv2.resize(img, (640, 360), interpolation=cv2.INTER_LINEAR)
+      noise = rng.integers(-10, 11, big.shape, dtype=np.int16)  # Std ~6.
+      big = np.clip(big + noise, 0, 255)
+      frame = av.VideoFrame.from_ndarray(big.astype(np.uint8), "rgb24")
+      out.mux(stream.encode(frame))
+    out.mux(stream.encode(None))
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def static_video():
+  """Four flat shots: all scores 0 but at cuts (AdaptiveDetector's
+  zero-mean window case)."""
+  buf = io.BytesIO()
+  with av.open(buf, mode="w", format="mp4") as out:
+    stream = out.add_stream("libx264", rate=24)
+    stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+    stream.options = {"preset": "ultrafast", "crf": "23"}
+    for color in [(200, 40, 40), (40, 160, 220), (90, 200, 60), (20, 20, 20)]:
+      img = np.full((48, 64, 3), color, np.uint8)
+      for _ in range(12):
+        out.mux(stream.encode(av.VideoFrame.from_ndarray(img, "rgb24")))
+    out.mux(stream.encode(None))
+  return buf.getvalue()
+
+
+def _pyscenedetect(video: bytes, detector: str, downscale: int):
+  """The straightforward way: BGR frames from `to_ndarray` (a fresh swscale
+  context per frame) fed one by one to PySceneDetect's detector.
+
+  Returns (frames, scores, raw cuts); scores are its `content_val`.
+  """
+  if detector == "content":
+    det = ContentDetector(threshold=27.0, min_scene_len=0)
+  else:
+    det = AdaptiveDetector(adaptive_threshold=3.0, min_scene_len=1)
+  det.stats_manager = StatsManager()
+  frames, timecodes, cuts = [], [], []
+  with av.open(io.BytesIO(video)) as c:
+    for i, f in enumerate(c.decode(video=0)):
+      w, h = shots.downscale_size(f.width, f.height, downscale)
+      frames.append(
+        f.to_ndarray(width=w, height=h, format="bgr24", interpolation="POINT")
+      )
+      timecodes.append(FrameTimecode(i, fps=24.0))
+      cuts += [
+        t.frame_num for t in det.process_frame(timecodes[-1], frames[-1])
+      ]
+  get = det.stats_manager.get_metrics
+  scores = [0.0] + [get(t, ["content_val"])[0] for t in timecodes[1:]]
+  return frames, scores, cuts
+
+
+@pytest.mark.parametrize("downscale", [0, 3])  # 2x, and 640 / 213 px.
+def test_fast_path_scores_equal_pyscenedetect(noisy_video, downscale):
+  want_frames, want_scores, want_cuts = _pyscenedetect(
+    noisy_video, "content", downscale
+  )
+  shrink = shots._Shrinker(downscale)
+  with av.open(io.BytesIO(noisy_video)) as c:
+    frames = [shrink(f) for f in c.decode(video=0)]
+  assert len(frames) == len(want_frames)
+  for got, want in zip(frames, want_frames):
+    np.testing.assert_array_equal(got, want)  # Same swscale arithmetic.
+  hsv = [cv2.cvtColor(b, cv2.COLOR_BGR2HSV) for b in frames]
+  scores = [0.0] + [shots.content_score(a, b) for a, b in zip(hsv, hsv[1:])]
+  assert scores == want_scores  # Bit for bit, not approximately.
+  # The test has teeth: cuts, and many scores neither ~0 nor above 27.
+  assert len(want_cuts) >= 4
+  assert sum(3 < x < 27 for x in scores) >= 20
+  raw = shots.detect_shots(
+    noisy_video, downscale=downscale, max_flash_len=0, min_shot_len=1
+  )
+  assert shots.cuts_from_shots(raw).tolist() == want_cuts
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_raw_cuts_equal_pyscenedetect(
+  noisy_video, static_video, trailers, detector
+):
+  # Hard synthetic trailers: dissolves, fades and flashes near thresholds.
+  videos = [noisy_video, static_video] + [t["video"] for t in trailers[:2]]
+  for video in videos:
+    _, _, want = _pyscenedetect(video, detector, 0)
+    raw = shots.detect_shots(
+      video, detector=detector, max_flash_len=0, min_shot_len=1
+    )
+    assert shots.cuts_from_shots(raw).tolist() == want
+    assert len(want) >= 3
 
 
 def _hard_cut_scores(trailer, detected, tol=2):
