@@ -27,29 +27,16 @@ is printed at start and end.
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from timing import best_times
 
 from divita_jax.convert import swin as convert_swin
 from divita_jax.models import backbone, swin
-
-
-def best_times(fns, iters):
-  """Round-robin timing of fns {name: fn} -> {name: best seconds}."""
-  for fn in fns.values():
-    fn()  # compile / warm up
-  best = dict.fromkeys(fns, float("inf"))
-  for _ in range(iters):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - t)
-  return best
 
 
 def forward_flops(tokens, d, mlp, depth, patch_inputs, num_patches):

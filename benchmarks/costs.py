@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from timing import best_times
 from torch.utils.flop_counter import FlopCounterMode
 
 from divita_jax.convert import convnets
@@ -70,40 +70,16 @@ def torch_shape(shape):
   return (shape[0], shape[-1], *shape[1:-1])
 
 
-def _generic_shuffle(x, groups):
-  """torchvision's channel_shuffle for any rank (its own is 4-D only)."""
-  b, c = x.shape[:2]
-  x = x.view(b, groups, c // groups, *x.shape[2:]).transpose(1, 2)
-  return x.reshape(b, c, *x.shape[3:])
-
-
-def _inflate(module):
-  """2-D layers -> 3-D ones of the same kernel, stride and groups."""
-  tnn = torch.nn
-  for name, child in module.named_children():
-    if isinstance(child, tnn.Conv2d):
-      k, s, p = child.kernel_size[0], child.stride[0], child.padding[0]
-      new = tnn.Conv3d(
-        child.in_channels, child.out_channels, k, s, p,
-        groups=child.groups, bias=False,
-      )  # fmt: skip
-    elif isinstance(child, tnn.BatchNorm2d):
-      new = tnn.BatchNorm3d(child.num_features)
-    elif isinstance(child, tnn.MaxPool2d):
-      new = tnn.MaxPool3d(3, 2, 1)
-    else:
-      _inflate(child)
-      continue
-    setattr(module, name, new)
-
-
 def torch_shufflenet3d(tv):
   """Efficient-3DCNNs' ShuffleNet-V2 1.0x topology (stem stride (1,2,2),
   pool and stage strides 2 in T) from torchvision's 2-D modules; no
-  package ships it. Timing and FLOP reference only."""
-  tv.models.shufflenetv2.channel_shuffle = _generic_shuffle
+  package ships it. Timing and FLOP reference only (the parity tests'
+  construction)."""
+  from tests.test_convnets import inflate_layers, shuffle_any_rank  # noqa: PLC0415
+
+  tv.models.shufflenetv2.channel_shuffle = shuffle_any_rank
   m = tv.models.shufflenet_v2_x1_0()
-  _inflate(m)
+  inflate_layers(m)
   m.conv1[0].stride = (1, 2, 2)
   body = torch.nn.Sequential(
     m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5
@@ -228,19 +204,6 @@ def our_params(module, shape) -> int:
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   v = jax.eval_shape(module.init, jax.random.key(0), x)
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(v["params"]))
-
-
-def best_times(fns, iters):
-  """Alternating timing of fns {name: fn} -> {name: best seconds}."""
-  for fn in fns.values():
-    fn()  # compile / warm up
-  best = dict.fromkeys(fns, float("inf"))
-  for _ in range(iters):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - t)
-  return best
 
 
 def speed(row: Row, iters: int, dtype) -> dict[str, float]:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from divita_jax.models.axes import logical
+from divita_jax.models.vit import layer_norm
 
 # Shift-mask value of the reference (-inf would change the softmax).
 MASK_VALUE = -100.0
@@ -209,17 +210,6 @@ def attend_windows(q, k, v, bias, labels, block_bytes=BLOCK_BYTES):
 
 _KERNEL = nn.initializers.truncated_normal(0.02)
 _ZEROS = nn.initializers.zeros
-_ONES = nn.initializers.ones
-
-
-def layer_norm(eps, dtype, name):
-  return nn.LayerNorm(
-    epsilon=eps,
-    dtype=dtype,
-    scale_init=logical(_ONES, "embed"),
-    bias_init=logical(_ZEROS, "embed"),
-    name=name,
-  )
 
 
 class WindowAttention(nn.Module):
