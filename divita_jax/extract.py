@@ -277,9 +277,13 @@ class Batcher:
     return [(key, np.zeros((0, out.shape[1]), np.float32))]
 
 
-def branch_feature_fn(config: ml_collections.ConfigDict, branch: str):
-  """The branch's backbone (make_backbone) as a FeatureFn."""
-  module, variables, spec = make_backbone(config, branch)
+def branch_feature_fn(
+  config: ml_collections.ConfigDict, branch: str, variables=None
+):
+  """The branch's backbone (make_backbone) as a FeatureFn; `variables`
+  replace its starting weights (e.g. a fine-tuned run's)."""
+  module, start, spec = make_backbone(config, branch)
+  variables = start if variables is None else variables
   b = config.backbones[branch]
   return make_feature_fn(
     module,

@@ -13,6 +13,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from divita_jax.sharding import batch_axes
+
 
 def _index_count(process_index, process_count) -> tuple[int, int]:
   if process_index is None:
@@ -58,14 +60,15 @@ def process_rows(
 
 
 def global_batch(
-  local_batch: dict[str, np.ndarray], mesh: Mesh, data_axis: str = "data"
+  local_batch: dict[str, np.ndarray], mesh: Mesh, data_axis=None
 ) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global jax.Arrays split along `data_axis`.
+  """Per-process numpy batch -> global jax.Arrays split along `data_axis`
+  (default: the mesh's batch axes, `sharding.batch_axes`).
 
   Each process passes its own rows; the global batch is their concatenation
   in process order (global rows = local rows * process_count).
   """
-  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+  sharding = NamedSharding(mesh, PartitionSpec(data_axis or batch_axes(mesh)))
   return {
     k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
     for k, v in local_batch.items()

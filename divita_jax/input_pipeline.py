@@ -1,4 +1,4 @@
-"""Grain pipelines of raw clips (extraction, fine-tuning); per-host sharding.
+"""Grain pipeline of raw clips for feature extraction.
 
 The source is random access (`len` and `__getitem__`): the TFDS
 `trailers12k` data source (`tfds.data_source(...)`), or a plain list of
@@ -8,17 +8,17 @@ displayed-frame indices) and, for training, 'labels' [10] multi-hot.
 
 Order is deterministic given the seed; iterators of the returned datasets
 have `get_state()` / `set_state()`, so their position can be checkpointed.
-Clip-representation pipelines for the head live in rep_pipeline.py.
+Fine-tuning batches of decoded clips live in clip_pipeline.py, batches of
+clip representations for the head in rep_pipeline.py.
 """
 
 import functools
 
 import grain
-import jax
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
-from divita_jax import hosts, video
+from divita_jax import video
 
 
 def _as_str(x) -> str:
@@ -161,93 +161,3 @@ def clip_loader(
     )
   )
   return _parallel(ds.to_iter_dataset(_read_options(num_threads)), worker_count)
-
-
-def _train_window(
-  item, rng: np.random.Generator, *, clip_kwargs: dict, num_clips: int
-) -> dict:
-  """(index, record) -> a random contiguous window of `num_clips` clips.
-
-  Only the window's frames are decoded. Trailers with fewer clips are padded
-  with zero clips; 'mask' is False there.
-  """
-  index, record = item
-  trailer_id = _as_str(record["id"])
-  kwargs = dict(clip_kwargs)
-  resolution = kwargs.pop("resolution", 224)
-  try:
-    with video.Video(record["video"], trailer_id) as v:
-      plan = video.plan_clips(
-        v.index, np.asarray(record["shots"]), trailer_id=trailer_id, **kwargs
-      )
-      total = len(plan["frame_indices"])
-      start = int(rng.integers(0, max(total - num_clips, 0) + 1))
-      window = slice(start, start + num_clips)
-      clips = v.read(plan["frame_indices"][window], resolution)
-  except video.VideoError as e:
-    logging.warning("Skipping a training trailer: %s", e)
-    return {"index": index, "id": trailer_id, "error": str(e)}
-  n = len(clips)
-  pad = num_clips - n
-  return {
-    "index": np.int64(index),
-    # [num_clips, T, H, W, 3]
-    "clips": np.pad(clips, [(0, pad)] + [(0, 0)] * 4),
-    "mask": np.arange(num_clips) < n,  # [num_clips]
-    "shot_lengths": np.pad(plan["shot_lengths"][window], (0, pad)),
-    "labels": np.asarray(record["labels"]),
-  }
-
-
-def _decoded(example: dict) -> bool:
-  return "error" not in example
-
-
-def clip_train_loader(
-  source,
-  indices: np.ndarray,
-  *,
-  clip_kwargs: dict,
-  num_clips: int,
-  global_batch_size: int,
-  seed: int = 0,
-  num_epochs: int | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  worker_count: int = 0,
-  num_threads: int = 2,
-) -> grain.IterDataset:
-  """Fine-tuning batches of raw clips, this process's share.
-
-  Each example is a random contiguous window of `num_clips` clips of one
-  trailer (padded and masked when shorter), reshuffled every epoch; the
-  window and the order depend only on `seed`. Yields {'clips': uint8 [B,
-  num_clips, T, H, W, 3], 'mask': bool [B, num_clips], 'shot_lengths' [B,
-  num_clips], 'labels' [B, 10], 'index' int64 [B]} with B =
-  global_batch_size / process_count. Every process gets the same number of
-  trailers per epoch (a share one short repeats its first trailer), so all
-  run the same number of steps, unless a video fails: failing trailers are
-  skipped with a warning (extraction records them; filter them out first).
-  `iter(ds)` has get_state()/set_state() for checkpointing.
-  """
-  if process_count is None:
-    process_count = jax.process_count()
-  if global_batch_size % process_count:
-    raise ValueError(
-      f"global_batch_size {global_batch_size} is not divisible by the "
-      f"{process_count} processes"
-    )
-  share = hosts.process_shard(indices, process_index, process_count)
-  per_process = -(-len(indices) // process_count)
-  share = np.resize(share, per_process)  # Equal lengths: wrap around.
-  ds = grain.MapDataset.source(_Subset(source, share)).seed(seed)
-  ds = ds.shuffle().repeat(num_epochs)
-  ds = ds.random_map(
-    functools.partial(
-      _train_window, clip_kwargs=clip_kwargs, num_clips=num_clips
-    )
-  )
-  ds = ds.to_iter_dataset(_read_options(num_threads))
-  ds = ds.filter(_decoded)
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  return _parallel(ds, worker_count)

@@ -9,6 +9,7 @@ Reduce-on-plateau (mode min, relative threshold, no cooldown) and early
 stopping (min delta 0) are plain host-side state updated once per epoch.
 """
 
+import math
 from typing import Any
 
 import flax
@@ -87,3 +88,26 @@ def early_stop_update(state: dict, val_loss: float) -> dict:
   else:
     wait += 1
   return {"best": best, "wait": wait, "improved": improved}
+
+
+def step_lr(config, host: dict, step: int, steps_per_epoch: int) -> float:
+  """Learning rate of `step` (0-based): the plateau's (frozen protocol, and
+  `finetune.schedule = "plateau"`), or for fine-tuning with "cosine" a
+  linear warmup over `finetune.warmup_epochs`, then cosine decay to 0 at
+  the last step of `train.max_epochs`."""
+  if config.train.mode != "finetune":
+    return host["plateau"]["lr"]
+  schedule = config.finetune.schedule
+  if schedule == "plateau":
+    return host["plateau"]["lr"]
+  if schedule != "cosine":
+    raise ValueError(
+      f"Unknown config.finetune.schedule {schedule!r}; plateau | cosine."
+    )
+  base = config.train.learning_rate
+  total = steps_per_epoch * config.train.max_epochs
+  warmup = round(config.finetune.warmup_epochs * steps_per_epoch)
+  if step < warmup:
+    return base * (step + 1) / warmup
+  t = (step - warmup) / max(total - warmup, 1)
+  return base * 0.5 * (1 + math.cos(math.pi * t))

@@ -19,6 +19,7 @@ import os
 import sys
 
 import av
+import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -28,6 +29,7 @@ from divita_jax import (
   checkpoints,
   evaluate,
   extract,
+  finetune,
   genres,
   report,
   reps,
@@ -112,9 +114,15 @@ def load_run(workdir: str, fold: int = 0) -> Run:
       f"Fold {fold} was not trained in {workdir} (found: {trained or 'none'})."
     )
   source = source_settings(config)
-  variables, _ = checkpoints.load_best(
-    fold_dir, lambda nf: train.abstract_variables(config, nf)
-  )
+  if config.train.mode == "finetune":
+    variables, tuned = _finetuned(config, fold_dir)
+  else:
+    variables, tuned = (
+      checkpoints.load_best(
+        fold_dir, lambda nf: train.abstract_variables(config, nf)
+      )[0],
+      {},
+    )
   feature_fns = {}
   for b in config.model.branches:
     checkpoint = config.backbones[b].checkpoint
@@ -124,8 +132,26 @@ def load_run(workdir: str, fold: int = 0) -> Run:
         "(relative paths are resolved from the current directory; run from "
         "where training ran)."
       )
-    feature_fns[b] = extract.branch_feature_fn(config, b)
+    feature_fns[b] = extract.branch_feature_fn(config, b, tuned.get(b))
   return Run(config, fold, variables, feature_fns, source)
+
+
+def _finetuned(config, fold_dir: str) -> tuple[dict, dict]:
+  """(head variables, branch -> backbone variables) of a fine-tuned run's
+  best checkpoint."""
+  p = finetune.programs(config, sharding.make_mesh(config.mesh))
+  variables, _ = checkpoints.load_best(
+    fold_dir, lambda _: train.variables_of(p.abstract)
+  )
+  variables = jax.device_get(variables)
+  params, stats = variables["params"], variables["batch_stats"]
+  head = {"params": params["head"], "batch_stats": stats["head"]}
+  tuned = {}
+  for b in config.model.branches:
+    tuned[b] = {"params": params[b]}
+    if stats.get(b):
+      tuned[b]["batch_stats"] = stats[b]
+  return head, tuned
 
 
 def find_videos(inputs: list[str]) -> list[str]:

@@ -118,6 +118,20 @@ def available(readers: dict, index: dict) -> np.ndarray:
   )
 
 
+def _representations(config, workdir, builder, index):
+  """(branch -> in-memory reader, kept trailers [N] bool): extracted once
+  (or the official zarr), loaded into memory once for every fold (zarr/TFDS
+  reads would starve the step; train_fold keeps in-memory readers)."""
+  readers = representation_readers(config, workdir, builder, index)
+  keep = available(readers, index)
+  if not keep.all():
+    logging.warning(
+      "%d trailers have no representations (skipped).", int((~keep).sum())
+    )
+  kept_ids = [i for i, k in zip(index["ids"], keep) if k]
+  return rep_pipeline.preload(readers, kept_ids), keep
+
+
 def _rounded(metrics: dict) -> dict:
   """x100, 2 decimals; undefined (None / NaN) stays None."""
   out = {}
@@ -171,16 +185,11 @@ def run(
   if jax.process_index() == 0:  # predict.py rebuilds the run from this file.
     workdir_lib.write_config(config, workdir)
   builder, index = ensure_dataset(config, workdir)
-  readers = representation_readers(config, workdir, builder, index)
-  keep = available(readers, index)
-  if not keep.all():
-    logging.warning(
-      "%d trailers have no representations (skipped).", int((~keep).sum())
-    )
-  # Loaded into memory once for every fold (zarr/TFDS reads would starve the
-  # step; train_fold keeps in-memory readers as they are).
-  kept_ids = [i for i, k in zip(index["ids"], keep) if k]
-  readers = rep_pipeline.preload(readers, kept_ids)
+  if config.train.mode == "finetune":  # Decoded clips: no representations.
+    readers = tfds_trailers12k.data_source(builder)
+    keep = np.ones(len(index["ids"]), bool)
+  else:
+    readers, keep = _representations(config, workdir, builder, index)
   results = {}
   for fold in config.folds:
     results[fold] = run_fold(config, workdir, readers, index, keep, fold)
@@ -197,6 +206,8 @@ def run(
       f"fusion, CAM {config.model.cam}, {config.clips.segmentation} "
       "clips"
     )
+    if config.train.mode == "finetune":
+      title += ", backbones fine-tuned end to end"
     report.write_results(results, os.path.join(workdir, "results"), title)
     with open(os.path.join(workdir, "results", "summary.md")) as f:
       print(f.read())

@@ -57,33 +57,86 @@ def logical_rules(mesh_config) -> tuple[tuple[str, str | None], ...]:
   )
 
 
+# Parameters smaller than this (norm scales, biases) stay replicated over
+# `fsdp`: gathering them would cost more than they weigh.
+FSDP_MIN_SIZE = 256
+
+
+def with_fsdp(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+  """`spec` plus the `fsdp` mesh axis on the largest free dimension it
+  divides (ZeRO-3 / FSDP: each device keeps 1/fsdp of the array and XLA
+  gathers it where used). Unchanged without an `fsdp` axis > 1, for small
+  arrays, or when no free dimension divides."""
+  n = dict(mesh.shape).get("fsdp", 1)
+  if n == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  free = [i for i, e in enumerate(entries) if e is None and shape[i] % n == 0]
+  if not free:
+    return spec
+  i = max(free, key=lambda i: (shape[i], -i))  # Largest; first on ties.
+  entries[i] = "fsdp"
+  return PartitionSpec(*entries)
+
+
+def dividing(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+  """`spec` without the mesh axes that do not divide their dimension (e.g.
+  `model` on the one attention head of Swin's first stage): unsplit."""
+
+  def size(entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([mesh.shape[n] for n in names if n is not None]))
+
+  entries = [e if d % size(e) == 0 else None for e, d in zip(spec, shape)]
+  return PartitionSpec(*entries)
+
+
 def tree_shardings(abstract_tree, mesh: Mesh, rules):
-  """NamedShardings for a tree holding `nn.Partitioned` (logical) leaves.
+  """NamedShardings for a tree holding `nn.Partitioned` (logical) leaves:
+  logical names -> mesh axes by `rules` (tensor parallelism over `model`;
+  `dividing`), then `with_fsdp`. Leaves without logical names are
+  replicated (or only fsdp-sharded)."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
+  shapes = nn.meta.unbox(abstract_tree)
 
-  Leaves without logical names are replicated.
-  """
-  specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  def one(spec, x):
+    spec = dividing(spec, x.shape, mesh)
+    return NamedSharding(mesh, with_fsdp(spec, x.shape, mesh))
+
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  return jax.tree.map(one, specs, shapes, is_leaf=is_spec)
 
 
-def batch_sharding(mesh: Mesh, data_axis: str = "data") -> NamedSharding:
-  """Leading (batch) axis split over `data_axis`, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(data_axis))
+# Mesh axes that split the batch, in this order, where the mesh has them:
+# `fsdp` shards parameters and splits the batch too (ZeRO-3 style).
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_axes(mesh: Mesh) -> str | tuple[str, ...]:
+  """The mesh axes the batch is split over: 'data', or ('data', 'fsdp')."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return axes[0] if len(axes) == 1 else axes
+
+
+def batch_sharding(mesh: Mesh, data_axis=None) -> NamedSharding:
+  """Leading (batch) axis split over `data_axis` (default: batch_axes),
+  the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(data_axis or batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(
-  global_size: int, mesh: Mesh, name: str, data_axis: str = "data"
-) -> int:
+def check_batch_size(global_size: int, mesh: Mesh, name: str) -> int:
   """Returns the per-process batch size; errors if it doesn't divide."""
   procs = jax.process_count()
-  data = mesh.shape[data_axis]
+  axes = batch_axes(mesh)
+  axes = (axes,) if isinstance(axes, str) else axes
+  data = int(np.prod([mesh.shape[a] for a in axes]))
   if global_size % procs or global_size % data:
     raise ValueError(
       f"{name}={global_size} must be divisible by the number of processes "
-      f"({procs}) and by the '{data_axis}' mesh axis size ({data})."
+      f"({procs}) and by the {' x '.join(axes)} mesh axes' size ({data})."
     )
   return global_size // procs

@@ -17,9 +17,7 @@ uninterrupted run exactly; a finished fold is only re-evaluated.
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,6 +31,7 @@ import tfds_trailers12k
 from divita_jax import (
   checkpoints,
   evaluate,
+  finetune,
   genres,
   hosts,
   optim,
@@ -41,16 +40,14 @@ from divita_jax import (
 )
 from divita_jax import metrics as metrics_lib
 from divita_jax.models import divita
+from divita_jax.train_state import (  # noqa: F401 - public here too.
+  Programs,
+  TrainState,
+  bce,
+  variables_of,
+)
 
 # ------------------------------------------------------------ model, state
-
-
-class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
 
 
 def make_model(config) -> nn.Module:
@@ -107,10 +104,6 @@ def state_shardings(config, model, tx, mesh, num_features: dict):
   return init, abstract, shardings
 
 
-def variables_of(state: TrainState) -> dict:
-  return {"params": state.params, "batch_stats": state.batch_stats}
-
-
 def abstract_variables(config, num_features: dict) -> dict:
   """The variables' abstract tree with shardings (restore target)."""
   mesh = sharding.make_mesh(config.mesh)
@@ -118,10 +111,6 @@ def abstract_variables(config, num_features: dict) -> dict:
 
 
 # ------------------------------------------------------------- step fns
-
-
-def bce(logits, labels):
-  return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
 
 
 def train_step(model, tx, state: TrainState, batch: dict, lr):
@@ -194,18 +183,6 @@ def compile_steps(model, tx, mesh, shardings):
   return train, evaluate
 
 
-class Programs(NamedTuple):
-  """Model, optimizer and jitted programs of one config on one mesh."""
-
-  model: nn.Module
-  tx: optax.GradientTransformation
-  init: Callable  # rng -> sharded TrainState
-  abstract: TrainState  # ShapeDtypeStructs with shardings
-  shardings: TrainState  # NamedShardings
-  train_step: Callable  # (state, batch, lr) -> (state, loss); donates state
-  eval_step: Callable  # (variables, batch) -> window outputs, replicated
-
-
 _PROGRAMS = {}
 
 
@@ -264,7 +241,10 @@ def train_fold(
 ) -> dict:
   """Trains and evaluates one fold in `fold_dir` (the fold's own folder;
   resumes from it). `split_assignment` is [N, 3] of 0 = train,
-  1 = validation, 2 = test.
+  1 = validation, 2 = test. `readers`: branch -> representation reader;
+  with `train.mode = "finetune"` the random-access source of the raw
+  trailers instead (`tfds_trailers12k.data_source`, rows aligned with
+  `ids`).
 
   `preload` loads the fold's representations into memory first (~7 GB at
   Trailers12k scale; every process holds all, as its share of each global
@@ -282,30 +262,11 @@ def train_fold(
   }
   for name in (n for n, v in subsets.items() if not len(v)):
     raise ValueError(f"Fold {fold} has an empty {name} subset.")
-  readers = _fold_readers(config, readers, ids, subsets, preload)
-  num_features = {b: int(r.num_features) for b, r in readers.items()}
   mesh = sharding.make_mesh(config.mesh)
   for name in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(config.train[name], mesh, f"config.train.{name}")
-  p = programs(config, mesh, num_features)
-  tc = config.train
-  eval_data = lambda name: rep_pipeline.eval_data(
-    readers,
-    ids,
-    labels,
-    subsets[name],
-    num_clips=tc.num_clips,
-    global_batch_size=tc.eval_batch_size,
-  )
-  train_data = rep_pipeline.train_data(
-    readers,
-    ids,
-    labels,
-    subsets["train"],
-    num_clips=tc.num_clips,
-    global_batch_size=tc.batch_size,
-    seed=config.seed,
-    num_epochs=tc.max_epochs,
+  p, train_data, eval_data, num_features = _fold_inputs(
+    config, mesh, readers, ids, labels, subsets, preload
   )
   # Start point: the fold's latest readable checkpoint (resume), else init
   # from config.seed (no pretrained head). First, so that a checkpoint of
@@ -348,12 +309,48 @@ def train_fold(
   return _evaluate_best(config, p, f, fold_dir, test, ids, labels, subsets)
 
 
-def _fold_readers(config, readers, ids, subsets, preload):
+def _fold_inputs(config, mesh, readers, ids, labels, subsets, preload):
+  """(programs, train data, subset name -> eval data, num_features) of the
+  config's mode: representations (frozen) or decoded clips (finetune)."""
+  mode = config.train.mode
+  if mode == "finetune":
+    p = finetune.programs(config, mesh)
+    train, eval_data = finetune.fold_data(config, readers, ids, labels, subsets)
+    return p, train, eval_data, {}
+  if mode != "frozen":
+    raise ValueError(
+      f"Unknown config.train.mode {mode!r}; {' | '.join(finetune.MODES)}."
+    )
   readers = evaluate.branch_readers(config, readers)
   if preload:
     used = np.sort(np.concatenate(list(subsets.values())))
     readers = rep_pipeline.preload(readers, [ids[i] for i in used])
-  return readers
+  num_features = {b: int(r.num_features) for b, r in readers.items()}
+  tc = config.train
+  eval_data = lambda name: rep_pipeline.eval_data(
+    readers,
+    ids,
+    labels,
+    subsets[name],
+    num_clips=tc.num_clips,
+    global_batch_size=tc.eval_batch_size,
+  )
+  train_data = rep_pipeline.train_data(
+    readers,
+    ids,
+    labels,
+    subsets["train"],
+    num_clips=tc.num_clips,
+    global_batch_size=tc.batch_size,
+    seed=config.seed,
+    num_epochs=tc.max_epochs,
+  )
+  return (
+    programs(config, mesh, num_features),
+    train_data,
+    eval_data,
+    num_features,
+  )
 
 
 def _evaluate_best(config, p, f, fold_dir, data, ids, labels, subsets):
@@ -464,7 +461,7 @@ def _run_epochs(config, f: _Fold, state, host: dict):
       losses = []
       while step < (epoch + 1) * steps:
         batch = hosts.global_batch(next(it), f.mesh)
-        lr = np.float32(host["plateau"]["lr"])
+        lr = np.float32(optim.step_lr(config, host, step, steps))
         state, loss = f.train_step(state, batch, lr)
         step += 1
         losses.append(loss)

@@ -1,6 +1,4 @@
-"""Raw-clip grain pipelines: content, determinism, resume, per-host shares."""
-
-import itertools
+"""Raw-clip extraction pipeline: content, errors, workers, per-host shares."""
 
 import jax
 import numpy as np
@@ -66,91 +64,12 @@ def test_clip_loader_yields_clips_and_errors(source):
   assert t0["clips"].shape[0] == 1
 
 
-def train_loader(source, **kw):
-  kw = {
-    "clip_kwargs": CLIPS,
-    "num_clips": 3,
-    "global_batch_size": 2,
-    "seed": 7,
-    "process_index": 0,
-    "process_count": 1,
-  } | kw
-  return input_pipeline.clip_train_loader(source, np.arange(len(source)), **kw)
-
-
-def take(it, n, close=True):
-  """n batches; closes the iterator (stops its prefetch threads) by default."""
-  out = [jax.tree.map(np.copy, b) for b in itertools.islice(it, n)]
-  if close:
-    it.close()
-  return out
-
-
 def assert_same(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
     assert x.keys() == y.keys()
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-
-
-def test_train_windows_masks_and_determinism(source):
-  batches = take(iter(train_loader(source)), 8)  # Two epochs.
-  assert_same(batches, take(iter(train_loader(source)), 8))
-  other = take(iter(train_loader(source, seed=8)), 8)
-  assert any(
-    not np.array_equal(a["index"], b["index"]) for a, b in zip(batches, other)
-  )
-  b = batches[0]
-  assert (
-    b["clips"].shape == (2, 3, 4, 32, 32, 3) and b["clips"].dtype == np.uint8
-  )
-  for b in batches:
-    for i, mask, clips, labels in zip(
-      b["index"], b["mask"], b["clips"], b["labels"]
-    ):
-      num_shots = 1 + i % 6
-      assert mask.sum() == min(num_shots, 3)  # Padding is masked...
-      assert not clips[~mask].any()  # ...and zero.
-      np.testing.assert_array_equal(labels, np.eye(10)[i % 10])
-      # A contiguous window of shots: clip c is inside shot start + c.
-      length = 8 if i % 2 == 0 else 5
-      frames = decoded_indices(clips[mask])  # [valid, T]
-      shot = frames // length
-      assert (shot == shot[:, :1]).all()
-      np.testing.assert_array_equal(np.diff(shot[:, 0]), 1)
-  # Each epoch visits every trailer once, in a new order.
-  epochs = [
-    np.concatenate([b["index"] for b in batches[e * 4 : e * 4 + 4]])
-    for e in (0, 1)
-  ]
-  for e in epochs:
-    np.testing.assert_array_equal(np.sort(e), np.arange(8))
-  assert not np.array_equal(epochs[0], epochs[1])
-
-
-def test_restored_iterator_continues_identically(source):
-  it = iter(train_loader(source))
-  take(it, 3, close=False)
-  state = it.get_state()
-  expected = take(it, 3)
-  restored = iter(train_loader(source))
-  restored.set_state(state)
-  assert_same(take(restored, 3), expected)
-
-
-def test_two_processes_see_every_trailer_once_per_epoch(source):
-  seen = []
-  for p in range(2):
-    batches = list(
-      train_loader(source, process_index=p, process_count=2, num_epochs=1)
-    )
-    assert len(batches) == 4  # Batch of 2 global = 1 per process.
-    seen.append(np.concatenate([b["index"] for b in batches]))
-  assert not set(seen[0]) & set(seen[1])
-  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(8))
-  with pytest.raises(ValueError, match="not divisible"):
-    train_loader(source, global_batch_size=3, process_count=2)
 
 
 def test_global_batch_shards_along_data_axis():

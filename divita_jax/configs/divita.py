@@ -24,7 +24,9 @@ tiny random-init backbones on the synthetic data.
 
 Variants (comma-separated after the colon): `trailers12k`, `reps`, `vit`,
 `swin`, `shufflenet`, `resnet`, `image_only`, `video_only`, `early_fusion`,
-`fixed_clips`, `runlocal` (even smaller).
+`fixed_clips`, `runlocal` (even smaller), `finetune` (backbones and head
+trained end to end on decoded clips: `:finetune` on the synthetic data,
+`:trailers12k,swin,finetune` on a pod).
 Any field can be overridden, e.g. `--config.model.cam=gru_1_115`.
 """
 
@@ -46,6 +48,7 @@ def parse_variants(arg: str | None) -> set[str]:
     "swin",
     "shufflenet",
     "resnet",
+    "finetune",
   }
   variants = {v for v in (arg or "").split(",") if v}
   unknown = variants - known
@@ -144,6 +147,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Training (divita_jax/train.py), reference values ----
   c.train = ml_collections.ConfigDict()
+  # frozen: the head on extracted representations (the paper) | finetune:
+  # backbones and head end to end on decoded clips (c.finetune).
+  c.train.mode = "frozen"
   c.train.num_clips = 30  # Clips per training window / eval window.
   c.train.batch_size = 32  # Global batch of trailers.
   c.train.eval_batch_size = 64  # Global batch of eval windows.
@@ -163,6 +169,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.val_loss = "windows"
   c.train.log_every_steps = 50
   c.train.checkpoint_every_epochs = 1
+
+  # ---- End-to-end fine-tuning (divita_jax/finetune.py), train.mode ----
+  c.finetune = ml_collections.ConfigDict()
+  # Clips per training window (fits memory); evaluation: train.num_clips.
+  c.finetune.clips_per_trailer = 8
+  c.finetune.microbatches = 1  # Gradient accumulation within a step.
+  c.finetune.remat = "none"  # Per backbone block: none | full | dots.
+  # Compute dtype, float32 master weights: float32 | bfloat16 | auto
+  # (bfloat16 on GPU/TPU, float32 on CPU).
+  c.finetune.dtype = "float32"
+  c.finetune.freeze = ()  # Regexes searched in "<branch>/<param path>".
+  # Freeze each backbone's layers below this (0 = stem, 1.. = blocks).
+  c.finetune.freeze_layers = 0
+  c.finetune.backbone_lr_scale = 0.1  # Backbone lr = head lr x this ...
+  c.finetune.layer_decay = 1.0  # ... x decay ** (last layer + 1 - layer).
+  # plateau (the frozen protocol's) | cosine (linear warmup, cosine to 0).
+  c.finetune.schedule = "plateau"
+  c.finetune.warmup_epochs = 1.0  # cosine only.
+  # Head BatchNorm in training: batch (reference) | running (statistics
+  # independent of the batch: micro-batches equal one big batch exactly).
+  c.finetune.head_batch_norm = "batch"
+  # Training clips only; the same crop and flip for every frame of a clip.
+  c.finetune.augment = ml_collections.ConfigDict()
+  c.finetune.augment.flip = True
+  c.finetune.augment.crop_scale = (0.35, 1.0)  # Area fraction of the frame.
+  c.finetune.augment.crop_ratio = (0.75, 1.3333)  # Aspect ratio range.
+  c.finetune.decode_threads = 2  # Decoding threads per batch.
+  c.finetune.decode_processes = 0  # Worker processes producing batches.
 
   # ---- Device mesh (divita_jax/sharding.py) ----
   c.mesh = ml_collections.ConfigDict()
@@ -207,7 +241,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.fusion = "early"
   if "fixed_clips" in variants:
     c.clips.segmentation = "fixed"
+  if "finetune" in variants:
+    _finetune(c, "trailers12k" in variants)
   return c
+
+
+def _finetune(c, real: bool) -> None:
+  """End-to-end fine-tuning; parameters sharded over `fsdp` (and `model`
+  by the rules) on as many devices as there are."""
+  c.train.mode = "finetune"
+  c.mesh.shape = (-1, 1, 1)
+  c.mesh.axes = ("data", "fsdp", "model")
+  c.finetune.schedule = "cosine"
+  if real:  # Pods: set mesh.shape, e.g. (-1, 16, 1), and batch sizes.
+    c.train.max_epochs = 20
+    c.train.batch_size = 64
+    c.train.eval_batch_size = 64
+    c.finetune.freeze_layers = 1  # Patch embedding / stem.
+    c.finetune.layer_decay = 0.75
+    c.finetune.remat = "dots"
+    c.finetune.dtype = "auto"
+    c.finetune.decode_processes = -1
+  else:  # Synthetic, tiny random backbones: minutes on a CPU.
+    c.train.max_epochs = 8
+    c.train.batch_size = 16
+    c.train.eval_batch_size = 16
+    c.train.learning_rate = 1e-3
+    c.finetune.backbone_lr_scale = 1.0
+  c.train.early_stop_patience = c.train.max_epochs  # Cosine runs to the end.
 
 
 # Table 6 backbone pairs from raw trailers: (kind, converted checkpoint

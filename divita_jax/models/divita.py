@@ -109,6 +109,8 @@ class BatchNorm(nn.Module):
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  # False: the running statistics in training too (no batch dependence).
+  use_batch_stats: bool = True
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
@@ -121,7 +123,7 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", stat(nn.initializers.zeros))
     ra_var = self.variable("batch_stats", "var", stat(nn.initializers.ones))
     x = x.astype(jnp.float32)
-    if not train:
+    if not train or not self.use_batch_stats:
       mean, var = ra_mean.value, ra_var.value
     else:
       if mask is None:
@@ -152,10 +154,15 @@ class Branch(nn.Module):
   cam: str
   num_classes: int
   dtype: jnp.dtype = jnp.float32
+  batch_norm: str = "batch"
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
-    x = BatchNorm(dtype=self.dtype, name="bn")(x, mask, train)
+    x = BatchNorm(
+      dtype=self.dtype,
+      use_batch_stats=self.batch_norm == "batch",
+      name="bn",
+    )(x, mask, train)
     if mask is not None:
       x = x * mask[..., None].astype(x.dtype)  # Padding stays exactly zero.
     kind, kw = parse_cam(self.cam)
@@ -182,7 +189,10 @@ class DIViTA(nn.Module):
   of one Branch per backbone (submodules named after the branches); early
   fusion concatenates features into one Branch named "_".join(branches).
   BatchNorm statistics live in `batch_stats` (mutable when `train`);
-  dropout uses the `dropout` rng.
+  dropout uses the `dropout` rng. `batch_norm`: "batch" (the reference:
+  batch statistics in training) | "running" (running statistics always:
+  an example's output does not depend on its batch, e.g. to accumulate
+  gradients over micro-batches exactly).
   """
 
   branches: tuple[str, ...] = ("image", "video")
@@ -191,10 +201,15 @@ class DIViTA(nn.Module):
   mask_padding: bool = True
   num_classes: int = NUM_GENRES
   dtype: jnp.dtype = jnp.float32
+  batch_norm: str = "batch"
 
   def _check(self, inputs, mask):
     if self.fusion not in ("late", "early"):
       raise ValueError(f"Unknown fusion {self.fusion!r}: expected late|early.")
+    if self.batch_norm not in ("batch", "running"):
+      raise ValueError(
+        f"Unknown batch_norm {self.batch_norm!r}: expected batch|running."
+      )
     if not self.branches:
       raise ValueError("DIViTA needs at least one branch.")
     missing = [b for b in self.branches if b not in inputs]
@@ -220,7 +235,9 @@ class DIViTA(nn.Module):
       for b in self.branches
     }
     m = mask if self.mask_padding else None
-    branch = functools.partial(Branch, self.cam, self.num_classes, self.dtype)
+    branch = functools.partial(
+      Branch, self.cam, self.num_classes, self.dtype, self.batch_norm
+    )
     if self.fusion == "early":
       x = jnp.concatenate([xs[b] for b in self.branches], -1)  # [B, S, sum F]
       return branch(name="_".join(self.branches))(x, m, train).astype(

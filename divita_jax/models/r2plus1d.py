@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from divita_jax.models.remat import remat_block
 from divita_jax.models.resnet import conv_bn
 
 VARIANTS = {"r2plus1d_18": (2, 2, 2, 2), "r2plus1d_34": (3, 4, 6, 3)}
@@ -75,6 +76,7 @@ class R2Plus1D(nn.Module):
 
   depths: Sequence[int] = (2, 2, 2, 2)
   dtype: Any = jnp.float32
+  remat: str = "none"  # per residual block; a remat.POLICIES name
 
   @nn.compact
   def __call__(self, x):
@@ -96,10 +98,11 @@ class R2Plus1D(nn.Module):
       relu=True,
     )  # fmt: skip  [B, T, H/2, W/2, 64]
     out = {"stem": x}
+    block = remat_block(Block, self.remat)
     for i, depth in enumerate(self.depths):
       for j in range(depth):
         stride = 2 if i and not j else 1
-        x = Block(64 * 2**i, stride, d, name=f"layer{i + 1}_{j}")(x)
+        x = block(64 * 2**i, stride, d, name=f"layer{i + 1}_{j}")(x)
       out[f"layer{i + 1}"] = x
     out["encoded"] = x  # [B, t, h, w, 512]
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))

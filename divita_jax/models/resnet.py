@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from divita_jax.models.axes import logical
+from divita_jax.models.remat import remat_block
 
 Ints = int | Sequence[int]
 _ZEROS = nn.initializers.zeros
@@ -230,12 +231,14 @@ class ResNet(nn.Module):
   block: str = "bottleneck"  # bottleneck | basic
   width: int = 64
   dtype: Any = jnp.float32
+  remat: str = "none"  # per residual block; a remat.POLICIES name
 
   @nn.compact
   def __call__(self, x):
     blocks = {"bottleneck": Bottleneck, "basic": BasicBlock}
     if self.block not in blocks:
       raise ValueError(f"Unknown block {self.block!r}; {sorted(blocks)}.")
+    block = remat_block(blocks[self.block], self.remat)
     names = ("conv1", "bn1")
     x = conv_bn(
       x, self.width, 7, 2, 3, names=names, dtype=self.dtype, relu=True
@@ -245,7 +248,7 @@ class ResNet(nn.Module):
     for i, depth in enumerate(self.depths):
       for j in range(depth):
         stride = 2 if i and not j else 1
-        x = blocks[self.block](
+        x = block(
           self.width * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}"
         )(x)
       out[f"layer{i + 1}"] = x

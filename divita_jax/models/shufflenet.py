@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from divita_jax.models.remat import remat_block
 from divita_jax.models.resnet import Conv, batch_norm, conv_bn, max_pool
 
 # Stage widths [stem, stage2, stage3, stage4, conv5] per width multiplier.
@@ -105,6 +106,7 @@ class ShuffleNetV2(nn.Module):
   repeats: Sequence[int] = (4, 8, 4)
   dims: int = 2
   dtype: Any = jnp.float32
+  remat: str = "none"  # per unit (InvertedResidual); a remat.POLICIES name
 
   @nn.compact
   def __call__(self, x):
@@ -118,9 +120,10 @@ class ShuffleNetV2(nn.Module):
     )
     x = max_pool(x, 3, 2, 1)  # [B, (T/2,) H/4, W/4, widths[0]]
     out = {"stem": x}
+    unit = remat_block(InvertedResidual, self.remat)
     for i, (reps, w) in enumerate(zip(self.repeats, widths[1:-1])):
       for j in range(reps):
-        x = InvertedResidual(w, 1 if j else 2, d, name=f"stage{i + 2}_{j}")(x)
+        x = unit(w, 1 if j else 2, d, name=f"stage{i + 2}_{j}")(x)
       out[f"stage{i + 2}"] = x
     names = ("conv5_0", "conv5_1")
     x = conv_bn(x, widths[-1], 1, 1, 0, names=names, dtype=d, relu=True)

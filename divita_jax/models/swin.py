@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from divita_jax.models.axes import logical
+from divita_jax.models.remat import remat_block
 from divita_jax.models.vit import layer_norm
 
 # Shift-mask value of the reference (-inf would change the softmax).
@@ -375,13 +376,15 @@ class Stage(nn.Module):
   downsample: bool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = "none"  # per block; a remat.POLICIES name
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block = remat_block(Block, self.remat)
     for j in range(self.depth):
       shift = tuple(w // 2 if j % 2 else 0 for w in self.window)
-      x = Block(
+      x = block(
         self.num_heads,
         self.window,
         shift,
@@ -418,6 +421,7 @@ class Swin(nn.Module):
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = "none"  # per Swin block; a remat.POLICIES name
 
   @nn.compact
   def __call__(self, x):
@@ -453,6 +457,7 @@ class Swin(nn.Module):
         self.mlp_ratio,
         self.layer_norm_eps,
         downsample=i < len(self.depths) - 1,
+        remat=self.remat,
         name=f"stage_{i}",
         **kw,
       )(x)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from divita_jax.models.attention import attention
 from divita_jax.models.axes import logical
+from divita_jax.models.remat import remat_block
 
 # name -> (width, depth, mlp_dim, num_heads); big_vision's table plus `tiny`.
 _SIZES = {
@@ -168,14 +169,16 @@ class Encoder(nn.Module):
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = "none"  # per block; a remat.POLICIES name
 
   @nn.compact
   def __call__(self, x):
     # x: [B, tokens, D]
     x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
     x = x.astype(self.dtype)
+    block = remat_block(Encoder1DBlock, self.remat)
     for i in range(self.depth):
-      x = Encoder1DBlock(
+      x = block(
         self.mlp_dim,
         self.num_heads,
         self.layer_norm_eps,
@@ -262,6 +265,7 @@ class ViT(nn.Module):
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = "none"  # per encoder block; a remat.POLICIES name
 
   @nn.compact
   def __call__(self, x):
@@ -287,6 +291,7 @@ class ViT(nn.Module):
       self.num_heads,
       self.layer_norm_eps,
       self.gelu_approximate,
+      remat=self.remat,
       name="Transformer",
       **kw,
     )(x)

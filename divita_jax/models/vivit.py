@@ -46,6 +46,7 @@ class ViViT(nn.Module):
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = "none"  # per encoder block; a remat.POLICIES name
 
   def encoder(self, depth, name, mlp_dim=None, num_heads=None):
     return vit.Encoder(
@@ -56,6 +57,7 @@ class ViViT(nn.Module):
       self.gelu_approximate,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      remat=self.remat,
       name=name,
     )
 

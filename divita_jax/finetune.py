@@ -1,0 +1,508 @@
+"""End-to-end fine-tuning: the backbones and the DIViTA head in one step.
+
+`config.train.mode = "finetune"` runs the trainer of train.py (the same
+fold loop, checkpoints, resume and evaluation) on decoded clips instead of
+stored representations: a training example is a window of
+`finetune.clips_per_trailer` clips of one trailer (clip_pipeline.py), run
+through the backbone(s) and the head, with the frozen mode's loss;
+evaluation runs every window of `train.num_clips` clips through the
+fine-tuned backbones and averages per trailer as in frozen mode.
+
+- Start: converted checkpoints or random init, loaded as extraction loads
+  them (extract.make_backbone). Backbone BatchNorm keeps its statistics
+  (eval mode); the head starts from config.seed.
+- What trains: all but `finetune.freeze` (regexes searched in
+  "<branch>/<param path>", e.g. "video/Transformer/encoderblock_0/") and
+  the first `finetune.freeze_layers` layers of each backbone (`layer_ids`:
+  0 = stem / patch embedding, then one per block). Frozen parameters get
+  no gradient and no optimizer state, and stay bit for bit.
+- Learning rates: `train.learning_rate` for the head, times
+  `finetune.backbone_lr_scale` for the backbones, times
+  `finetune.layer_decay ** (L + 1 - layer)` (layer-wise decay); the
+  schedule (`finetune.schedule`) is the frozen protocol's plateau or
+  warmup + cosine (optim.step_lr).
+- Memory: parameters and optimizer state sharded over the `fsdp` mesh axis
+  (sharding.with_fsdp) and over `model` by the logical rules; the batch
+  over data x fsdp; `finetune.remat` per block; `finetune.dtype` bfloat16
+  computes in bf16 with float32 master weights; `finetune.microbatches`
+  splits the batch and accumulates gradients in a scan, in one program.
+"""
+
+import dataclasses
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+
+from divita_jax import clip_pipeline, extract, optim, sharding, video
+from divita_jax.models import backbone, divita
+from divita_jax.train_state import Programs, TrainState
+
+MODES = ("frozen", "finetune")
+# A block of a backbone: its indices form the block's key, in order
+# (ViT/ViViT encoderblock_3, Swin stage_1/block_0, ResNet/R(2+1)D
+# layer2_1, ShuffleNet stage3_2).
+_BLOCK = re.compile(
+  r"^(?:encoderblock_|stage_|block_|layer|stage)(\d+)(?:_(\d+))?$"
+)
+# Parameters outside blocks that come before them (the rest come after).
+_STEM = re.compile(r"^(conv1|bn1|stem)|embed|patch|cls")
+
+
+def _name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def layer_ids(params) -> tuple[dict, int]:
+  """(tree of each parameter's layer, L) for one backbone's params: 0 =
+  stem (patch embedding, position embedding, first conv), 1..L = blocks in
+  order, L + 1 = what follows them (final norm, last conv)."""
+
+  def block(path) -> tuple:
+    found = [_BLOCK.match(str(getattr(k, "key", k))) for k in path]
+    return tuple(int(g) for m in found if m for g in m.groups() if g)
+
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  keys = sorted({block(p) for p in paths} - {()})
+  rank = {k: i + 1 for i, k in enumerate(keys)}
+  num = len(keys)
+
+  def layer(path, _):
+    key = block(path)
+    if key:
+      return rank[key]
+    return 0 if _STEM.search(_name(path)) else num + 1
+
+  return jax.tree_util.tree_map_with_path(layer, params), num
+
+
+def param_groups(config, params: dict) -> tuple[set, dict]:
+  """(frozen parameter names "<branch>/<path>", learning-rate multiplier
+  per trainable name) for params {'head': ..., branch: ...}."""
+  f = config.finetune
+  patterns = [re.compile(p) for p in f.freeze]
+  used = [False] * len(patterns)
+  frozen, scale = set(), {}
+  for top, tree in params.items():
+    ids, num = layer_ids(tree) if top != "head" else (None, 0)
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    layers = {} if ids is None else traverse_util.flatten_dict(ids, sep="/")
+    for path in flat:
+      name = f"{top}/{path}"
+      hits = [bool(p.search(name)) for p in patterns]
+      used = [u or h for u, h in zip(used, hits)]
+      layer = layers.get(path)
+      if any(hits) or (layer is not None and layer < f.freeze_layers):
+        frozen.add(name)
+      elif layer is None:
+        scale[name] = 1.0
+      else:
+        decay = f.layer_decay ** (num + 1 - layer)
+        scale[name] = f.backbone_lr_scale * decay
+  unused = [p.pattern for p, u in zip(patterns, used) if not u]
+  if unused:
+    raise ValueError(
+      f"config.finetune.freeze pattern(s) {unused} match no parameter; "
+      "names look like 'video/Transformer/encoderblock_0/...'."
+    )
+  return frozen, scale
+
+
+def trainable(params: dict, frozen: set) -> dict:
+  """The nested params without the frozen ones."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return traverse_util.unflatten_dict(
+    {k: v for k, v in flat.items() if k not in frozen}, sep="/"
+  )
+
+
+def merge(params: dict, part: dict) -> dict:
+  """`params` with the leaves of `part` (a subset of its names) replaced."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  flat.update(traverse_util.flatten_dict(part, sep="/"))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def scale_by_tree(scales: dict) -> optax.GradientTransformation:
+  """Multiplies each update by its constant (learning-rate groups)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(config, scales: dict) -> optax.GradientTransformation:
+  """PyTorch-parity AdamW(+AMSGrad) (optim.py) over the trainable params,
+  per-parameter learning rates `scales` x the injected learning rate."""
+  tc = config.train
+  nested = traverse_util.unflatten_dict(scales, sep="/")
+
+  @optax.inject_hyperparams
+  def adamw(learning_rate):
+    return optax.chain(
+      optim.scale_by_adam_torch(tc.b1, tc.b2, tc.eps, tc.amsgrad),
+      optax.add_decayed_weights(tc.weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+      scale_by_tree(nested),
+    )
+
+  return adamw(learning_rate=tc.learning_rate)
+
+
+# ------------------------------------------------------------------ model
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """Backbones (branch -> module) and the DIViTA head, as one function of
+  params {'head', branch...} and batch_stats of the same names."""
+
+  head: nn.Module
+  backbones: dict  # branch -> backbone module (remat, compute dtype set)
+  per_frame: dict  # branch -> 2-D backbone: frames alone, mean over T
+  stats: dict  # branch -> (mean, std) of the input convention
+  frozen: frozenset  # parameter names without gradients
+  microbatches: int
+  mesh: jax.sharding.Mesh
+
+  @property
+  def branches(self) -> tuple:
+    return tuple(self.head.branches)
+
+  def features(self, params, batch_stats, batch) -> dict:
+    """uint8 clips {branch: [B, n, T, H, W, 3]} -> {branch: [B, n, D]}."""
+    out = {}
+    for b in self.branches:
+      x = batch[b]
+      lead = x.shape[:3] if self.per_frame[b] else x.shape[:2]
+      x = extract.normalize(
+        x.reshape(-1, *x.shape[len(lead) :]), *self.stats[b]
+      )
+      variables = {"params": params[b]}
+      if batch_stats.get(b):
+        variables["batch_stats"] = batch_stats[b]
+      pooled, _ = self.backbones[b].apply(variables, x)
+      pooled = pooled.astype(jnp.float32).reshape(*lead, -1)
+      out[b] = pooled.mean(2) if self.per_frame[b] else pooled
+    return out
+
+  def logits(self, params, batch_stats, batch, train: bool, rng=None):
+    """(logits [B, C], head batch_stats after the step)."""
+    feats = self.features(params, batch_stats, batch)
+    variables = {"params": params["head"], "batch_stats": batch_stats["head"]}
+    if not train:
+      return self.head.apply(variables, feats, batch["mask"], train=False), {}
+    logits, updates = self.head.apply(
+      variables,
+      feats,
+      batch["mask"],
+      train=True,
+      rngs={"dropout": rng},
+      mutable=["batch_stats"],
+    )
+    return logits, updates["batch_stats"]
+
+  def micro(self, tree):
+    """[B, ...] -> [k, B / k, ...]; micro-batch j = rows j, j + k, ...: each
+    device's rows split evenly, so no row moves between devices."""
+    k, axes = self.microbatches, sharding.batch_axes(self.mesh)
+    spec = NamedSharding(self.mesh, PartitionSpec(None, axes))
+
+    def split(x):
+      x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(split, tree)
+
+
+def _unmicro(x):
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def loss_and_grads(m: Model, state: TrainState, batch: dict):
+  """(loss, gradients of the trainable params, head batch_stats) of a
+  batch, accumulated over `m.microbatches` micro-batches in a scan: the
+  batch's weighted-mean BCE (a failed trailer weighs 0)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  part = trainable(state.params, m.frozen)
+  total = jnp.maximum(batch["weight"].sum(), 1.0)  # Examples in the batch.
+
+  def loss_fn(part, batch_stats, mb, rng):
+    params = merge(state.params, part)
+    logits, head_stats = m.logits(params, batch_stats, mb, True, rng)
+    bce = optax.sigmoid_binary_cross_entropy(logits, mb["labels"]).mean(-1)
+    return jnp.sum(bce * mb["weight"]) / total, head_stats
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulate(carry, xs):
+    grads, loss, head_stats = carry
+    mb, i = xs
+    stats = {**state.batch_stats, "head": head_stats}
+    (loss_i, head_stats), grads_i = grad_fn(
+      part, stats, mb, jax.random.fold_in(rng, i)
+    )
+    grads = jax.tree.map(jnp.add, grads, grads_i)
+    return (grads, loss + loss_i, head_stats), None
+
+  carry = (
+    jax.tree.map(jnp.zeros_like, part),
+    jnp.zeros([], jnp.float32),
+    state.batch_stats["head"],
+  )
+  xs = (m.micro(batch), jnp.arange(m.microbatches))
+  (grads, loss, head_stats), _ = jax.lax.scan(accumulate, carry, xs)
+  return loss, grads, head_stats
+
+
+def train_step(m: Model, tx, state: TrainState, batch: dict, lr):
+  """One AdamW step; frozen parameters are carried over untouched."""
+  loss, grads, head_stats = loss_and_grads(m, state, batch)
+  part = trainable(state.params, m.frozen)
+  opt_state = state.opt_state._replace(
+    hyperparams={**state.opt_state.hyperparams, "learning_rate": lr}
+  )
+  updates, opt_state = tx.update(grads, opt_state, part)
+  new = state.replace(
+    step=state.step + 1,
+    params=merge(state.params, optax.apply_updates(part, updates)),
+    batch_stats={**state.batch_stats, "head": head_stats},
+    opt_state=opt_state,
+  )
+  return new, loss
+
+
+def eval_step(m: Model, variables: dict, batch: dict):
+  """Eval windows -> {'probs', 'bce', 'trailer'} as train.eval_step, in
+  micro-batches (one at a time through the backbones)."""
+  inputs = {k: batch[k] for k in (*m.branches, "mask")}
+
+  def one(mb):
+    logits, _ = m.logits(
+      variables["params"], variables["batch_stats"], mb, False
+    )
+    return logits.astype(jnp.float32)
+
+  logits = _unmicro(jax.lax.map(one, m.micro(inputs)))
+  return {
+    "probs": jax.nn.sigmoid(logits),
+    "bce": optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(-1),
+    "trailer": batch["trailer"],
+  }
+
+
+# ---------------------------------------------------------------- programs
+
+
+def compute_dtype(name: str) -> str:
+  """'auto': bfloat16 on GPU/TPU, float32 on CPU."""
+  return extract.compute_dtype(name)
+
+
+def _backbones(config) -> dict:
+  """branch -> (module with remat and compute dtype, variables, spec)."""
+  out = {}
+  for b in config.model.branches:
+    module, variables, spec = extract.make_backbone(config, b)
+    module = module.clone(
+      remat=config.finetune.remat,
+      dtype=jnp.dtype(compute_dtype(config.finetune.dtype)),
+    )
+    out[b] = (module, extract.as_variables(variables), spec)
+  return out
+
+
+def _boxed(params, axes):
+  """Params with their logical axis names (nn.Partitioned) where known."""
+
+  def box(x, names):
+    names = tuple(names) if names is not None else ()
+    if len(names) == np.ndim(x) and any(n is not None for n in names):
+      return nn.Partitioned(x, names)
+    return x
+
+  return jax.tree.map(box, params, axes)
+
+
+def _head(config) -> nn.Module:
+  m = config.model
+  return divita.DIViTA(
+    branches=tuple(m.branches),
+    fusion=m.fusion,
+    cam=m.cam,
+    mask_padding=m.mask_padding,
+    num_classes=m.num_classes,
+    dtype=jnp.float32,
+    batch_norm=config.finetune.head_batch_norm,
+  )
+
+
+def _init_fn(config, head, loaded: dict):
+  """(init(rng, backbone variables) -> boxed TrainState, frozen names,
+  optimizer): the parameter groups come from the params' names."""
+  axes = {b: backbone.logical_axes(m, s) for b, (m, _, s) in loaded.items()}
+  dims = {b: int(s["feature_dim"]) for b, (_, _, s) in loaded.items()}
+  clips = config.finetune.clips_per_trailer
+  dummy = {b: jnp.zeros((2, clips, d), jnp.float32) for b, d in dims.items()}
+
+  def head_init(rng):
+    k_params, k_dropout = jax.random.split(rng)
+    return head.init(
+      {"params": k_params, "dropout": k_dropout},
+      dummy,
+      jnp.ones((2, clips), bool),
+      train=False,
+    )
+
+  head_shapes = jax.eval_shape(head_init, jax.random.PRNGKey(0))
+  names = {"head": nn.meta.unbox(head_shapes["params"])}
+  names.update({b: v["params"] for b, (_, v, _) in loaded.items()})
+  frozen, scales = param_groups(config, names)
+  tx = make_optimizer(config, scales)
+
+  def init(rng, variables):
+    k_head, k_train = jax.random.split(rng)
+    head_vars = head_init(k_head)
+    params = {"head": head_vars["params"]}
+    stats = {"head": head_vars.get("batch_stats", {})}
+    for b in loaded:
+      params[b] = _boxed(variables[b]["params"], axes[b])
+      stats[b] = variables[b].get("batch_stats", {})
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=stats,
+      opt_state=tx.init(trainable(params, frozen)),
+      rng=k_train,
+    )
+
+  return init, frozen, tx
+
+
+_PROGRAMS = {}
+
+
+def programs(config, mesh) -> Programs:
+  """The fine-tuning Programs of `config` on `mesh` (cached per process):
+  init loads the backbones' starting weights."""
+  key = (config.to_json(), mesh)
+  if key in _PROGRAMS:
+    return _PROGRAMS[key]
+  loaded = _backbones(config)
+  head = _head(config)
+  init_boxed, frozen, tx = _init_fn(config, head, loaded)
+  start = {b: v for b, (_, v, _) in loaded.items()}
+  abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(0), start)
+  shardings = sharding.tree_shardings(
+    abstract, mesh, sharding.logical_rules(config.mesh)
+  )
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    nn.meta.unbox(abstract),
+    shardings,
+  )
+  init_jit = jax.jit(
+    lambda r, v: nn.meta.unbox(init_boxed(r, v)), out_shardings=shardings
+  )
+  model = Model(
+    head=head,
+    backbones={b: m for b, (m, _, _) in loaded.items()},
+    per_frame={
+      b: backbone.is_image_model(s) for b, (_, _, s) in loaded.items()
+    },
+    stats={
+      b: backbone.input_stats(s, config.backbones[b].normalization or None)
+      for b, (_, _, s) in loaded.items()
+    },
+    frozen=frozenset(frozen),
+    microbatches=config.finetune.microbatches,
+    mesh=mesh,
+  )
+  batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_fn = jax.jit(
+    functools.partial(train_step, model, tx),
+    in_shardings=(shardings, batch, rep),
+    out_shardings=(shardings, rep),
+    donate_argnums=(0,),
+  )
+  var_shardings = {
+    "params": shardings.params,
+    "batch_stats": shardings.batch_stats,
+  }
+  eval_fn = jax.jit(
+    functools.partial(eval_step, model),
+    in_shardings=(var_shardings, batch),
+    out_shardings=rep,
+  )
+  _PROGRAMS[key] = Programs(
+    model,
+    tx,
+    lambda rng: init_jit(rng, start),
+    abstract,
+    shardings,
+    train_fn,
+    eval_fn,
+  )
+  return _PROGRAMS[key]
+
+
+# -------------------------------------------------------------------- data
+
+
+def _branch_inputs(config) -> dict:
+  out = {}
+  for b in config.model.branches:
+    kind = config.backbones[b].kind
+    image = backbone.is_image_model(
+      {"kind": kind, "model": {"dims": 3 if kind == "shufflenet3d" else 2}}
+    )
+    out[b] = {
+      "resolution": config.backbones[b].resolution,
+      "center_frame": image and config.backbones[b].frame_pooling == "center",
+    }
+  return out
+
+
+def fold_data(config, source, ids, labels, subsets: dict):
+  """(TrainData, subset name -> EvalData) of decoded clips for one fold."""
+  f, tc = config.finetune, config.train
+  branches = _branch_inputs(config)
+  clip_kwargs = video.sample_kwargs(config.clips, 0)
+  del clip_kwargs["resolution"]
+  common = dict(
+    branches=branches, clip_kwargs=clip_kwargs, decode_threads=f.decode_threads
+  )
+  train = clip_pipeline.train_data(
+    source,
+    ids,
+    labels,
+    subsets["train"],
+    clips_per_trailer=f.clips_per_trailer,
+    global_batch_size=tc.batch_size,
+    seed=config.seed,
+    num_epochs=tc.max_epochs,
+    augment=f.augment.to_dict(),
+    num_workers=f.decode_processes,
+    **common,
+  )
+
+  def eval_data(name):
+    return clip_pipeline.eval_data(
+      source,
+      ids,
+      labels,
+      subsets[name],
+      num_clips=tc.num_clips,
+      global_batch_size=tc.eval_batch_size,
+      **common,
+    )
+
+  return train, eval_data

@@ -1,0 +1,321 @@
+"""End-to-end fine-tuning: sharding, remat, micro-batches, memory, a run."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import tfds_trailers12k
+from divita_jax import (
+  checkpoints,
+  extract,
+  finetune,
+  genres,
+  hosts,
+  metrics,
+  predict,
+  run,
+  sharding,
+)
+from divita_jax import train_state as ts
+from divita_jax.configs import divita as divita_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (kind, variant, resolution): tiny clip backbones.
+VIDEO = {"vivit": ("vivit", "tiny/8", 16), "swin3d": ("swin3d", "tiny", 32)}
+
+
+def _config(kind="vivit", shape=(-1, 1, 1), batch=8, **finetune_kw):
+  c = divita_config.get_config("finetune")
+  c.model.branches = ("video",)
+  c.model.cam = "tsfm_16_2_2_0.0"  # No dropout: steps comparable.
+  b = c.backbones.video
+  b.kind, b.variant, b.resolution = VIDEO[kind]
+  c.clips.frames_per_clip = 4
+  c.finetune.clips_per_trailer = 2
+  c.mesh.shape = shape
+  c.train.batch_size = batch
+  for k, v in finetune_kw.items():
+    c.finetune[k] = v
+  return c
+
+
+def _mesh(c, num_devices=None):
+  return sharding.make_mesh(c.mesh, jax.devices()[:num_devices])
+
+
+def _batch(c, batch=8, seed=0):
+  rng = np.random.default_rng(seed)
+  r, t = c.backbones.video.resolution, c.clips.frames_per_clip
+  n = c.finetune.clips_per_trailer
+  mask = np.ones((batch, n), bool)
+  mask[::3, -1] = False  # Some padded clips.
+  return {
+    "video": rng.integers(0, 256, (batch, n, t, r, r, 3), dtype=np.uint8),
+    "mask": mask,
+    "labels": (rng.random((batch, 10)) < 0.3).astype(np.float32),
+    "weight": np.ones(batch, np.float32),
+  }
+
+
+def _flat(tree) -> dict:
+  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+def _assert_close(a: dict, b: dict, atol: float):
+  a, b = _flat(a), _flat(b)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["vivit", "swin3d"])
+def test_sharded_step_equals_one_device(kind):
+  lr = np.float32(1e-3)
+  out = {}
+  for shape, devices in (((2, 2, 2), 8), ((1, 1, 1), 1)):
+    c = _config(kind, shape)
+    # Some gradients are zero up to rounding (attention key biases, shifts
+    # that BatchNorm removes); Adam's first step, g / (|g| + eps), would
+    # blow their rounding noise up to +-lr with the default eps.
+    c.train.eps = 1e-4
+    mesh = _mesh(c, devices)
+    p = finetune.programs(c, mesh)
+    state = p.init(jax.random.PRNGKey(0))
+    if devices == 8:  # Parameters really are split three ways.
+      specs = {x.sharding.spec for x in jax.tree.leaves(state.params)}
+      assert any("model" in s for s in specs), specs
+      assert any("fsdp" in s for s in specs), specs
+    state, loss = p.train_step(state, hosts.global_batch(_batch(c), mesh), lr)
+    out[devices] = (jax.device_get(state.params), float(loss))
+  assert abs(out[8][1] - out[1][1]) < 1e-5
+  _assert_close(out[8][0], out[1][0], atol=1e-5)
+
+
+def _grads(c, batch):
+  mesh = _mesh(c)
+  p = finetune.programs(c, mesh)
+  state = p.init(jax.random.PRNGKey(0))
+  fn = jax.jit(functools.partial(finetune.loss_and_grads, p.model))
+  loss, grads, _ = fn(state, hosts.global_batch(batch, mesh))
+  return float(loss), grads
+
+
+def test_remat_gives_the_same_gradients():
+  batch = _batch(_config())
+  # Every policy on every backbone: test_remat.py; here through the step.
+  loss, grads = _grads(_config(remat="none"), batch)
+  loss_r, grads_r = _grads(_config(remat="full"), batch)
+  assert abs(loss - loss_r) < 1e-6
+  _assert_close(grads, grads_r, atol=1e-6)
+
+
+def test_microbatches_equal_one_big_batch():
+  # Running head statistics: an example's loss doesn't depend on its batch.
+  big = _batch(_config(), batch=32, seed=1)
+  loss, grads = _grads(_config(batch=32, head_batch_norm="running"), big)
+  loss4, grads4 = _grads(
+    _config(batch=32, head_batch_norm="running", microbatches=4), big
+  )
+  assert abs(loss - loss4) < 1e-5
+  _assert_close(grads, grads4, atol=1e-5)
+
+
+def test_fsdp_shards_parameters_and_optimizer_state():
+  per_device = {}
+  for shape in ((8, 1, 1), (1, 8, 1)):  # Replicated, then fsdp = 8.
+    c = _config(shape=shape)
+    mesh = _mesh(c)
+    p = finetune.programs(c, mesh)
+    bs = sharding.batch_sharding(mesh)
+    batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bs)
+      for k, v in _batch(c).items()
+    }
+    compiled = p.train_step.lower(p.abstract, batch, np.float32(1)).compile()
+    # The donated arguments: parameters and optimizer state (and step, rng).
+    per_device[shape] = compiled.memory_analysis().alias_size_in_bytes
+  ratio = per_device[(1, 8, 1)] / per_device[(8, 1, 1)]
+  print(f"state bytes per device: {per_device}, fsdp/replicated {ratio:.3f}")
+  assert ratio <= 1 / 6
+
+
+def test_param_groups_freeze_and_layer_decay():
+  c = _config()
+  c.finetune.freeze = ("video/cls",)
+  c.finetune.freeze_layers = 2  # Stem and the first block.
+  c.finetune.layer_decay = 0.5
+  c.finetune.backbone_lr_scale = 0.1
+  _, variables, _ = extract.make_backbone(c, "video")
+  params = {"head": {"w": np.zeros(2)}, "video": variables["params"]}
+  frozen, scale = finetune.param_groups(c, params)
+  assert "video/embedding/kernel" in frozen
+  assert "video/cls" in frozen
+  assert any("encoderblock_0/" in n for n in frozen)
+  assert not any("encoderblock_1/" in n for n in frozen)
+  assert scale["head/w"] == 1.0
+  # Two blocks (layers 1, 2), the final norm is layer 3.
+  block = [v for k, v in scale.items() if "encoderblock_1/" in k]
+  assert set(block) == {0.1 * 0.5}
+  assert scale["video/Transformer/encoder_norm/scale"] == 0.1
+  c.finetune.freeze = ("video/no_such_layer",)
+  with pytest.raises(ValueError, match="no_such_layer"):
+    finetune.param_groups(c, params)
+
+
+# ------------------------------------------------- the synthetic end to end
+
+RUN_FLAGS = (
+  "--config=configs/divita.py:finetune,runlocal",
+  "--config.folds=(0,)",
+  "--config.train.max_epochs=4",
+  "--config.finetune.clips_per_trailer=4",
+  "--config.finetune.freeze_layers=1",  # Stems stay as initialised.
+)
+
+
+def _launch(workdir, data_dir=""):
+  flags = [*RUN_FLAGS, f"--workdir={workdir}"]
+  if data_dir:
+    flags.append(f"--config.dataset.data_dir={data_dir}")
+  return subprocess.Popen(
+    [sys.executable, "-m", "divita_jax.main", *flags],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def _finish(proc, timeout=900) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-5000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("finetune"))
+  _finish(_launch(workdir))
+  return workdir
+
+
+def _run_config():
+  c = divita_config.get_config("finetune,runlocal")
+  c.train.max_epochs = 4
+  c.finetune.clips_per_trailer = 4
+  c.finetune.freeze_layers = 1
+  return c
+
+
+def _best(workdir):
+  c = _run_config()
+  mesh = sharding.make_mesh(c.mesh)
+  abstract = ts.variables_of(finetune.programs(c, mesh).abstract)
+  variables, _ = checkpoints.load_best(
+    os.path.join(workdir, "fold0"), lambda _: abstract
+  )
+  return c, jax.device_get(variables)
+
+
+@pytest.mark.xdist_group("finetune")
+def test_finetuning_learns_and_keeps_frozen_layers(finetuned):
+  with open(os.path.join(finetuned, "results", "fold0.json")) as f:
+    test = json.load(f)["test"]
+  # The label-frequency baseline on the same test trailers.
+  probs = np.loadtxt(
+    os.path.join(finetuned, "results", "fold0_test_probs.csv"),
+    delimiter=",",
+    skiprows=1,
+    usecols=range(1, 11),
+  )
+  c = _run_config()
+  builder = tfds_trailers12k.build(
+    "synthetic", os.path.join(finetuned, "tfds"), None, **run.dataset_kwargs(c)
+  )
+  index = tfds_trailers12k.load_index(builder)
+  split = index["split_assignment"]
+  labels = index["labels"]
+  test_rows = tfds_trailers12k.subset_indices(split, 0, "test")
+  train_rows = tfds_trailers12k.subset_indices(split, 0, "train")
+  freq = labels[train_rows].mean(0)
+  base = metrics.compute_metrics(
+    np.tile(freq, (len(test_rows), 1)), labels[test_rows]
+  )
+  assert len(probs) == len(test_rows)
+  print(f"test muAP {test['uap']:.3f}, label-frequency {base['uap']:.3f}")
+  assert test["uap"] > base["uap"] + 0.15
+  # Frozen stems (layer 0) are bit for bit the initial weights; the rest
+  # moved.
+  c, variables = _best(finetuned)
+  trained = _flat(variables["params"])
+  moved = 0
+  for b in ("image", "video"):
+    _, start, _ = extract.make_backbone(c, b)
+    ids, _ = finetune.layer_ids(start["params"])
+    ids = _flat(ids)
+    for name, x in _flat(start["params"]).items():
+      if ids[name] == 0:
+        np.testing.assert_array_equal(x, trained[f"{b}/{name}"], err_msg=name)
+      else:
+        moved += not np.array_equal(x, trained[f"{b}/{name}"])
+  assert moved > 10
+
+
+@pytest.mark.xdist_group("finetune")
+def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(finetuned, tmp_path):
+  workdir = str(tmp_path / "killed")
+  data_dir = os.path.join(finetuned, "tfds")  # Built already.
+  proc = _launch(workdir, data_dir)
+  ckpts = os.path.join(workdir, "fold0", "checkpoints")
+  deadline = time.time() + 600
+  while proc.poll() is None and time.time() < deadline:
+    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+      break
+    time.sleep(0.05)
+  time.sleep(2.0)  # Into the next epoch's steps.
+  assert proc.poll() is None, "The run ended before it was killed."
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert "resuming at step" in _finish(_launch(workdir, data_dir))
+  _, resumed = _best(workdir)
+  _, whole = _best(finetuned)
+  a, b = _flat(resumed), _flat(whole)
+  assert a.keys() == b.keys()
+  for k in a:  # Bitwise: same devices, same order of operations.
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.xdist_group("finetune")
+def test_predict_uses_the_finetuned_backbones(finetuned, tmp_path, capsys):
+  c = _run_config()
+  builder = tfds_trailers12k.build(
+    "synthetic", os.path.join(finetuned, "tfds"), None, **run.dataset_kwargs(c)
+  )
+  source = tfds_trailers12k.data_source(builder)
+  index = tfds_trailers12k.load_index(builder)
+  test = tfds_trailers12k.subset_indices(index["split_assignment"], 0, "test")
+  paths = []
+  for i in test[:2]:
+    data = source[int(i)]["video"]
+    data = data.item() if isinstance(data, np.ndarray) else data
+    paths.append(str(tmp_path / f"{index['ids'][i]}.mp4"))
+    with open(paths[-1], "wb") as f:
+      f.write(data)
+  assert predict.main([f"--workdir={finetuned}", "--json", *paths]) == 0
+  out = json.loads(capsys.readouterr().out)
+  ids, probs = predict.read_probs_csv(
+    os.path.join(finetuned, "results", "fold0_test_probs.csv")
+  )
+  evaluated = dict(zip(ids, probs))
+  for o in out:
+    got = [o["genres"][g] for g in genres.GENRES]
+    np.testing.assert_allclose(got, evaluated[o["id"]], atol=1e-5, rtol=0)
