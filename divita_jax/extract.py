@@ -42,10 +42,14 @@ IN_FLIGHT = 2
 
 
 def decode_processes(config: ml_collections.ConfigDict) -> int:
-  """Decode worker processes; -1 = one per core beside the main process on
-  GPU/TPU, none on CPU (its cores run the backbones; PyAV's threads
-  release the GIL)."""
-  n = int(config.extract.decode_processes)
+  """Decode worker processes of extraction (see `auto_processes`)."""
+  return auto_processes(int(config.extract.decode_processes))
+
+
+def auto_processes(n: int) -> int:
+  """`n` decode worker processes; -1 = one per core beside the main
+  process on GPU/TPU, none on CPU (its cores run the backbones; PyAV's
+  threads release the GIL)."""
   if n >= 0:
     return n
   if jax.default_backend() == "cpu":

@@ -399,7 +399,8 @@ def programs(config, mesh) -> Programs:
   loaded = _backbones(config)
   head = _head(config)
   init_boxed, frozen, tx = _init_fn(config, head, loaded)
-  start = {b: v for b, (_, v, _) in loaded.items()}
+  # Host arrays: every process passes the same values (multi-host jit).
+  start = jax.device_get({b: v for b, (_, v, _) in loaded.items()})
   abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(0), start)
   shardings = sharding.tree_shardings(
     abstract, mesh, sharding.logical_rules(config.mesh)
@@ -490,7 +491,7 @@ def fold_data(config, source, ids, labels, subsets: dict):
     seed=config.seed,
     num_epochs=tc.max_epochs,
     augment=f.augment.to_dict(),
-    num_workers=f.decode_processes,
+    num_workers=extract.auto_processes(f.decode_processes),
     **common,
   )
 

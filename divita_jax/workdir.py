@@ -15,12 +15,15 @@ manual_dir or converted checkpoint, batch sizes that do not fit the mesh.
 import fnmatch
 import json
 import os
+import re
 import time
 
 import jax
 import ml_collections
+import numpy as np
 
-from divita_jax import atomic, sharding
+from divita_jax import atomic, finetune, sharding
+from divita_jax.models import remat
 
 CONFIG_FILE = "config.json"
 # Fields (dotted, fnmatch patterns) that cannot change results.
@@ -163,3 +166,51 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = sharding.make_mesh(config.mesh)
   for name in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(config.train[name], mesh, f"config.train.{name}")
+  if config.train.mode not in finetune.MODES:
+    raise WorkdirError(
+      f"config.train.mode={config.train.mode!r}: expected "
+      f"{' | '.join(finetune.MODES)}."
+    )
+  if config.train.mode == "finetune":
+    _check_finetune(config, mesh)
+
+
+def _one_of(value, allowed, name: str) -> None:
+  if value not in allowed:
+    raise WorkdirError(f"{name}={value!r}: expected {' | '.join(allowed)}.")
+
+
+def _check_finetune(config, mesh) -> None:
+  """The fine-tuning settings that would fail in the first step."""
+  f = config.finetune
+  if config.dataset.config == "reps":
+    raise WorkdirError(
+      "Fine-tuning decodes trailers: the reps dataset has no videos; set "
+      "config.dataset.config to synthetic or raw."
+    )
+  _one_of(f.remat, tuple(remat.POLICIES), "config.finetune.remat")
+  _one_of(f.schedule, ("plateau", "cosine"), "config.finetune.schedule")
+  _one_of(f.head_batch_norm, ("batch", "running"), "finetune.head_batch_norm")
+  _one_of(f.dtype, ("float32", "bfloat16", "auto"), "config.finetune.dtype")
+  if f.clips_per_trailer < 1 or f.microbatches < 1:
+    raise WorkdirError(
+      "config.finetune.clips_per_trailer and .microbatches must be >= 1."
+    )
+  # Every device's rows split into the micro-batches (finetune.Model.micro).
+  axes = sharding.batch_axes(mesh)
+  axes = (axes,) if isinstance(axes, str) else axes
+  rows = int(np.prod([mesh.shape[a] for a in axes]))
+  for name in ("batch_size", "eval_batch_size"):
+    size = config.train[name]
+    if size % (rows * f.microbatches):
+      raise WorkdirError(
+        f"config.train.{name}={size} must be divisible by the batch devices "
+        f"({rows}) x config.finetune.microbatches ({f.microbatches})."
+      )
+  for pattern in f.freeze:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise WorkdirError(
+        f"config.finetune.freeze pattern {pattern!r} is not a regex: {e}."
+      ) from e

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from divita_jax import (
   predict,
   run,
   sharding,
+  workdir,
 )
 from divita_jax import train_state as ts
 from divita_jax.configs import divita as divita_config
@@ -101,7 +103,8 @@ def test_sharded_step_equals_one_device(kind):
 
 
 def _grads(c, batch):
-  mesh = _mesh(c)
+  c.mesh.shape = (1, 1, 1)  # One device: these compile fastest.
+  mesh = _mesh(c, 1)
   p = finetune.programs(c, mesh)
   state = p.init(jax.random.PRNGKey(0))
   fn = jax.jit(functools.partial(finetune.loss_and_grads, p.model))
@@ -120,10 +123,10 @@ def test_remat_gives_the_same_gradients():
 
 def test_microbatches_equal_one_big_batch():
   # Running head statistics: an example's loss doesn't depend on its batch.
-  big = _batch(_config(), batch=32, seed=1)
-  loss, grads = _grads(_config(batch=32, head_batch_norm="running"), big)
+  big = _batch(_config(), batch=16, seed=1)
+  loss, grads = _grads(_config(batch=16, head_batch_norm="running"), big)
   loss4, grads4 = _grads(
-    _config(batch=32, head_batch_norm="running", microbatches=4), big
+    _config(batch=16, head_batch_norm="running", microbatches=4), big
   )
   assert abs(loss - loss4) < 1e-5
   _assert_close(grads, grads4, atol=1e-5)
@@ -176,7 +179,7 @@ def test_param_groups_freeze_and_layer_decay():
 RUN_FLAGS = (
   "--config=configs/divita.py:finetune,runlocal",
   "--config.folds=(0,)",
-  "--config.train.max_epochs=4",
+  "--config.train.max_epochs=3",
   "--config.finetune.clips_per_trailer=4",
   "--config.finetune.freeze_layers=1",  # Stems stay as initialised.
 )
@@ -210,7 +213,7 @@ def finetuned(tmp_path_factory):
 
 def _run_config():
   c = divita_config.get_config("finetune,runlocal")
-  c.train.max_epochs = 4
+  c.train.max_epochs = 3
   c.finetune.clips_per_trailer = 4
   c.finetune.freeze_layers = 1
   return c
@@ -319,3 +322,22 @@ def test_predict_uses_the_finetuned_backbones(finetuned, tmp_path, capsys):
   for o in out:
     got = [o["genres"][g] for g in genres.GENRES]
     np.testing.assert_allclose(got, evaluated[o["id"]], atol=1e-5, rtol=0)
+
+
+def test_bad_finetune_settings_fail_before_any_work(tmp_path):
+  cases = {
+    ("train", "mode", "finetun"): "config.train.mode='finetun'",
+    ("finetune", "remat", "dot"): "config.finetune.remat='dot'",
+    ("finetune", "schedule", "cos"): "config.finetune.schedule='cos'",
+    ("finetune", "microbatches", 3): "divisible by the batch devices",
+    ("finetune", "freeze", ("video/(",)): "is not a regex",
+    ("dataset", "config", "reps"): "has no videos",
+  }
+  for (section, field, value), message in cases.items():
+    c = _config()
+    c[section][field] = value
+    if section == "dataset":
+      c.dataset.manual_dir = str(tmp_path)
+    with pytest.raises(workdir.WorkdirError, match=re.escape(message)):
+      workdir.preflight(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")

@@ -164,6 +164,10 @@ def test_same_tree_features_and_grads(case, remat):
     jax.make_jaxpr(module.apply)(variables, x).jaxpr
   )
 
+  if remat == "dots" and type(module).__name__ not in ("ViT", "Swin3D"):
+    # The policy only changes what is saved: its placement is checked on
+    # every kind, its gradients on two (compiles dominate the suite).
+    return
   grads_r, pooled_r = loss_and_grads(rematted, variables, x)
   scale = max(1.0, float(jnp.abs(pooled).max()))
   np.testing.assert_allclose(pooled_r, pooled, rtol=0, atol=TOL * scale)

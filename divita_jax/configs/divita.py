@@ -196,7 +196,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune.augment.crop_scale = (0.35, 1.0)  # Area fraction of the frame.
   c.finetune.augment.crop_ratio = (0.75, 1.3333)  # Aspect ratio range.
   c.finetune.decode_threads = 2  # Decoding threads per batch.
-  c.finetune.decode_processes = 0  # Worker processes producing batches.
+  # Worker processes producing training batches; -1 = one per core but one
+  # on GPU/TPU, none on CPU.
+  c.finetune.decode_processes = 0
 
   # ---- Device mesh (divita_jax/sharding.py) ----
   c.mesh = ml_collections.ConfigDict()
