@@ -55,6 +55,7 @@ from loadavg import Watch
 
 import tfds_trailers12k
 from divita_jax import (
+  extract,
   finetune,
   genres,
   hosts,
@@ -94,19 +95,11 @@ def make_config(kind: str, args):
     c.finetune.decode_threads = args.decode_threads
   if args.decode_processes is not None:
     c.finetune.decode_processes = args.decode_processes
-  c.finetune.decode_processes = decode_processes(c)
+  # Resolved here for the table; fold_data resolves -1 the same way.
+  c.finetune.decode_processes = extract.auto_processes(
+    c.finetune.decode_processes
+  )
   return c
-
-
-def decode_processes(c) -> int:
-  """finetune.decode_processes, -1 resolved as extract.decode_processes
-  does (fold_data passes the raw value on)."""
-  n = int(c.finetune.decode_processes)
-  if n >= 0:
-    return n
-  if jax.default_backend() == "cpu":
-    return 0
-  return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def random_batch(c, seed: int = 0) -> dict:
