@@ -408,7 +408,9 @@ def _end_epoch(config, f: _Fold, state, host: dict, epoch: int, step: int):
     "epoch": epoch + 1,
     "val_loss": val_loss,
     "train_loss": host["train_loss_sum"] / f.train.steps_per_epoch,
-    "learning_rate": host["plateau"]["lr"],
+    "learning_rate": optim.step_lr(
+      config, host, step - 1, f.train.steps_per_epoch
+    ),
   }
   host = {
     **host,

@@ -22,6 +22,7 @@ from divita_jax import (
   genres,
   hosts,
   metrics,
+  optim,
   predict,
   run,
   sharding,
@@ -341,3 +342,16 @@ def test_bad_finetune_settings_fail_before_any_work(tmp_path):
     with pytest.raises(workdir.WorkdirError, match=re.escape(message)):
       workdir.preflight(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_warmup_cosine_schedule():
+  c = _config()
+  c.train.learning_rate, c.train.max_epochs = 1.0, 4
+  c.finetune.schedule, c.finetune.warmup_epochs = "cosine", 1.0
+  host = {"plateau": {"lr": 0.5}}
+  lrs = [optim.step_lr(c, host, s, steps_per_epoch=10) for s in range(40)]
+  np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10)  # Warmup.
+  assert lrs[10] == 1.0 and lrs[25] == pytest.approx(0.5)
+  assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+  c.finetune.schedule = "plateau"  # The frozen protocol's, from the host.
+  assert optim.step_lr(c, host, 3, 10) == 0.5
