@@ -220,7 +220,7 @@ def _check(source, ids, labels, indices, branches, clip_kwargs) -> tuple:
   return indices, branches
 
 
-def _check_augment(augment) -> dict | None:
+def check_augment(augment) -> dict | None:
   if augment is None:
     return None
   scale, ratio = tuple(augment["crop_scale"]), tuple(augment["crop_ratio"])
@@ -266,7 +266,7 @@ def train_data(
   indices, branches = _check(
     source, ids, labels, indices, branches, clip_kwargs
   )
-  augment = _check_augment(augment)
+  augment = check_augment(augment)
   share = hosts.process_rows(global_batch_size, process_index, process_count)
   if num_workers:
     source = input_pipeline._picklable(source)

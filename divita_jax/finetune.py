@@ -30,6 +30,7 @@ fine-tuned backbones and averages per trailer as in frozen mode.
 
 import dataclasses
 import functools
+import math
 import re
 
 import flax.linen as nn
@@ -69,7 +70,14 @@ def layer_ids(params) -> tuple[dict, int]:
     return tuple(int(g) for m in found if m for g in m.groups() if g)
 
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  keys = sorted({block(p) for p in paths} - {()})
+  keys = {block(p) for p in paths} - {()}
+
+  def order(k):  # A stage's own layers (Swin's patch merging) follow the
+    # stage's blocks: (0,) after (0, 0), (0, 1).
+    inner = any(o[: len(k)] == k and o != k for o in keys)
+    return k + (math.inf,) if inner else k
+
+  keys = sorted(keys, key=order)
   rank = {k: i + 1 for i, k in enumerate(keys)}
   num = len(keys)
 
@@ -171,6 +179,7 @@ class Model:
   stats: dict  # branch -> (mean, std) of the input convention
   frozen: frozenset  # parameter names without gradients
   microbatches: int
+  eval_microbatches: int
   mesh: jax.sharding.Mesh
 
   @property
@@ -210,10 +219,10 @@ class Model:
     )
     return logits, updates["batch_stats"]
 
-  def micro(self, tree):
+  def micro(self, tree, k: int):
     """[B, ...] -> [k, B / k, ...]; micro-batch j = rows j, j + k, ...: each
     device's rows split evenly, so no row moves between devices."""
-    k, axes = self.microbatches, sharding.batch_axes(self.mesh)
+    axes = sharding.batch_axes(self.mesh)
     spec = NamedSharding(self.mesh, PartitionSpec(None, axes))
 
     def split(x):
@@ -263,7 +272,7 @@ def loss_and_grads(m: Model, state: TrainState, batch: dict):
     jnp.zeros([], jnp.float32),
     state.batch_stats["head"],
   )
-  xs = (m.micro(batch), jnp.arange(m.microbatches))
+  xs = (m.micro(batch, m.microbatches), jnp.arange(m.microbatches))
   (grads, loss, head_stats), _ = jax.lax.scan(accumulate, carry, xs)
   return loss, grads, head_stats
 
@@ -287,7 +296,8 @@ def train_step(m: Model, tx, state: TrainState, batch: dict, lr):
 
 def eval_step(m: Model, variables: dict, batch: dict):
   """Eval windows -> {'probs', 'bce', 'trailer'} as train.eval_step, in
-  micro-batches (one at a time through the backbones)."""
+  `finetune.eval_microbatches` micro-batches (one at a time through the
+  backbones: a window holds train.num_clips clips)."""
   inputs = {k: batch[k] for k in (*m.branches, "mask")}
 
   def one(mb):
@@ -296,10 +306,11 @@ def eval_step(m: Model, variables: dict, batch: dict):
     )
     return logits.astype(jnp.float32)
 
-  if m.microbatches == 1:
+  k = m.eval_microbatches
+  if k == 1:
     logits = one(inputs)
   else:
-    logits = _unmicro(jax.lax.map(one, m.micro(inputs)))
+    logits = _unmicro(jax.lax.map(one, m.micro(inputs, k)))
   return {
     "probs": jax.nn.sigmoid(logits),
     "bce": optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(-1),
@@ -381,7 +392,7 @@ def _init_fn(config, head, loaded: dict):
     head_vars = head_init(k_head)
     params = {"head": head_vars["params"]}
     stats = {"head": head_vars.get("batch_stats", {})}
-    for b in loaded:
+    for b in axes:
       params[b] = _boxed(variables[b]["params"], axes[b])
       stats[b] = variables[b].get("batch_stats", {})
     return TrainState(
@@ -407,8 +418,10 @@ def programs(config, mesh) -> Programs:
   loaded = _backbones(config)
   head = _head(config)
   init_boxed, frozen, tx = _init_fn(config, head, loaded)
-  # Host arrays: every process passes the same values (multi-host jit).
+  # Host arrays: every process passes the same values (multi-host jit);
+  # no device keeps a whole copy.
   start = jax.device_get({b: v for b, (_, v, _) in loaded.items()})
+  loaded = {b: (m, None, spec) for b, (m, _, spec) in loaded.items()}
   abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(0), start)
   shardings = sharding.tree_shardings(
     abstract, mesh, sharding.logical_rules(config.mesh)
@@ -433,6 +446,7 @@ def programs(config, mesh) -> Programs:
     },
     frozen=frozenset(frozen),
     microbatches=config.finetune.microbatches,
+    eval_microbatches=config.finetune.eval_microbatches,
     mesh=mesh,
   )
   batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)

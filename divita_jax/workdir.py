@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from divita_jax import atomic, finetune, sharding
+from divita_jax import atomic, clip_pipeline, finetune, sharding
 from divita_jax.models import remat
 
 CONFIG_FILE = "config.json"
@@ -39,7 +39,12 @@ FREE_FIELDS = (
   "train.log_every_steps",
   "train.checkpoint_every_epochs",
   "mesh.*",
+  "finetune.decode_threads",
+  "finetune.decode_processes",
 )
+# Fields added after runs were written: an older config.json without them
+# ran with these values.
+ADDED_FIELDS = {"train.mode": "frozen"}
 # What --overwrite moves aside (caches of the dataset and reps stay).
 RESULTS = ("config.json", "results", "fold*")
 
@@ -69,9 +74,14 @@ def config_differences(old: dict, new: dict) -> list[str]:
     _flat(json.loads(json.dumps(old))),
     _flat(json.loads(json.dumps(new))),
   )
+  old = {**ADDED_FIELDS, **old}
+  # Fine-tuning settings change nothing in frozen mode.
+  frozen = old.get("train.mode") == new.get("train.mode") == "frozen"
   diffs = []
   for key in sorted(set(old) | set(new)):
     if any(fnmatch.fnmatchcase(key, p) for p in FREE_FIELDS):
+      continue
+    if frozen and key.startswith("finetune."):
       continue
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
     if a != b:
@@ -207,6 +217,17 @@ def _check_finetune(config, mesh) -> None:
         f"config.train.{name}={size} must be divisible by the batch devices "
         f"({rows}) x config.finetune.microbatches ({f.microbatches})."
       )
+  try:
+    clip_pipeline.check_augment(f.augment.to_dict())
+  except ValueError as e:
+    raise WorkdirError(f"config.finetune.augment: {e}") from e
+  eval_rows = config.train.eval_batch_size
+  if eval_rows % (rows * f.eval_microbatches):
+    raise WorkdirError(
+      f"config.train.eval_batch_size={eval_rows} must be divisible by the "
+      f"batch devices ({rows}) x config.finetune.eval_microbatches "
+      f"({f.eval_microbatches})."
+    )
   for pattern in f.freeze:
     try:
       re.compile(pattern)

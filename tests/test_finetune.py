@@ -30,6 +30,7 @@ from divita_jax import (
 )
 from divita_jax import train_state as ts
 from divita_jax.configs import divita as divita_config
+from divita_jax.models import backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (kind, variant, resolution): tiny clip backbones.
@@ -355,3 +356,43 @@ def test_warmup_cosine_schedule():
   assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
   c.finetune.schedule = "plateau"  # The frozen protocol's, from the host.
   assert optim.step_lr(c, host, 3, 10) == 0.5
+
+
+def test_swin_patch_merging_follows_its_stage_blocks():
+  _, _, spec = extract.make_backbone(_config("swin3d"), "video")
+  module = backbone.module_from_spec(spec)
+  ids, num = finetune.layer_ids(backbone.abstract_params(module, spec))
+  ids = _flat(ids)
+  layer = lambda prefix: {v for k, v in ids.items() if k.startswith(prefix)}
+  assert layer("stage_0/block_0/") == {1}
+  assert layer("stage_0/downsample/") == {2}  # After the stage's one block.
+  assert layer("stage_1/block_0/") == {3}
+  assert layer("patch_embed/") == {0} and layer("norm/") == {num + 1}
+
+
+def test_frozen_workdirs_of_older_versions_still_resume():
+  new = divita_config.get_config()
+  old = new.to_dict()
+  del old["train"]["mode"], old["finetune"]  # config.json before the mode.
+  assert workdir.config_differences(old, new) == []
+  other = divita_config.get_config()
+  other.finetune.remat = "full"  # Unused in frozen mode.
+  assert workdir.config_differences(new, other) == []
+  diffs = workdir.config_differences(new, divita_config.get_config("finetune"))
+  assert "train.mode: 'frozen' -> 'finetune'" in diffs
+
+
+def test_eval_microbatches_give_the_same_outputs():
+  batch = _batch(_config())
+  del batch["weight"]
+  batch["trailer"] = np.arange(8, dtype=np.int32)
+  outs = []
+  for k in (1, 4):
+    c = _config(shape=(1, 1, 1), eval_microbatches=k)
+    mesh = _mesh(c, 1)
+    p = finetune.programs(c, mesh)
+    state = p.init(jax.random.PRNGKey(0))
+    out = p.eval_step(ts.variables_of(state), hosts.global_batch(batch, mesh))
+    outs.append(jax.device_get(out))
+  np.testing.assert_array_equal(outs[0]["trailer"], outs[1]["trailer"])
+  np.testing.assert_allclose(outs[0]["probs"], outs[1]["probs"], atol=1e-6)

@@ -175,6 +175,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Clips per training window (fits memory); evaluation: train.num_clips.
   c.finetune.clips_per_trailer = 8
   c.finetune.microbatches = 1  # Gradient accumulation within a step.
+  # Evaluation windows hold train.num_clips clips (more than a training
+  # window): run each eval batch through the backbones in this many parts.
+  c.finetune.eval_microbatches = 1
   c.finetune.remat = "none"  # Per backbone block: none | full | dots.
   # Compute dtype, float32 master weights: float32 | bfloat16 | auto
   # (bfloat16 on GPU/TPU, float32 on CPU).
@@ -187,8 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # plateau (the frozen protocol's) | cosine (linear warmup, cosine to 0).
   c.finetune.schedule = "plateau"
   c.finetune.warmup_epochs = 1.0  # cosine only.
-  # Head BatchNorm in training: batch (reference) | running (statistics
-  # independent of the batch: micro-batches equal one big batch exactly).
+  # Head BatchNorm in training: batch (reference: batch statistics) |
+  # running (the stored statistics, never updated: an affine layer, so
+  # micro-batches equal one big batch exactly).
   c.finetune.head_batch_norm = "batch"
   # Training clips only; the same crop and flip for every frame of a clip.
   c.finetune.augment = ml_collections.ConfigDict()
@@ -249,13 +253,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _finetune(c, real: bool) -> None:
-  """End-to-end fine-tuning; parameters sharded over `fsdp` (and `model`
-  by the rules) on as many devices as there are."""
+  """End-to-end fine-tuning; parameters and optimizer state sharded over
+  `fsdp` (every device), the batch over data x fsdp; `model` (tensor
+  parallelism by the rules) is 1 unless set."""
   c.train.mode = "finetune"
-  c.mesh.shape = (-1, 1, 1)
+  c.mesh.shape = (1, -1, 1)
   c.mesh.axes = ("data", "fsdp", "model")
   c.finetune.schedule = "cosine"
-  if real:  # Pods: set mesh.shape, e.g. (-1, 16, 1), and batch sizes.
+  if real:  # Pods: batch sizes (and eval_microbatches) to the devices.
     c.train.max_epochs = 20
     c.train.batch_size = 64
     c.train.eval_batch_size = 64

@@ -190,9 +190,9 @@ class DIViTA(nn.Module):
   fusion concatenates features into one Branch named "_".join(branches).
   BatchNorm statistics live in `batch_stats` (mutable when `train`);
   dropout uses the `dropout` rng. `batch_norm`: "batch" (the reference:
-  batch statistics in training) | "running" (running statistics always:
-  an example's output does not depend on its batch, e.g. to accumulate
-  gradients over micro-batches exactly).
+  batch statistics in training) | "running" (the stored statistics in
+  training too, never updated: an affine layer whose outputs do not depend
+  on the batch, e.g. to accumulate gradients over micro-batches exactly).
   """
 
   branches: tuple[str, ...] = ("image", "video")
