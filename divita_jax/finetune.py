@@ -13,7 +13,7 @@ fine-tuned backbones and averages per trailer as in frozen mode.
   (eval mode); the head starts from config.seed.
 - What trains: all but `finetune.freeze` (regexes searched in
   "<branch>/<param path>", e.g. "video/Transformer/encoderblock_0/") and
-  the first `finetune.freeze_layers` layers of each backbone (`layer_ids`:
+  the first `finetune.freeze_layers` layers of each backbone (param_groups:
   0 = stem / patch embedding, then one per block). Frozen parameters get
   no gradient and no optimizer state, and stay bit for bit.
 - Learning rates: `train.learning_rate` for the head, times
@@ -30,141 +30,25 @@ fine-tuned backbones and averages per trailer as in frozen mode.
 
 import dataclasses
 import functools
-import math
-import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from divita_jax import clip_pipeline, extract, optim, sharding, video
+from divita_jax import clip_pipeline, extract, sharding, video
+from divita_jax import param_groups as groups
 from divita_jax.models import backbone, divita
-from divita_jax.train_state import Programs, TrainState
+from divita_jax.train_state import (
+  Programs,
+  TrainState,
+  jit_steps,
+  with_shardings,
+)
 
 MODES = ("frozen", "finetune")
-# A block of a backbone: its indices form the block's key, in order
-# (ViT/ViViT encoderblock_3, Swin stage_1/block_0, ResNet/R(2+1)D
-# layer2_1, ShuffleNet stage3_2).
-_BLOCK = re.compile(
-  r"^(?:encoderblock_|stage_|block_|layer|stage)(\d+)(?:_(\d+))?$"
-)
-# Parameters outside blocks that come before them (the rest come after).
-_STEM = re.compile(r"^(conv1|bn1|stem)|embed|patch|cls")
-
-
-def _name(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def layer_ids(params) -> tuple[dict, int]:
-  """(tree of each parameter's layer, L) for one backbone's params: 0 =
-  stem (patch embedding, position embedding, first conv), 1..L = blocks in
-  order, L + 1 = what follows them (final norm, last conv)."""
-
-  def block(path) -> tuple:
-    found = [_BLOCK.match(str(getattr(k, "key", k))) for k in path]
-    return tuple(int(g) for m in found if m for g in m.groups() if g)
-
-  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  keys = {block(p) for p in paths} - {()}
-
-  def order(k):  # A stage's own layers (Swin's patch merging) follow the
-    # stage's blocks: (0,) after (0, 0), (0, 1).
-    inner = any(o[: len(k)] == k and o != k for o in keys)
-    return k + (math.inf,) if inner else k
-
-  keys = sorted(keys, key=order)
-  rank = {k: i + 1 for i, k in enumerate(keys)}
-  num = len(keys)
-
-  def layer(path, _):
-    key = block(path)
-    if key:
-      return rank[key]
-    return 0 if _STEM.search(_name(path)) else num + 1
-
-  return jax.tree_util.tree_map_with_path(layer, params), num
-
-
-def param_groups(config, params: dict) -> tuple[set, dict]:
-  """(frozen parameter names "<branch>/<path>", learning-rate multiplier
-  per trainable name) for params {'head': ..., branch: ...}."""
-  f = config.finetune
-  patterns = [re.compile(p) for p in f.freeze]
-  used = [False] * len(patterns)
-  frozen, scale = set(), {}
-  for top, tree in params.items():
-    ids, num = layer_ids(tree) if top != "head" else (None, 0)
-    flat = traverse_util.flatten_dict(tree, sep="/")
-    layers = {} if ids is None else traverse_util.flatten_dict(ids, sep="/")
-    for path in flat:
-      name = f"{top}/{path}"
-      hits = [bool(p.search(name)) for p in patterns]
-      used = [u or h for u, h in zip(used, hits)]
-      layer = layers.get(path)
-      if any(hits) or (layer is not None and layer < f.freeze_layers):
-        frozen.add(name)
-      elif layer is None:
-        scale[name] = 1.0
-      else:
-        decay = f.layer_decay ** (num + 1 - layer)
-        scale[name] = f.backbone_lr_scale * decay
-  unused = [p.pattern for p, u in zip(patterns, used) if not u]
-  if unused:
-    raise ValueError(
-      f"config.finetune.freeze pattern(s) {unused} match no parameter; "
-      "names look like 'video/Transformer/encoderblock_0/...'."
-    )
-  return frozen, scale
-
-
-def trainable(params: dict, frozen: set) -> dict:
-  """The nested params without the frozen ones."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  return traverse_util.unflatten_dict(
-    {k: v for k, v in flat.items() if k not in frozen}, sep="/"
-  )
-
-
-def merge(params: dict, part: dict) -> dict:
-  """`params` with the leaves of `part` (a subset of its names) replaced."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  flat.update(traverse_util.flatten_dict(part, sep="/"))
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def scale_by_tree(scales: dict) -> optax.GradientTransformation:
-  """Multiplies each update by its constant (learning-rate groups)."""
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, s: u * s, updates, scales), state
-
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
-
-
-def make_optimizer(config, scales: dict) -> optax.GradientTransformation:
-  """PyTorch-parity AdamW(+AMSGrad) (optim.py) over the trainable params,
-  per-parameter learning rates `scales` x the injected learning rate."""
-  tc = config.train
-  nested = traverse_util.unflatten_dict(scales, sep="/")
-
-  @optax.inject_hyperparams
-  def adamw(learning_rate):
-    return optax.chain(
-      optim.scale_by_adam_torch(tc.b1, tc.b2, tc.eps, tc.amsgrad),
-      optax.add_decayed_weights(tc.weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-      scale_by_tree(nested),
-    )
-
-  return adamw(learning_rate=tc.learning_rate)
-
-
 # ------------------------------------------------------------------ model
 
 
@@ -241,11 +125,11 @@ def loss_and_grads(m: Model, state: TrainState, batch: dict):
   batch, accumulated over `m.microbatches` micro-batches in a scan: the
   batch's weighted-mean BCE (a failed trailer weighs 0)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  part = trainable(state.params, m.frozen)
+  part = groups.trainable(state.params, m.frozen)
   total = jnp.maximum(batch["weight"].sum(), 1.0)  # Examples in the batch.
 
   def loss_fn(part, batch_stats, mb, rng):
-    params = merge(state.params, part)
+    params = groups.merge(state.params, part)
     logits, head_stats = m.logits(params, batch_stats, mb, True, rng)
     bce = optax.sigmoid_binary_cross_entropy(logits, mb["labels"]).mean(-1)
     return jnp.sum(bce * mb["weight"]) / total, head_stats
@@ -280,14 +164,14 @@ def loss_and_grads(m: Model, state: TrainState, batch: dict):
 def train_step(m: Model, tx, state: TrainState, batch: dict, lr):
   """One AdamW step; frozen parameters are carried over untouched."""
   loss, grads, head_stats = loss_and_grads(m, state, batch)
-  part = trainable(state.params, m.frozen)
+  part = groups.trainable(state.params, m.frozen)
   opt_state = state.opt_state._replace(
     hyperparams={**state.opt_state.hyperparams, "learning_rate": lr}
   )
   updates, opt_state = tx.update(grads, opt_state, part)
   new = state.replace(
     step=state.step + 1,
-    params=merge(state.params, optax.apply_updates(part, updates)),
+    params=groups.merge(state.params, optax.apply_updates(part, updates)),
     batch_stats={**state.batch_stats, "head": head_stats},
     opt_state=opt_state,
   )
@@ -384,8 +268,8 @@ def _init_fn(config, head, loaded: dict):
   head_shapes = jax.eval_shape(head_init, jax.random.PRNGKey(0))
   names = {"head": nn.meta.unbox(head_shapes["params"])}
   names.update({b: v["params"] for b, (_, v, _) in loaded.items()})
-  frozen, scales = param_groups(config, names)
-  tx = make_optimizer(config, scales)
+  frozen, scales = groups.param_groups(config, names)
+  tx = groups.make_optimizer(config, scales)
 
   def init(rng, variables):
     k_head, k_train = jax.random.split(rng)
@@ -399,7 +283,7 @@ def _init_fn(config, head, loaded: dict):
       step=jnp.zeros([], jnp.int32),
       params=params,
       batch_stats=stats,
-      opt_state=tx.init(trainable(params, frozen)),
+      opt_state=tx.init(groups.trainable(params, frozen)),
       rng=k_train,
     )
 
@@ -426,11 +310,7 @@ def programs(config, mesh) -> Programs:
   shardings = sharding.tree_shardings(
     abstract, mesh, sharding.logical_rules(config.mesh)
   )
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    nn.meta.unbox(abstract),
-    shardings,
-  )
+  abstract = with_shardings(abstract, shardings)
   init_jit = jax.jit(
     lambda r, v: nn.meta.unbox(init_boxed(r, v)), out_shardings=shardings
   )
@@ -449,21 +329,11 @@ def programs(config, mesh) -> Programs:
     eval_microbatches=config.finetune.eval_microbatches,
     mesh=mesh,
   )
-  batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train_fn = jax.jit(
+  train_fn, eval_fn = jit_steps(
     functools.partial(train_step, model, tx),
-    in_shardings=(shardings, batch, rep),
-    out_shardings=(shardings, rep),
-    donate_argnums=(0,),
-  )
-  var_shardings = {
-    "params": shardings.params,
-    "batch_stats": shardings.batch_stats,
-  }
-  eval_fn = jax.jit(
     functools.partial(eval_step, model),
-    in_shardings=(var_shardings, batch),
-    out_shardings=rep,
+    mesh,
+    shardings,
   )
   _PROGRAMS[key] = Programs(
     model,

@@ -44,7 +44,9 @@ from divita_jax.train_state import (  # noqa: F401 - public here too.
   Programs,
   TrainState,
   bce,
+  jit_steps,
   variables_of,
+  with_shardings,
 )
 
 # ------------------------------------------------------------ model, state
@@ -96,12 +98,7 @@ def state_shardings(config, model, tx, mesh, num_features: dict):
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   rules = sharding.logical_rules(config.mesh)
   shardings = sharding.tree_shardings(abstract, mesh, rules)
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    nn.meta.unbox(abstract),
-    shardings,
-  )
-  return init, abstract, shardings
+  return init, with_shardings(abstract, shardings), shardings
 
 
 def abstract_variables(config, num_features: dict) -> dict:
@@ -162,25 +159,12 @@ def eval_step(model, variables: dict, batch: dict):
 
 def compile_steps(model, tx, mesh, shardings):
   """(train_step, eval_step) jitted with explicit shardings; state donated."""
-  batch = sharding.batch_sharding(mesh)
-  rep = sharding.replicated(mesh)
-  train = jax.jit(
+  return jit_steps(
     functools.partial(train_step, model, tx),
-    in_shardings=(shardings, batch, rep),
-    out_shardings=(shardings, rep),
-    donate_argnums=(0,),
-  )
-  var_shardings = {
-    "params": shardings.params,
-    "batch_stats": shardings.batch_stats,
-  }
-  # Replicated output: every process sees every window's probabilities.
-  evaluate = jax.jit(
     functools.partial(eval_step, model),
-    in_shardings=(var_shardings, batch),
-    out_shardings=rep,
+    mesh,
+    shardings,
   )
-  return train, evaluate
 
 
 _PROGRAMS = {}

@@ -23,6 +23,7 @@ from divita_jax import (
   hosts,
   metrics,
   optim,
+  param_groups,
   predict,
   run,
   sharding,
@@ -161,7 +162,7 @@ def test_param_groups_freeze_and_layer_decay():
   c.finetune.backbone_lr_scale = 0.1
   _, variables, _ = extract.make_backbone(c, "video")
   params = {"head": {"w": np.zeros(2)}, "video": variables["params"]}
-  frozen, scale = finetune.param_groups(c, params)
+  frozen, scale = param_groups.param_groups(c, params)
   assert "video/embedding/kernel" in frozen
   assert "video/cls" in frozen
   assert any("encoderblock_0/" in n for n in frozen)
@@ -173,7 +174,7 @@ def test_param_groups_freeze_and_layer_decay():
   assert scale["video/Transformer/encoder_norm/scale"] == 0.1
   c.finetune.freeze = ("video/no_such_layer",)
   with pytest.raises(ValueError, match="no_such_layer"):
-    finetune.param_groups(c, params)
+    param_groups.param_groups(c, params)
 
 
 # ------------------------------------------------- the synthetic end to end
@@ -265,7 +266,7 @@ def test_finetuning_learns_and_keeps_frozen_layers(finetuned):
   moved = 0
   for b in ("image", "video"):
     _, start, _ = extract.make_backbone(c, b)
-    ids, _ = finetune.layer_ids(start["params"])
+    ids, _ = param_groups.layer_ids(start["params"])
     ids = _flat(ids)
     for name, x in _flat(start["params"]).items():
       if ids[name] == 0:
@@ -361,7 +362,7 @@ def test_warmup_cosine_schedule():
 def test_swin_patch_merging_follows_its_stage_blocks():
   _, _, spec = extract.make_backbone(_config("swin3d"), "video")
   module = backbone.module_from_spec(spec)
-  ids, num = finetune.layer_ids(backbone.abstract_params(module, spec))
+  ids, num = param_groups.layer_ids(backbone.abstract_params(module, spec))
   ids = _flat(ids)
   layer = lambda prefix: {v for k, v in ids.items() if k.startswith(prefix)}
   assert layer("stage_0/block_0/") == {1}
