@@ -1,6 +1,8 @@
 """Bad input: skipped trailers with reasons, malformed mtgc.csv, NaN reps."""
 
+import multiprocessing
 import os
+import time
 
 import av
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 import tfds_trailers12k
 from divita_jax import reps, shots
+from tests import worker_fns
 from tfds_trailers12k import dummy_data, mtgc
 from tfds_trailers12k import tfds_trailers12k_dataset_builder as builder_module
 
@@ -150,18 +153,49 @@ def test_raw_other_container_is_stored_as_mp4(tmp_path):
   assert stored.num_frames == ex["num_frames"]
 
 
-def _die_on_two(item):
-  if item == 2:
-    os._exit(3)  # Like a decoder segfault: the worker process is gone.
-  return item * 10
+def _pool_gone(before: set, timeout: float = 120.0):
+  """Waits until the pool's worker processes are gone: the pool is broken."""
+  deadline = time.monotonic() + timeout
+  while set(multiprocessing.active_children()) - before:
+    assert time.monotonic() < deadline, "the crash never broke the pool"
+    time.sleep(0.01)
+
+
+def _consume(items, crash_values, pause_after=None):
+  """map_in_pool's output; after result `pause_after` the consumer waits
+  until the crash has broken the pool, so the next submit meets a broken
+  pool (the window already holds the crash item)."""
+  before = set(multiprocessing.active_children())
+  out = builder_module.map_in_pool(
+    worker_fns.times_ten_or_die,
+    [(i, crash_values) for i in items],
+    2,
+    "test",
+    lambda item, detail: ("crash", item[0]),
+  )
+  got = []
+  for k, result in enumerate(out):
+    got.append(result)
+    if k == pause_after:
+      _pool_gone(before)
+  return got
+
+
+def _expected(items, crash_values):
+  return [("crash", i) if i in crash_values else i * 10 for i in items]
 
 
 def test_worker_crash_is_skipped_not_fatal():
-  out = builder_module.map_in_pool(
-    _die_on_two,
-    [0, 1, 2, 3, 4],
-    2,
-    "test",
-    lambda item, detail: ("crash", item),
-  )
-  assert list(out) == [0, 10, ("crash", 2), 30, 40]
+  # Item 2 kills its worker while the consumer holds result 0; the next
+  # submit (item 4) then meets the broken pool. Item 4 was once lost here.
+  assert _consume(range(5), (2,), pause_after=0) == _expected(range(5), (2,))
+
+
+def test_every_item_comes_back_once_whatever_the_crash_position():
+  items = range(6)
+  for crash in [(c,) for c in items] + [(1, 4), (0, 5)]:
+    # The window holds 4 items: pause while the crash item is in flight.
+    pauses = [None] + list(range(max(0, min(crash) - 3), min(crash)))
+    for pause_after in pauses:
+      got = _consume(items, crash, pause_after)
+      assert got == _expected(items, crash), (crash, pause_after)

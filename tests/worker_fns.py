@@ -15,3 +15,11 @@ def crash_once(item):
 
 def always_crash(item):
   os._exit(3)
+
+
+def times_ten_or_die(item):
+  """item = (value, crash_values): dies on a crash value, else value * 10."""
+  value, crash_values = item
+  if value in crash_values:
+    os._exit(3)  # Like a decoder segfault: the worker process is gone.
+  return value * 10

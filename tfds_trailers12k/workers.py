@@ -103,7 +103,9 @@ def map_in_pool(fn, items: list, num_workers: int, desc: str, crashed):
   """Ordered map of `fn` over worker processes, with a trailers/s bar.
 
   `crashed(item, detail)` is the result for an item that killed two fresh
-  workers in a row. num_workers 0 = all cores; 1 = in process.
+  workers in a row. num_workers 0 = all cores; 1 = in process. Every item
+  comes back exactly once, in order (a result or `crashed`), whenever a
+  worker dies: an item is always in `todo` or `pending`.
   """
   workers = num_workers or multiprocessing.cpu_count()
   workers = max(1, min(workers, len(items)))
@@ -123,8 +125,10 @@ def map_in_pool(fn, items: list, num_workers: int, desc: str, crashed):
       try:
         while todo or pending:
           while todo and len(pending) < 2 * workers:
-            item = todo.popleft()
-            pending.append((item, _submit(pool, fn, item)))
+            # Taken from `todo` only once submitted: a pool that broke
+            # meanwhile raises here with the item still in `todo`.
+            future = _submit(pool, fn, todo[0])
+            pending.append((todo.popleft(), future))
           result = pending[0][1].result()
           pending.popleft()
           yield result
