@@ -57,7 +57,6 @@ import tfds_trailers12k
 from divita_jax import (
   extract,
   finetune,
-  genres,
   hosts,
   rep_pipeline,
   run,
@@ -65,6 +64,7 @@ from divita_jax import (
 )
 from divita_jax.configs import divita as divita_config
 from divita_jax.models import swin, vit
+from tfds_trailers12k import genres
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # tests.torch_reference, tests.test_divita_head.

@@ -3,7 +3,7 @@ r"""Shot detection speed vs decode-only and vs the PySceneDetect CLI.
 Generates (once, cached) a trailer-like H.264 video of synthetic scenes
 (1080p by default), then times on the same file, in this process:
   decode    PyAV threaded decode of every frame, no conversion (the floor);
-  ours      divita_jax.shots.detect_shots (one decode, swscale shrink+BGR,
+  ours      tfds_trailers12k.shots.detect_shots (one decode, swscale shrink+BGR,
             ContentDetector's score, flash filter) with its defaults;
   cli       `python -m scenedetect -i VIDEO list-scenes` with the CLI's
             default settings (default detector, OpenCV backend), run by
@@ -35,8 +35,7 @@ from scenedetect.common import FrameTimecode
 from scenedetect.detectors import ContentDetector
 from scenedetect.detectors.content_detector import _mean_pixel_distance
 
-from divita_jax import shots
-from tfds_trailers12k import synthetic
+from tfds_trailers12k import shots, synthetic
 
 DECODE = "decode only (PyAV, threaded)"
 OURS = "ours: detect_shots (content)"
@@ -196,7 +195,7 @@ def breakdown(path: str, n: int, t_dec: float, cpu_dec: float, count=150):
   print(
     f"\nWhere a frame's time goes (CPU ms per frame, best of 7 rounds over "
     f"{len(frames)} frames). Before: to_ndarray (new swscale context per "
-    "frame) + PySceneDetect's ContentDetector; after: divita_jax.shots. "
+    "frame) + PySceneDetect's ContentDetector; after: tfds_trailers12k.shots. "
     "'The rest' is a difference: noise can make it slightly negative.\n"
   )
   print("| stage | before | after |\n|---|---|---|")

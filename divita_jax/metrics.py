@@ -16,7 +16,7 @@ reference would return NaN; every Trailers12k trailer has a genre).
 
 import numpy as np
 
-from divita_jax.genres import NUM_GENRES, SHORT_NAMES
+from tfds_trailers12k.genres import NUM_GENRES, SHORT_NAMES
 
 
 def _curve_counts(scores, labels):

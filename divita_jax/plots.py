@@ -14,7 +14,8 @@ if "inline" not in matplotlib.get_backend():
   matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from divita_jax import genres, video  # noqa: E402
+from divita_jax import video  # noqa: E402
+from tfds_trailers12k import genres
 
 
 def _save(fig, out: str | None):

@@ -30,17 +30,15 @@ from divita_jax import (
   evaluate,
   extract,
   finetune,
-  genres,
   report,
   reps,
   sharding,
-  shots,
   train,
-  transcode,
   video,
 )
 from divita_jax import run as run_lib
 from divita_jax.configs.divita import get_config
+from tfds_trailers12k import genres, shots, transcode
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
 # Per-file failures: bad videos, missing files and decoder errors.

@@ -7,7 +7,8 @@ import os
 
 import numpy as np
 
-from divita_jax import atomic, genres
+from divita_jax import atomic
+from tfds_trailers12k import genres
 
 METRIC_COLUMNS = ("uap", "map", "wap", "sap") + genres.SHORT_NAMES
 HEADER = ("fold", "epoch") + METRIC_COLUMNS

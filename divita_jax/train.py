@@ -32,7 +32,6 @@ from divita_jax import (
   checkpoints,
   evaluate,
   finetune,
-  genres,
   hosts,
   optim,
   rep_pipeline,
@@ -48,6 +47,7 @@ from divita_jax.train_state import (  # noqa: F401 - public here too.
   variables_of,
   with_shardings,
 )
+from tfds_trailers12k import genres
 
 # ------------------------------------------------------------ model, state
 

@@ -25,17 +25,10 @@ from collections.abc import Iterator
 import av
 import numpy as np
 
+from tfds_trailers12k.shots import VideoError
+
 SEGMENTATIONS = ("shots", "fixed")
 PLACEMENTS = ("center", "start", "uniform")
-
-
-class VideoError(ValueError):
-  """A video that cannot be decoded or sampled; names the trailer and why."""
-
-  def __init__(self, trailer_id: str, reason: str):
-    super().__init__(f"trailer {trailer_id!r}: {reason}")
-    self.trailer_id = trailer_id
-    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
-from divita_jax import reps, shots
+from divita_jax import reps
 from tests import worker_fns
-from tfds_trailers12k import dummy_data, mtgc
+from tfds_trailers12k import dummy_data, mtgc, shots
 from tfds_trailers12k import tfds_trailers12k_dataset_builder as builder_module
 
 

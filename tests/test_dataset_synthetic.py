@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
-from divita_jax.genres import NUM_GENRES
 from tfds_trailers12k import synthetic
+from tfds_trailers12k.genres import NUM_GENRES
 
 
 def test_labels_and_folds_like_trailers12k():

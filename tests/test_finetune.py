@@ -19,7 +19,6 @@ from divita_jax import (
   checkpoints,
   extract,
   finetune,
-  genres,
   hosts,
   metrics,
   optim,
@@ -32,6 +31,7 @@ from divita_jax import (
 from divita_jax import train_state as ts
 from divita_jax.configs import divita as divita_config
 from divita_jax.models import backbone
+from tfds_trailers12k import genres
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (kind, variant, resolution): tiny clip backbones.

@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from divita_jax import metrics
-from divita_jax.genres import SHORT_NAMES
+from tfds_trailers12k.genres import SHORT_NAMES
 
 
 def sk_pr_auc(scores, labels):

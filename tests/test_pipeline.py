@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
-from divita_jax import genres, metrics, report
+from divita_jax import metrics, report
+from tfds_trailers12k import genres
 
 pytestmark = pytest.mark.xdist_group("pipeline")
 

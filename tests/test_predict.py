@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
-from divita_jax import genres, predict
+from divita_jax import predict
+from tfds_trailers12k import genres
 
 pytestmark = pytest.mark.xdist_group("pipeline")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from divita_jax import genres, report
+from divita_jax import report
+from tfds_trailers12k import genres
 
 
 def _fold_result(seed):

@@ -12,8 +12,7 @@ from scenedetect.common import FrameTimecode
 from scenedetect.detectors import AdaptiveDetector, ContentDetector
 from scenedetect.stats_manager import StatsManager
 
-from divita_jax import shots
-from tfds_trailers12k import dummy_data, synthetic
+from tfds_trailers12k import dummy_data, shots, synthetic
 
 # Small frames and many hard cases (dissolves, fades, flashes) per trailer.
 HARD = dataclasses.replace(

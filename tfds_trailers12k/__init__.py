@@ -19,8 +19,8 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
-from divita_jax.genres import NUM_FOLDS, NUM_GENRES, SUBSETS
 from tfds_trailers12k import lock
+from tfds_trailers12k.genres import NUM_FOLDS, NUM_GENRES, SUBSETS
 from tfds_trailers12k.tfds_trailers12k_dataset_builder import (
   Trailers12k,
   Trailers12kConfig,

@@ -1,6 +1,6 @@
 """Trailers12k annotation files: `mtgc.csv` and the optional `metadata.json`.
 
-`mtgc.csv`: header `mid,<10 genres in divita_jax.genres order>,split0,
+`mtgc.csv`: header `mid,<10 genres in tfds_trailers12k.genres order>,split0,
 split1,split2`; genre cells 0/1; split cells 0 (train), 1 (validation),
 2 (test) for each of the three folds. Any malformed cell stops the build
 with an error naming the line (1 = header) and the column.
@@ -13,7 +13,7 @@ import json
 import numpy as np
 from etils import epath
 
-from divita_jax.genres import GENRES, NUM_FOLDS
+from tfds_trailers12k.genres import GENRES, NUM_FOLDS
 
 SPLIT_COLUMNS = tuple(f"split{f}" for f in range(NUM_FOLDS))
 COLUMNS = ("mid",) + GENRES + SPLIT_COLUMNS

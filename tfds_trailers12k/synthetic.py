@@ -20,8 +20,8 @@ import av
 import cv2
 import numpy as np
 
-from divita_jax import shots as shots_lib
-from divita_jax.genres import GENRES, NUM_FOLDS, NUM_GENRES
+from tfds_trailers12k import shots as shots_lib
+from tfds_trailers12k.genres import GENRES, NUM_FOLDS, NUM_GENRES
 
 # Per genre: hue (0-1), saturation, brightness, grating cycles per frame
 # width, phase speed (cycles per frame; small so motion is not a cut), mean

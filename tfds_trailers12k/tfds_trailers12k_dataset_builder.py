@@ -20,9 +20,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from divita_jax import shots, transcode
-from divita_jax.genres import NUM_FOLDS, NUM_GENRES
-from tfds_trailers12k import mtgc, prepared, synthetic
+from tfds_trailers12k import mtgc, prepared, shots, synthetic, transcode
+from tfds_trailers12k.genres import NUM_FOLDS, NUM_GENRES
 from tfds_trailers12k.workers import map_in_pool
 
 RETRY_SKIPPED_ENV = "TRAILERS12K_RETRY_SKIPPED"

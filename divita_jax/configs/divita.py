@@ -32,7 +32,7 @@ Any field can be overridden, e.g. `--config.model.cam=gru_1_115`.
 
 import ml_collections
 
-from divita_jax import genres, shots
+from tfds_trailers12k import genres, shots
 
 
 def parse_variants(arg: str | None) -> set[str]:
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.data_dir = ""  # TFDS data_dir; "" = <workdir>/tfds.
   c.dataset.manual_dir = ""  # raw / reps: mtgc.csv + videos/ or zarr groups.
   c.dataset.num_trailers = 96  # synthetic only: trailers to generate.
-  # Shot detection at build time (divita_jax/shots.py), synthetic and raw.
+  # Shot detection at build time (tfds_trailers12k/shots.py), synthetic and raw.
   c.dataset.detector = "content"  # content | adaptive (PySceneDetect).
   c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0).
   # Frames; shorter shots merge into neighbours.

@@ -29,9 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from divita_jax.genres import NUM_GENRES
 from divita_jax.models.axes import logical
 from divita_jax.models.cams import ConvCAM, GruCAM, TsfmCAM, dense, masked_mean
+from tfds_trailers12k.genres import NUM_GENRES
 
 _CAM_FORMS = {
   "tsfm": "tsfm or tsfm_<hidden>_<heads>_<ffmult>_<dropout>",

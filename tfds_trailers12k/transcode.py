@@ -14,7 +14,7 @@ import av
 import numpy as np
 from etils import epath
 
-from divita_jax import shots as shots_lib
+from tfds_trailers12k import shots as shots_lib
 
 
 def _even(x: float) -> int:
@@ -78,7 +78,7 @@ def _reencode(path: str, name: str, height: int, fps: float, s: dict):
 def process(path: str, name: str, height: int, fps: float, s: dict):
   """(mp4 bytes, VideoShots) of one file; raises VideoError on bad input.
 
-  `s`: keyword arguments of `divita_jax.shots.analyze` (detector,
+  `s`: keyword arguments of `tfds_trailers12k.shots.analyze` (detector,
   threshold, min_shot_len, downscale, max_flash_len).
   """
   if height or fps:

@@ -40,7 +40,6 @@ from av.video.format import VideoFormat
 from av.video.reformatter import Interpolation, VideoReformatter
 
 # One error type for unusable videos across decoding, sampling and detection.
-from divita_jax.video import VideoError  # noqa: F401 - re-exported.
 
 # Default threshold per detector: ContentDetector's `threshold` (mean HSV
 # change) and AdaptiveDetector's `adaptive_threshold` (score / local mean).
@@ -62,6 +61,15 @@ _ADAPTIVE_MIN_SCORE = 15.0
 _BATCH = 4
 _MAX_QUEUED = 2
 _BGR24 = VideoFormat("bgr24")
+
+
+class VideoError(ValueError):
+  """A video that cannot be decoded or sampled; names the trailer and why."""
+
+  def __init__(self, trailer_id: str, reason: str):
+    super().__init__(f"trailer {trailer_id!r}: {reason}")
+    self.trailer_id = trailer_id
+    self.reason = reason
 
 
 @dataclasses.dataclass
