@@ -56,14 +56,14 @@ from loadavg import Watch
 import tfds_trailers12k
 from divita_jax import (
   extract,
-  finetune,
   hosts,
-  rep_pipeline,
   run,
   sharding,
 )
 from divita_jax.configs import divita as divita_config
 from divita_jax.models import swin, vit
+from divita_jax.pipelines import reps
+from divita_jax.trainers import finetune
 from tfds_trailers12k import genres
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,7 +318,7 @@ def data_wait(c, step: JaxStep, data, args) -> dict:
   time with input; then the input pipeline alone (clips/s)."""
   train, _ = finetune.fold_data(c, *data)
   clips = c.train.batch_size * c.finetune.clips_per_trailer
-  it = rep_pipeline.iterate(train.dataset)
+  it = reps.iterate(train.dataset)
   for _ in range(args.data_warmup):  # Start-up, prefetch buffer at rest.
     step(hosts.global_batch(next(it), step.mesh))
   wait, start = 0.0, time.perf_counter()
@@ -331,7 +331,7 @@ def data_wait(c, step: JaxStep, data, args) -> dict:
   total = time.perf_counter() - start
   getattr(it, "close", lambda: None)()
   del it
-  it = rep_pipeline.iterate(train.dataset)  # Alone: nothing beside it.
+  it = reps.iterate(train.dataset)  # Alone: nothing beside it.
   next(it)
   t = time.perf_counter()
   for _ in range(args.data_steps):

@@ -25,9 +25,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from divita_jax import extract, hosts, reps, sharding, train
+from divita_jax import extract, hosts, sharding
 from divita_jax.configs import divita
 from divita_jax.models import attention, backbone
+from divita_jax.pipelines import stores
+from divita_jax.trainers import loop
 
 # (name, factory(dtype, tiny) -> (module, variables, spec, kind, batch)).
 # The lead adds Swin and the ConvNets here as they land.
@@ -141,7 +143,7 @@ def _write_problem(root: str, n: int = 40, d: int = 16) -> tuple:
   labels = (rng.uniform(size=(n, 10)) < 0.3).astype(np.int32)
   means = rng.normal(size=(10, d))
   ids = [f"tt{i:04d}" for i in range(n)]
-  readers = {b: reps.NpyStore(root, b) for b in ("image", "video")}
+  readers = {b: stores.NpyStore(root, b) for b in ("image", "video")}
   for i, tid in enumerate(ids):
     for store in readers.values():
       store.write(tid, labels[i] @ means + rng.normal(size=(8, d)))
@@ -159,13 +161,13 @@ def head_compiles() -> tuple[int, int, float]:
   with tempfile.TemporaryDirectory() as root:
     readers, ids, labels, split = _write_problem(os.path.join(root, "reps"))
     start = time.perf_counter()
-    train.train_fold(
+    loop.train_fold(
       config, os.path.join(root, "fold0"), readers, ids, labels, split, 0
     )
     seconds = time.perf_counter() - start
     num_features = {b: r.num_features for b, r in readers.items()}
   mesh = sharding.make_mesh(config.mesh)
-  p = train.programs(config, mesh, num_features)  # The cached programs.
+  p = loop.programs(config, mesh, num_features)  # The cached programs.
   return p.train_step._cache_size(), p.eval_step._cache_size(), seconds
 
 

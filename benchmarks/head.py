@@ -10,7 +10,7 @@ per trailer), then measures:
   32, windows of 30 clips) fed by `rep_pipeline`, each input path in a
   fresh process so memory peaks do not mix: `preload` (the run's default:
   every trailer read once into one buffer per branch), `stream` (zarr read
-  per batch in grain worker processes, `rep_pipeline.default_workers()`
+  per batch in grain worker processes, `reps.default_workers()`
   unless --workers), `threads` (zarr read per batch in this process) and
   `zarr-api` (the same through zarr-python's API, the path before the
   direct chunk decode).
@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from divita_jax import reps
+from divita_jax.pipelines import stores
 
 BRANCHES = ("image", "video")
 MODES = ("preload", "stream", "threads", "zarr-api")
@@ -104,15 +104,17 @@ def measure(args) -> dict:
   """One input path in this (fresh) process: memory and one epoch."""
   import jax
 
-  from divita_jax import hosts, rep_pipeline, sharding, train
+  from divita_jax import hosts, sharding
   from divita_jax.configs import divita as divita_config
+  from divita_jax.pipelines import reps
+  from divita_jax.trainers import loop
 
   config = divita_config.get_config()
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   ids = _ids(args.trailers)
   labels = np.random.default_rng(1).random((len(ids), 10)) < 0.3
-  p = train.programs(config, mesh, {b: args.features for b in BRANCHES})
+  p = loop.programs(config, mesh, {b: args.features for b in BRANCHES})
   state = p.init(jax.random.PRNGKey(0))
   lr = np.float32(1e-4)
   shape = (tc.batch_size, tc.num_clips)
@@ -123,15 +125,15 @@ def measure(args) -> dict:
   for _ in range(2):  # Compiles outside the timings and the base RSS.
     state, loss = p.train_step(state, hosts.global_batch(dummy, mesh), lr)
   loss.block_until_ready()
-  store = ZarrApi if args.child == "zarr-api" else reps.ZarrStore
+  store = ZarrApi if args.child == "zarr-api" else stores.ZarrStore
   readers = {b: store(_group(args.dir, b)) for b in BRANCHES}
   base_kb = _status_kb("VmRSS")  # Before any representation is loaded.
   start = time.perf_counter()
   if args.child == "preload":
-    readers = rep_pipeline.preload(readers, ids)
+    readers = reps.preload(readers, ids)
   load_s = time.perf_counter() - start
   workers = args.workers if args.child == "stream" else 0
-  data = rep_pipeline.train_data(
+  data = reps.train_data(
     readers,
     ids,
     labels,
@@ -143,7 +145,7 @@ def measure(args) -> dict:
     num_workers=workers,
   )
   epoch_s, waits, workers_kb = _epoch(p, mesh, data, state, args.threads)
-  used = rep_pipeline._WORKERS.get(data.dataset, 0)
+  used = reps._WORKERS.get(data.dataset, 0)
   return dict(
     mode=args.child,
     workers=used,
@@ -162,12 +164,13 @@ def measure(args) -> dict:
 def _epoch(p, mesh, data, state, threads):
   """(epoch s, [wait s per step], workers' peak RSS kB); every step
   synchronised."""
-  from divita_jax import hosts, rep_pipeline
+  from divita_jax import hosts
+  from divita_jax.pipelines import reps
 
   lr = np.float32(1e-4)
   waits, workers_kb = [], 0
   start = time.perf_counter()
-  it = rep_pipeline.iterate(data.dataset, num_threads=threads)
+  it = reps.iterate(data.dataset, num_threads=threads)
   for step in range(data.steps_per_epoch):
     t = time.perf_counter()
     batch = next(it)
@@ -185,10 +188,10 @@ def _epoch(p, mesh, data, state, threads):
 
 def pipeline_alone(data, threads: int, steps: int = 30) -> float:
   """Examples/s of the input alone (after its first batch)."""
-  from divita_jax import rep_pipeline
+  from divita_jax.pipelines import reps
 
   steps = min(steps, data.steps_per_epoch - 1)
-  it = rep_pipeline.iterate(data.dataset, num_threads=threads)
+  it = reps.iterate(data.dataset, num_threads=threads)
   next(it)
   start = time.perf_counter()
   for _ in range(steps):
@@ -199,7 +202,7 @@ def pipeline_alone(data, threads: int, steps: int = 30) -> float:
   return ex_s
 
 
-class ZarrApi(reps.ZarrStore):
+class ZarrApi(stores.ZarrStore):
   """Every read through zarr-python (the path before the direct decode)."""
 
   def _read_chunk(self, trailer_id):

@@ -1,7 +1,7 @@
 """Evaluation of the head: trailer probabilities from eval windows.
 
 Each trailer is cut into consecutive windows of `num_clips` clips
-(rep_pipeline.eval_data); its probabilities are the mean of its windows'
+(reps.eval_data); its probabilities are the mean of its windows'
 sigmoid probabilities (the reference's `mean_snippets`).
 
 Validation loss (drives reduce-on-plateau, early stopping and the best
@@ -14,8 +14,9 @@ The two can pick different epochs.
 import jax
 import numpy as np
 
-from divita_jax import hosts, rep_pipeline, sharding
+from divita_jax import hosts, sharding
 from divita_jax import metrics as metrics_lib
+from divita_jax.pipelines import reps
 
 
 def window_outputs(eval_fn, variables, data, mesh, branches) -> dict:
@@ -26,7 +27,7 @@ def window_outputs(eval_fn, variables, data, mesh, branches) -> dict:
   mapping back to trailers does not depend on where the mesh places each
   process's rows (TPU slices interleave processes along the data axis).
   """
-  it = rep_pipeline.iterate(data.dataset)
+  it = reps.iterate(data.dataset)
   keys = (*branches, "mask", "labels", "trailer")
   out = []
   for _ in range(data.num_steps):
@@ -102,7 +103,7 @@ def predict_probs(config, programs, variables, readers: dict, ids):
     {"params": p.shardings.params, "batch_stats": p.shardings.batch_stats},
   )
   labels = np.zeros((len(ids), config.model.num_classes), np.float32)
-  data = rep_pipeline.eval_data(
+  data = reps.eval_data(
     readers,
     list(ids),
     labels,

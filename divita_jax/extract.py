@@ -32,8 +32,9 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from divita_jax import atomic, hosts, input_pipeline, reps, video
+from divita_jax import atomic, hosts, video
 from divita_jax.models import backbone
+from divita_jax.pipelines import extraction, stores
 
 FRAME_POOLINGS = ("mean", "center")
 # Batches dispatched and not yet fetched: one computes while the next is
@@ -311,7 +312,7 @@ def _record_skipped(store_root: str, skipped: list[dict]) -> None:
 
 def extract(
   config: ml_collections.ConfigDict, source, ids: list[str], store_root: str
-) -> dict[str, reps.NpyStore]:
+) -> dict[str, stores.NpyStore]:
   """Extracts the representations of every branch; returns the stores.
 
   Args:
@@ -322,7 +323,7 @@ def extract(
   """
   branches = tuple(config.model.branches)
   stores = {
-    b: reps.NpyStore(store_root, backbone_tag(config, b)) for b in branches
+    b: stores.NpyStore(store_root, backbone_tag(config, b)) for b in branches
   }
   # Before looking at this process's share: loading a converted checkpoint
   # ends in a barrier of all processes, also those with nothing left.
@@ -354,7 +355,7 @@ def extract(
 
 
 def _loader(config, source, todo, resolution, center_frame_only):
-  return input_pipeline.clip_loader(
+  return extraction.clip_loader(
     source,
     np.asarray(todo, np.int64),
     clip_kwargs=video.sample_kwargs(config.clips, resolution),

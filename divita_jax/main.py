@@ -102,7 +102,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   std_logging.getLogger().addFilter(_QuietLibraries())
   initialize_distributed()
-  from divita_jax import checkpoints, run, workdir
+  from divita_jax import run, workdir
+  from divita_jax.trainers import checkpoints
 
   print(f"Config:\n{_config_yaml(FLAGS.config)}", flush=True)
   try:

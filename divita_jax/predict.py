@@ -7,7 +7,7 @@ r"""Genres of your own trailer files, with a trained DIViTA run.
 Every file goes through what the run's dataset and evaluation did: shot
 detection with the dataset builder's settings (and its re-encoding, for raw
 builds), clip sampling, the run's frozen backbones and normalization, then
-the fold's best head over all windows of `train.num_clips` clips, averaged
+the fold's best head over all windows of `loop.num_clips` clips, averaged
 (`evaluate.predict_probs`). A file that fails is reported and skipped; the
 exit code is 1 if any did.
 """
@@ -26,18 +26,16 @@ from tqdm import tqdm
 
 import tfds_trailers12k
 from divita_jax import (
-  checkpoints,
   evaluate,
   extract,
-  finetune,
   report,
-  reps,
   sharding,
-  train,
   video,
 )
 from divita_jax import run as run_lib
 from divita_jax.configs.divita import get_config
+from divita_jax.pipelines import stores
+from divita_jax.trainers import checkpoints, finetune, loop
 from tfds_trailers12k import genres, shots, transcode
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
@@ -117,7 +115,7 @@ def load_run(workdir: str, fold: int = 0) -> Run:
   else:
     variables, tuned = (
       checkpoints.load_best(
-        fold_dir, lambda nf: train.abstract_variables(config, nf)
+        fold_dir, lambda nf: loop.abstract_variables(config, nf)
       )[0],
       {},
     )
@@ -139,7 +137,7 @@ def _finetuned(config, fold_dir: str) -> tuple[dict, dict]:
   best checkpoint."""
   p = finetune.programs(config, sharding.make_mesh(config.mesh))
   variables, _ = checkpoints.load_best(
-    fold_dir, lambda _: train.variables_of(p.abstract)
+    fold_dir, lambda _: loop.variables_of(p.abstract)
   )
   variables = jax.device_get(variables)
   params, stats = variables["params"], variables["batch_stats"]
@@ -226,10 +224,10 @@ def head_probs(run: Run, items: list[dict]) -> np.ndarray:
   """The head over every window of every item, averaged: [len, classes]."""
   keys = [str(i) for i in range(len(items))]  # File stems may repeat.
   readers = {
-    b: reps.MemoryStore({k: it["features"][b] for k, it in zip(keys, items)})
+    b: stores.MemoryStore({k: it["features"][b] for k, it in zip(keys, items)})
     for b in run.config.model.branches
   }
-  programs = lambda nf: train.programs(
+  programs = lambda nf: loop.programs(
     run.config, sharding.make_mesh(run.config.mesh), nf
   )
   return evaluate.predict_probs(

@@ -19,12 +19,11 @@ import tfds_trailers12k
 from divita_jax import (
   extract,
   hosts,
-  rep_pipeline,
   report,
-  reps,
-  train,
 )
 from divita_jax import workdir as workdir_lib
+from divita_jax.pipelines import reps, stores
+from divita_jax.trainers import loop
 
 
 def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -97,7 +96,8 @@ def representation_readers(config, workdir, builder, index) -> dict:
       raise ValueError(f"The reps dataset needs {', '.join(missing)}.")
     manual_dir = config.dataset.manual_dir or ""  # Absolute paths stay.
     return {
-      b: reps.ZarrStore(os.path.join(manual_dir, g)) for b, g in groups.items()
+      b: stores.ZarrStore(os.path.join(manual_dir, g))
+      for b, g in groups.items()
     }
   store_root = config.reps.dir or os.path.join(workdir, "reps")
   stores = extract.extract(
@@ -129,7 +129,7 @@ def _representations(config, workdir, builder, index):
       "%d trailers have no representations (skipped).", int((~keep).sum())
     )
   kept_ids = [i for i, k in zip(index["ids"], keep) if k]
-  return rep_pipeline.preload(readers, kept_ids), keep
+  return reps.preload(readers, kept_ids), keep
 
 
 def _rounded(metrics: dict) -> dict:
@@ -148,7 +148,7 @@ def run_fold(config, workdir, readers, index, keep, fold) -> dict:
     with open(out) as f:
       return json.load(f)
   ids = [i for i, k in zip(index["ids"], keep) if k]
-  result = train.train_fold(
+  result = loop.train_fold(
     config,
     os.path.join(workdir, f"fold{fold}"),
     readers,

@@ -22,8 +22,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from divita_jax import atomic, clip_pipeline, finetune, sharding
+from divita_jax import atomic, sharding
 from divita_jax.models import remat
+from divita_jax.pipelines import clips
+from divita_jax.trainers import finetune
 
 CONFIG_FILE = "config.json"
 # Fields (dotted, fnmatch patterns) that cannot change results.
@@ -218,7 +220,7 @@ def _check_finetune(config, mesh) -> None:
         f"({rows}) x config.finetune.microbatches ({f.microbatches})."
       )
   try:
-    clip_pipeline.check_augment(f.augment.to_dict())
+    clips.check_augment(f.augment.to_dict())
   except ValueError as e:
     raise WorkdirError(f"config.finetune.augment: {e}") from e
   eval_rows = config.train.eval_batch_size

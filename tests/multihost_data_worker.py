@@ -17,8 +17,9 @@ import multihost_common
 workdir, out, num_processes, process_id, port = sys.argv[1:6]
 multihost_common.start(int(num_processes), int(process_id), port, 2)
 
-from divita_jax import reps, run  # noqa: E402
+from divita_jax import run  # noqa: E402
 from divita_jax.configs import divita  # noqa: E402
+from divita_jax.pipelines import stores  # noqa: E402
 from tfds_trailers12k import prepared  # noqa: E402
 
 saved, written = [], []
@@ -33,7 +34,7 @@ def spy(method, log):
 
 
 prepared.PreparedExamples.save = spy(prepared.PreparedExamples.save, saved)
-reps.NpyStore.write = spy(reps.NpyStore.write, written)
+stores.NpyStore.write = spy(stores.NpyStore.write, written)
 
 
 def main():

@@ -19,12 +19,13 @@ def main():
   multihost_common.start(int(num_processes), int(process_id), port, 1)
   from jax.experimental import multihost_utils
 
-  from divita_jax import extract, reps
+  from divita_jax import extract
+  from divita_jax.pipelines import stores
   from tests import test_extract_multihost as t
 
   written = []
-  write = reps.NpyStore.write
-  reps.NpyStore.write = lambda self, i, a: (
+  write = stores.NpyStore.write
+  stores.NpyStore.write = lambda self, i, a: (
     written.append(i) or write(self, i, a)
   )
   extract.extract(t.config(root), t.source(), t.IDS, os.path.join(root, "reps"))

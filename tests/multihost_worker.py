@@ -18,8 +18,10 @@ jax = multihost_common.start(
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from divita_jax import checkpoints, reps, sharding, train  # noqa: E402
+from divita_jax import sharding  # noqa: E402
 from divita_jax.configs import divita  # noqa: E402
+from divita_jax.pipelines import stores  # noqa: E402
+from divita_jax.trainers import checkpoints, loop  # noqa: E402
 
 INTERLEAVE = os.environ.get("DIVITA_TEST_INTERLEAVE") == "1"
 
@@ -43,7 +45,7 @@ if INTERLEAVE:  # Every module reads sharding.make_mesh at call time.
 def main():
   problem = np.load(os.path.join(store, "problem.npz"))
   ids = [str(i) for i in problem["ids"]]
-  readers = {b: reps.NpyStore(store, b) for b in ("image", "video")}
+  readers = {b: stores.NpyStore(store, b) for b in ("image", "video")}
   config = divita.get_config()
   config.model.cam = "tsfm_16_4_2_0.1"
   config.mesh.shape = (-1, 2)  # 2 x 2 over 4 devices, whatever the hosts.
@@ -58,13 +60,13 @@ def main():
   config.train.learning_rate = 3e-3
   config.train.max_epochs = max_epochs
   try:
-    result = train.train_fold(
+    result = loop.train_fold(
       config, workdir, readers, ids, problem["labels"], problem["split"], 0
     )
   except checkpoints.Preempted as e:
     sys.exit(128 + e.signum)  # What main.py does.
   variables, _ = checkpoints.load_best(
-    workdir, lambda nf: train.abstract_variables(config, nf)
+    workdir, lambda nf: loop.abstract_variables(config, nf)
   )
   params = multihost_utils.process_allgather(variables["params"], tiled=True)
   flat = {

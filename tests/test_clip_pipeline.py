@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from divita_jax import clip_pipeline, rep_pipeline, video
+from divita_jax import video
+from divita_jax.pipelines import clips, reps
 from tests.test_input_pipeline import record
 
 CLIPS = {
@@ -54,7 +55,7 @@ def train(source, indices=None, **kw):
     "augment": NO_AUGMENT,
   } | kw
   indices = np.arange(len(source)) if indices is None else indices
-  return clip_pipeline.train_data(source, ids, labels, indices, **kw)
+  return clips.train_data(source, ids, labels, indices, **kw)
 
 
 def evaluation(source, **kw):
@@ -65,9 +66,7 @@ def evaluation(source, **kw):
     "num_clips": 2,
     "global_batch_size": 4,
   } | kw
-  return clip_pipeline.eval_data(
-    source, ids, labels, np.arange(len(source)), **kw
-  )
+  return clips.eval_data(source, ids, labels, np.arange(len(source)), **kw)
 
 
 _REFERENCE = {}
@@ -126,7 +125,7 @@ def test_train_batches_hold_the_seeded_windows(source):
   assert b["labels"].dtype == b["weight"].dtype == np.float32
   for step, b in enumerate(out):
     epoch = step // 4
-    order = rep_pipeline._epoch_order(5, epoch, 8, 8)
+    order = reps._epoch_order(5, epoch, 8, 8)
     for row, i in enumerate(order[step % 4 * 2 :][:2]):
       n = 1 + i % 6  # Clips of trailer i.
       rng = np.random.default_rng((5, epoch, 1, int(i)))
@@ -145,7 +144,7 @@ def test_same_seed_same_batches_and_resume(source):
   assert any(
     not np.array_equal(a["video"], b["video"]) for a, b in zip(first, other)
   )
-  it = rep_pipeline.iterate(data.dataset, state={"next_index": 5})
+  it = reps.iterate(data.dataset, state={"next_index": 5})
   assert_same([next(it) for _ in range(3)], first[5:])
   it.close()
 
@@ -282,7 +281,7 @@ def test_failing_video_weight_zero_in_training(source, caplog):
 
 def test_eval_windows_cover_every_clip_once(source):
   data = evaluation(source)
-  counts = clip_pipeline.clip_counts(source, np.arange(8), CLIPS)
+  counts = clips.clip_counts(source, np.arange(8), CLIPS)
   np.testing.assert_array_equal(counts, [1 + i % 6 for i in range(8)])
   assert data.num_steps == 4 and len(data.windows) == 16  # 14 + 2 pad.
   out = batches(data)
@@ -303,8 +302,8 @@ def test_eval_windows_cover_every_clip_once(source):
       count = int(b["mask"][row].sum())
       check_window(source, b, row, i, start, count)
       seen[i] += range(start, start + count)
-  for i, clips in seen.items():
-    assert clips == list(range(counts[i]))
+  for i, got in seen.items():
+    assert got == list(range(counts[i]))
   # Two processes' rows concatenate to the one-process batch.
   parts = [
     batches(evaluation(source, process_index=p, process_count=2))
@@ -328,8 +327,8 @@ def test_failing_video_raises_in_eval(source):
 def test_worker_processes_equal_threads(source):
   want = batches(train(source, augment=AUGMENT), 4)
   data = train(source, augment=AUGMENT, num_workers=1)
-  it = rep_pipeline.iterate(data.dataset, state={"next_index": 1})
-  assert isinstance(it, rep_pipeline._WorkerIterator)
+  it = reps.iterate(data.dataset, state={"next_index": 1})
+  assert isinstance(it, reps._WorkerIterator)
   got = [next(it) for _ in range(3)]
   it.close()
   assert_same(got, want[1:])

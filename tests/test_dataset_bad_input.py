@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
-from divita_jax import reps
+from divita_jax.pipelines import stores
 from tests import worker_fns
 from tfds_trailers12k import dummy_data, mtgc, shots
 from tfds_trailers12k import tfds_trailers12k_dataset_builder as builder_module
@@ -117,17 +117,17 @@ def test_reps_build_stores_no_features_and_nan_error(tmp_path):
   record = tfds_trailers12k.data_source(builder)[0]
   assert "reps" not in record and record["labels"].shape == (10,)
   # The features are read in place, lengths from the zarr metadata.
-  image = reps.ZarrStore(os.path.join(ok, dummy_data.REPS_GROUPS[0]))
+  image = stores.ZarrStore(os.path.join(ok, dummy_data.REPS_GROUPS[0]))
   assert [image.length(i) for i in ids] == [5, 3, 7, 4]
   assert image.read(ids[0]).shape == (5, 8)
   nan = str(tmp_path / "nan")
   dummy_data.write_reps(nan, nan_id="tt2000002")
   tfds_trailers12k.build("reps", str(tmp_path / "tfds2"), nan)  # Labels ok.
-  store = reps.ZarrStore(os.path.join(nan, dummy_data.REPS_GROUPS[0]))
+  store = stores.ZarrStore(os.path.join(nan, dummy_data.REPS_GROUPS[0]))
   with pytest.raises(ValueError, match="tt2000002.*NaN"):
     store.read("tt2000002")
   with pytest.raises(ValueError, match="tt2000002.*NaN"):
-    reps.InMemoryReader(store, ids)  # What the run's preload does.
+    stores.InMemoryReader(store, ids)  # What the run's preload does.
 
 
 def test_raw_other_container_is_stored_as_mp4(tmp_path):

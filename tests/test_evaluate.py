@@ -4,8 +4,10 @@ import jax
 import numpy as np
 import torch
 
-from divita_jax import evaluate, rep_pipeline, reps, sharding, train
+from divita_jax import evaluate, sharding
 from divita_jax.configs import divita as divita_config
+from divita_jax.pipelines import reps, stores
+from divita_jax.trainers import loop
 
 CLIPS = 4  # Clips per window.
 LENGTHS = (9, 3, 4, 6, 5)  # Windows: 3, 1, 1, 2, 2 (last ones padded).
@@ -16,7 +18,7 @@ def _problem():
   ids = [f"t{i}" for i in range(len(LENGTHS))]
   feats = {"image": 6, "video": 4}
   readers = {
-    b: reps.MemoryStore(
+    b: stores.MemoryStore(
       {i: rng.normal(size=(n, d)) for i, n in zip(ids, LENGTHS)}
     )
     for b, d in feats.items()
@@ -60,10 +62,10 @@ def _official_loss(model, variables, readers, ids, labels, batch_size):
 def test_window_loss_is_the_official_validation_loss():
   config, readers, ids, labels, feats = _problem()
   mesh = sharding.make_mesh(config.mesh)
-  p = train.programs(config, mesh, feats)
+  p = loop.programs(config, mesh, feats)
   state = p.init(jax.random.PRNGKey(0))
-  variables = train.variables_of(state)
-  data = rep_pipeline.eval_data(
+  variables = loop.variables_of(state)
+  data = reps.eval_data(
     readers,
     ids,
     labels,

@@ -14,9 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from divita_jax import extract, input_pipeline, video
+from divita_jax import extract, video
 from divita_jax.configs import divita
 from divita_jax.models import backbone
+from divita_jax.pipelines import extraction
 
 
 def _mp4(num_frames: int, seed: int) -> bytes:
@@ -208,7 +209,7 @@ def test_centre_frame_pooling_decodes_one_frame_per_clip(tmp_path):
   source = [_record("tt1", good, 24)]
   stores = extract.extract(config, source, ["tt1"], str(tmp_path))
   assert stores["image"].tag.endswith("_center")
-  (item,) = input_pipeline.clip_loader(
+  (item,) = extraction.clip_loader(
     source,
     np.array([0]),
     clip_kwargs=video.sample_kwargs(config.clips, 32),

@@ -14,8 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-from divita_jax import extract, reps
+from divita_jax import extract
 from divita_jax.models import backbone
+from divita_jax.pipelines import stores
 from tests.test_extract import _config, _mp4, _record
 
 pytestmark = pytest.mark.xdist_group("multihost_extract")
@@ -57,7 +58,7 @@ def test_process_with_nothing_left_joins_the_checkpoint_barrier(tmp_path):
   c = config(root)
   # Process 1's share (every other trailer) is already extracted.
   for b in ("image", "video"):
-    store = reps.NpyStore(
+    store = stores.NpyStore(
       os.path.join(root, "reps"), extract.backbone_tag(c, b)
     )
     for tid in IDS[1::2]:

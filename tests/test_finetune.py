@@ -16,21 +16,18 @@ from flax import traverse_util
 
 import tfds_trailers12k
 from divita_jax import (
-  checkpoints,
   extract,
-  finetune,
   hosts,
   metrics,
-  optim,
-  param_groups,
   predict,
   run,
   sharding,
   workdir,
 )
-from divita_jax import train_state as ts
 from divita_jax.configs import divita as divita_config
 from divita_jax.models import backbone
+from divita_jax.trainers import checkpoints, finetune, optim, param_groups
+from divita_jax.trainers import state as ts
 from tfds_trailers12k import genres
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

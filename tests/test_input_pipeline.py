@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from divita_jax import hosts, input_pipeline
+from divita_jax import hosts
+from divita_jax.pipelines import extraction
 from tests.test_video import decoded_indices, make_video
 
 CLIPS = {"frames_per_clip": 4, "fps": 24.0, "resolution": 32}
@@ -49,7 +50,7 @@ def test_process_shard_disjoint_and_complete():
 def test_clip_loader_yields_clips_and_errors(source):
   broken = dict(source[0], id=b"bad", video=b"garbage" * 100)
   items = list(
-    input_pipeline.clip_loader(source + [broken], [3, 8, 0], clip_kwargs=CLIPS)
+    extraction.clip_loader(source + [broken], [3, 8, 0], clip_kwargs=CLIPS)
   )
   assert [x["index"] for x in items] == [3, 8, 0]
   t3, bad, t0 = items
@@ -86,10 +87,8 @@ def test_global_batch_shards_along_data_axis():
 def test_clip_loader_in_worker_processes_equals_threads(source):
   """Decoding in 2 spawned processes: the same trailers, same order."""
   kw = dict(clip_kwargs=CLIPS, num_threads=1)
-  want = list(input_pipeline.clip_loader(source, [5, 2, 7, 0], **kw))
-  it = iter(
-    input_pipeline.clip_loader(source, [5, 2, 7, 0], worker_count=2, **kw)
-  )
+  want = list(extraction.clip_loader(source, [5, 2, 7, 0], **kw))
+  it = iter(extraction.clip_loader(source, [5, 2, 7, 0], worker_count=2, **kw))
   got = [jax.tree.map(np.copy, x) for x in it]
   it.close()
   assert_same(got, want)
@@ -97,7 +96,7 @@ def test_clip_loader_in_worker_processes_equals_threads(source):
 
 def test_clip_loader_centre_frame_only(source):
   full, centre = (
-    next(iter(input_pipeline.clip_loader(source, [4], **kw)))
+    next(iter(extraction.clip_loader(source, [4], **kw)))
     for kw in (
       {"clip_kwargs": CLIPS},
       {"clip_kwargs": CLIPS, "center_frame_only": True},

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from divita_jax import reps
+from divita_jax.pipelines import stores
 
 pytestmark = pytest.mark.xdist_group("multihost")
 
@@ -38,7 +38,7 @@ def _write_problem(root: str) -> None:
   ids = [f"tt{i:04d}" for i in range(n)]
   clips = rng.integers(3, 15, size=n)  # Both branches: one clip per shot.
   for b in ("image", "video"):
-    store = reps.NpyStore(root, b)
+    store = stores.NpyStore(root, b)
     for i, tid in enumerate(ids):
       store.write(tid, labels[i] @ means + rng.normal(size=(clips[i], d)))
   split = np.tile(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from divita_jax import rep_pipeline, reps
+from divita_jax.pipelines import reps, stores
 
 NUM_CLIPS = 4
 
@@ -12,7 +12,7 @@ NUM_CLIPS = 4
 def data(tmp_path_factory):
   """12 trailers of 2..9 clips; feature 0 = trailer row, 1 = clip index."""
   root = str(tmp_path_factory.mktemp("reps"))
-  stores = {b: reps.NpyStore(root, b) for b in ("image", "video")}
+  stores = {b: stores.NpyStore(root, b) for b in ("image", "video")}
   ids = [f"tt{i:04d}" for i in range(12)]
   for i, tid in enumerate(ids):
     n = 2 + (i * 5) % 8
@@ -26,7 +26,7 @@ def data(tmp_path_factory):
 def _train(data, process_index=0, process_count=1, indices=None, epochs=2):
   stores, ids, labels = data
   indices = np.arange(0, 12) if indices is None else indices
-  return rep_pipeline.train_data(
+  return reps.train_data(
     stores,
     ids,
     labels,
@@ -103,12 +103,12 @@ def test_last_batch_wraps_so_every_trailer_is_seen(data):
 
 def test_iterator_state_restores_exactly(data):
   train = _train(data)
-  it = rep_pipeline.iterate(train.dataset)
+  it = reps.iterate(train.dataset)
   for _ in range(4):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(2)]
-  resumed = rep_pipeline.iterate(train.dataset, state=state)
+  resumed = reps.iterate(train.dataset, state=state)
   for want in expected:
     got = next(resumed)
     for k in want:
@@ -119,7 +119,7 @@ def test_eval_covers_every_clip_once_and_pads(data):
   stores, ids, labels = data
   indices = np.array([1, 4, 7, 10])
   parts = [
-    rep_pipeline.eval_data(
+    reps.eval_data(
       stores,
       ids,
       labels,
@@ -155,10 +155,10 @@ def test_eval_covers_every_clip_once_and_pads(data):
 
 def test_preload_fast_path_reads_the_same(data):
   stores, ids, labels = data
-  memory = rep_pipeline.preload(stores, ids)
-  assert isinstance(memory["image"], reps.InMemoryReader)
+  memory = reps.preload(stores, ids)
+  assert isinstance(memory["image"], stores.InMemoryReader)
   a = _train(data)
-  b = rep_pipeline.train_data(
+  b = reps.train_data(
     memory,
     ids,
     labels,
@@ -169,7 +169,7 @@ def test_preload_fast_path_reads_the_same(data):
     num_epochs=2,
   )
   evals = [
-    rep_pipeline.eval_data(
+    reps.eval_data(
       r, ids, labels, np.arange(12), num_clips=NUM_CLIPS, global_batch_size=4
     )
     for r in (stores, memory)
@@ -189,7 +189,7 @@ def test_preload_fast_path_reads_the_same(data):
 def test_bad_inputs_have_clear_errors(data):
   stores, ids, labels = data
   with pytest.raises(ValueError, match="labels has 3 rows"):
-    rep_pipeline.train_data(
+    reps.train_data(
       stores,
       ids,
       labels[:3],
@@ -200,7 +200,7 @@ def test_bad_inputs_have_clear_errors(data):
       num_epochs=1,
     )
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-    rep_pipeline.train_data(
+    reps.train_data(
       stores,
       ids,
       labels,
@@ -213,9 +213,7 @@ def test_bad_inputs_have_clear_errors(data):
       process_count=3,
     )
   with pytest.raises(ValueError, match="empty"):
-    rep_pipeline.eval_data(
-      stores, ids, labels, [], num_clips=4, global_batch_size=2
-    )
+    reps.eval_data(stores, ids, labels, [], num_clips=4, global_batch_size=2)
 
 
 def _zarr_copy(stores, ids, root):
@@ -230,14 +228,14 @@ def _zarr_copy(stores, ids, root):
     for tid in ids:
       array = store.read(tid)
       group.create_array(tid, data=array, chunks=array.shape)
-    out[b] = reps.ZarrStore(path)
+    out[b] = stores.ZarrStore(path)
   return out
 
 
 def test_zarr_streams_in_worker_processes_in_order_and_restores(data, tmp_path):
   stores, ids, labels = data
   zarrs = _zarr_copy(stores, ids, tmp_path)
-  train = rep_pipeline.train_data(
+  train = reps.train_data(
     zarrs,
     ids,
     labels,
@@ -249,8 +247,8 @@ def test_zarr_streams_in_worker_processes_in_order_and_restores(data, tmp_path):
     num_workers=2,
   )
   expected = [_train(data).dataset[i] for i in range(6)]  # From .npy.
-  it = rep_pipeline.iterate(train.dataset)
-  assert isinstance(it, rep_pipeline._WorkerIterator)  # Processes.
+  it = reps.iterate(train.dataset)
+  assert isinstance(it, reps._WorkerIterator)  # Processes.
   got = [next(it) for _ in range(3)]
   state = it.get_state()
   assert state == {"next_index": 3}
@@ -258,9 +256,7 @@ def test_zarr_streams_in_worker_processes_in_order_and_restores(data, tmp_path):
   # Restored in worker processes and in threads (a run may resume
   # preloaded): the same batches in the same order.
   for workers in (2, 0):
-    resumed = rep_pipeline.iterate(
-      train.dataset, state=state, num_workers=workers
-    )
+    resumed = reps.iterate(train.dataset, state=state, num_workers=workers)
     batches = got + [next(resumed) for _ in range(3)]
     for want, x in zip(expected, batches):
       for k in want:
@@ -272,17 +268,17 @@ def test_default_workers_only_for_zarr_train_data(data, tmp_path):
   stores, ids, labels = data
   zarrs = _zarr_copy(stores, ids, tmp_path)
   kw = dict(num_clips=NUM_CLIPS, global_batch_size=4, seed=0, num_epochs=1)
-  streamed = rep_pipeline.train_data(zarrs, ids, labels, np.arange(12), **kw)
-  assert rep_pipeline._WORKERS[streamed.dataset] >= 1
-  for readers in (stores, rep_pipeline.preload(zarrs, ids)):
-    local = rep_pipeline.train_data(readers, ids, labels, np.arange(12), **kw)
-    assert local.dataset not in rep_pipeline._WORKERS
+  streamed = reps.train_data(zarrs, ids, labels, np.arange(12), **kw)
+  assert reps._WORKERS[streamed.dataset] >= 1
+  for readers in (stores, reps.preload(zarrs, ids)):
+    local = reps.train_data(readers, ids, labels, np.arange(12), **kw)
+    assert local.dataset not in reps._WORKERS
 
 
 def test_preload_fills_one_buffer_from_lengths(data, tmp_path):
   stores, ids, labels = data
   zarrs = _zarr_copy(stores, ids, tmp_path)
-  memory = rep_pipeline.preload(zarrs, ids)["image"]
+  memory = reps.preload(zarrs, ids)["image"]
   total = sum(stores["image"].length(t) for t in ids)
   assert memory.data.shape == (total, 3) and memory.data.flags.c_contiguous
   for tid in ids:

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import zarr
 
-from divita_jax import reps
+from divita_jax.pipelines import stores
 
 
 def test_npy_store_round_trip_and_atomic_files(tmp_path):
-  store = reps.NpyStore(str(tmp_path), "image_vit")
+  store = stores.NpyStore(str(tmp_path), "image_vit")
   x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
   store.write("tt01", x)
   assert store.has("tt01") and not store.has("tt02")
@@ -30,7 +30,7 @@ def _umask() -> int:
 
 
 def test_npy_store_rejects_bad_arrays(tmp_path):
-  store = reps.NpyStore(str(tmp_path), "video")
+  store = stores.NpyStore(str(tmp_path), "video")
   with pytest.raises(ValueError, match="tt03.*NaN"):
     store.write("tt03", np.array([[0.0, np.nan]]))
   with pytest.raises(ValueError, match="tt04.*clips, features"):
@@ -54,7 +54,7 @@ def test_zarr_store_reads_official_v2_layout(tmp_path):
     {"tt0347149": x, "tt0000002": x + 1},
   )
   assert os.path.exists(os.path.join(path, ".zgroup"))  # Format v2.
-  store = reps.ZarrStore(path)
+  store = stores.ZarrStore(path)
   assert store.tag == "trailers_i_swin_fpc24"
   assert store.ids() == ["tt0000002", "tt0347149"]
   assert store.num_features == 4 and store.has("tt0347149")
@@ -67,13 +67,13 @@ def test_zarr_store_reads_official_v2_layout(tmp_path):
 def test_zarr_store_errors_name_the_id(tmp_path):
   bad = np.array([[0.0, np.inf, 0.0, 0.0]], np.float32)
   path = _official_group(str(tmp_path / "g.zarr"), {"tt9": bad})
-  store = reps.ZarrStore(path)
+  store = stores.ZarrStore(path)
   with pytest.raises(ValueError, match="tt9.*NaN/inf"):
     store.read("tt9")
   with pytest.raises(KeyError, match="tt8"):
     store.read("tt8")
   with pytest.raises(FileNotFoundError, match="missing.zarr"):
-    reps.ZarrStore(str(tmp_path / "missing.zarr"))
+    stores.ZarrStore(str(tmp_path / "missing.zarr"))
 
 
 def test_zarr_store_other_layouts_read_through_zarr(tmp_path):
@@ -86,8 +86,8 @@ def test_zarr_store_other_layouts_read_through_zarr(tmp_path):
   v2.create_array("f64", data=x.astype(np.float64), chunks=x.shape)
   v3 = zarr.open_group(str(tmp_path / "v3.zarr"), mode="w", zarr_format=3)
   v3.create_array("tt1", data=x, chunks=(4, 4))
-  store2 = reps.ZarrStore(str(tmp_path / "v2.zarr"))
-  store3 = reps.ZarrStore(str(tmp_path / "v3.zarr"))
+  store2 = stores.ZarrStore(str(tmp_path / "v2.zarr"))
+  store3 = stores.ZarrStore(str(tmp_path / "v3.zarr"))
   for store, tid in ((store2, "chunked"), (store2, "one"), (store2, "f64")):
     np.testing.assert_array_equal(store.read(tid), x)
     assert store.read(tid).dtype == np.float32
@@ -103,7 +103,7 @@ def test_zarr_store_other_layouts_read_through_zarr(tmp_path):
 def test_zarr_store_pickles_without_its_group(tmp_path):
   x = np.arange(8, dtype=np.float32).reshape(2, 4)
   path = _official_group(str(tmp_path / "g.zarr"), {"tt1": x})
-  store = reps.ZarrStore(path)
+  store = stores.ZarrStore(path)
   store.read("tt1")
   copy = pickle.loads(pickle.dumps(store))  # What worker processes get.
   assert copy.tag == "g" and copy.ids() == ["tt1"]
@@ -111,10 +111,10 @@ def test_zarr_store_pickles_without_its_group(tmp_path):
 
 
 def test_in_memory_reader_checks_lengths_and_names_missing_ids(tmp_path):
-  store = reps.NpyStore(str(tmp_path), "image")
+  store = stores.NpyStore(str(tmp_path), "image")
   store.write("a", np.ones((3, 2)))
   store.write("b", np.zeros((1, 2)))
-  memory = reps.InMemoryReader(store, ["a", "b"])
+  memory = stores.InMemoryReader(store, ["a", "b"])
   assert memory.data.shape == (4, 2) and memory.length("a") == 3
   np.testing.assert_array_equal(memory.read("b"), np.zeros((1, 2)))
   offsets, sizes = memory.locate(["b", "a"])
@@ -122,4 +122,4 @@ def test_in_memory_reader_checks_lengths_and_names_missing_ids(tmp_path):
   with pytest.raises(KeyError, match="No preloaded representations for c"):
     memory.read("c")
   with pytest.raises(KeyError, match="No representations for c"):
-    reps.InMemoryReader(store, ["a", "c"])
+    stores.InMemoryReader(store, ["a", "c"])

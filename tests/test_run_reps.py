@@ -7,8 +7,9 @@ import shutil
 
 import numpy as np
 
-from divita_jax import report, run, train
+from divita_jax import report, run
 from divita_jax.configs import divita
+from divita_jax.trainers import loop
 from tfds_trailers12k import dummy_data
 
 
@@ -57,7 +58,7 @@ def test_run_on_official_reps(tmp_path, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("The rerun trained a fold.")
 
-  monkeypatch.setattr(train, "train_fold", no_training)
+  monkeypatch.setattr(loop, "train_fold", no_training)
   again = run.run(config, workdir)
   assert _mtimes(workdir) == before
   assert again == results

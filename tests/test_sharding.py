@@ -5,8 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from divita_jax import hosts, sharding, train
+from divita_jax import hosts, sharding
 from divita_jax.configs import divita as divita_config
+from divita_jax.trainers import loop
 
 
 def _mesh_config(shape, axes=("data", "model")):
@@ -43,7 +44,7 @@ def _config(mesh_shape):
 
 def _step(config, devices, batch):
   mesh = sharding.make_mesh(config.mesh, devices)
-  p = train.programs(config, mesh, {"image": 6, "video": 4})
+  p = loop.programs(config, mesh, {"image": 6, "video": 4})
   state = p.init(jax.random.PRNGKey(config.seed))
   lr = np.float32(config.train.learning_rate)
   state, loss1 = p.train_step(state, hosts.global_batch(batch, mesh), lr)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from divita_jax import checkpoints, metrics, optim, reps, train
+from divita_jax import metrics
 from divita_jax.configs import divita as divita_config
+from divita_jax.pipelines import stores
+from divita_jax.trainers import checkpoints, loop, optim
 
 
 def test_adamw_amsgrad_matches_torch():
@@ -83,7 +85,7 @@ def problem(tmp_path_factory):
   n, dims = 96, {"image": 12, "video": 8}
   ids = [f"tt{i:05d}" for i in range(n)]
   labels = (rng.random((n, 10)) < 0.3).astype(np.float32)
-  stores = {b: reps.NpyStore(root, b) for b in dims}
+  stores = {b: stores.NpyStore(root, b) for b in dims}
   clips = rng.integers(3, 12, size=n)
   for b, d in dims.items():
     means = rng.normal(size=(10, d))
@@ -111,7 +113,7 @@ def test_train_fold_learns_resumes_exactly_and_falls_back(
   xdist placing tests on one worker."""
   config, stores, ids, labels, split = problem
   whole_dir = str(tmp_path / "whole")
-  whole = train.train_fold(config, whole_dir, stores, ids, labels, split, 1)
+  whole = loop.train_fold(config, whole_dir, stores, ids, labels, split, 1)
   _check_learning(config, labels, split, whole)
   _check_sigterm_resume(problem, str(tmp_path / "fold"), whole, whole_dir)
   _check_truncated_fallback(config, whole_dir, str(tmp_path / "copy"), caplog)
@@ -136,7 +138,7 @@ def _check_other_config(problem, whole_dir, fold_dir):
   other = ml_collections.ConfigDict(config.to_dict())
   other.model.cam = "tsfm_16_4_2_0.1"  # Another head: other shapes.
   with pytest.raises(checkpoints.ConfigMismatch, match="different config"):
-    train.train_fold(other, fold_dir, stores, ids, labels, split, 1)
+    loop.train_fold(other, fold_dir, stores, ids, labels, split, 1)
   assert _files(fold_dir) == before  # Nothing deleted, nothing written.
   # A reading command on a damaged best checkpoint changes nothing either.
   best = os.path.join(fold_dir, "best")
@@ -147,7 +149,7 @@ def _check_other_config(problem, whole_dir, fold_dir):
   before = _files(fold_dir)
   with pytest.raises(ValueError, match="unreadable"):
     checkpoints.load_best(
-      fold_dir, lambda nf: train.abstract_variables(config, nf)
+      fold_dir, lambda nf: loop.abstract_variables(config, nf)
     )
   assert _files(fold_dir) == before
 
@@ -175,14 +177,14 @@ def _check_sigterm_resume(problem, workdir, whole, whole_dir):
   # reads per batch, the resumed one preloaded: batches are identical.
   faulty = dict(stores, image=SigtermAfter(stores["image"], after=100))
   with pytest.raises(checkpoints.Preempted) as stop:
-    train.train_fold(
+    loop.train_fold(
       config, workdir, faulty, ids, labels, split, 1, preload=False
     )
   latest, _ = checkpoints.managers(workdir)
   stopped_at = latest.latest_step()
   assert stop.value.step == stopped_at
   assert 0 < stopped_at < 4 * config.train.max_epochs
-  resumed = train.train_fold(config, workdir, stores, ids, labels, split, 1)
+  resumed = loop.train_fold(config, workdir, stores, ids, labels, split, 1)
   assert resumed["epoch"] == whole["epoch"]
   for key in ("val_probs", "test_probs"):
     np.testing.assert_array_equal(resumed[key], whole[key])
@@ -195,10 +197,10 @@ def _check_sigterm_resume(problem, workdir, whole, whole_dir):
 def _final(config, fold_dir):
   """Leaves of the best variables and of the latest train state."""
   best, _ = checkpoints.load_best(
-    fold_dir, lambda nf: train.abstract_variables(config, nf)
+    fold_dir, lambda nf: loop.abstract_variables(config, nf)
   )
-  mesh = train.sharding.make_mesh(config.mesh)
-  abstract = train.programs(config, mesh, {"image": 12, "video": 8}).abstract
+  mesh = loop.sharding.make_mesh(config.mesh)
+  abstract = loop.programs(config, mesh, {"image": 12, "video": 8}).abstract
   latest, _ = checkpoints.managers(fold_dir)
   state, host = checkpoints.restore(latest, "state", abstract)
   assert host["done"]
@@ -213,8 +215,8 @@ def _check_truncated_fallback(config, whole_dir, fold_dir, caplog):
     for name in files:  # What a full disk leaves: files cut short.
       with open(os.path.join(dirpath, name), "r+b") as f:
         f.truncate(max(os.path.getsize(f.name) // 3, 0))
-  mesh = train.sharding.make_mesh(config.mesh)
-  abstract = train.programs(config, mesh, {"image": 12, "video": 8}).abstract
+  mesh = loop.sharding.make_mesh(config.mesh)
+  abstract = loop.programs(config, mesh, {"image": 12, "video": 8}).abstract
   state, host = checkpoints.restore(latest, "state", abstract)
   assert int(state.step) == previous
   assert host["epochs_done"] == previous // 4

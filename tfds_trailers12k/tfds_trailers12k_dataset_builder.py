@@ -5,8 +5,8 @@ One stored split, `trailers`; the three official folds are per-example
 Configs: `synthetic` (generated), `raw` (manual_dir: mtgc.csv, videos/,
 optional metadata.json), `reps` (manual_dir: mtgc.csv, optional
 metadata.json: labels, folds and metadata only; the official zarr
-representations are read in place by the run, `divita_jax.reps.ZarrStore`,
-not copied). See README.md in this folder.
+representations are read in place by the run, not copied). See README.md
+in this folder.
 
 Built with `file_format=array_record` (no TensorFlow needed):
   tfds build tfds_trailers12k --config=synthetic --data_dir=DIR

@@ -145,7 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mask_padding = True  # False: reference's unmasked zero padding.
   c.model.num_classes = genres.NUM_GENRES
 
-  # ---- Training (divita_jax/train.py), reference values ----
+  # ---- Training (divita_jax/trainers/loop.py), reference values ----
   c.train = ml_collections.ConfigDict()
   # frozen: the head on extracted representations (the paper) | finetune:
   # backbones and head end to end on decoded clips (c.finetune).
@@ -170,7 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.checkpoint_every_epochs = 1
 
-  # ---- End-to-end fine-tuning (divita_jax/finetune.py), train.mode ----
+  # ---- End-to-end fine-tuning (trainers/finetune.py), train.mode ----
   c.finetune = ml_collections.ConfigDict()
   # Clips per training window (fits memory); evaluation: train.num_clips.
   c.finetune.clips_per_trailer = 8

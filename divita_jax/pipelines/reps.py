@@ -20,7 +20,7 @@ float32, `mask` bool [b, num_clips], `labels` float32 [b, 10], and for eval
 [b]. Datasets are grain `MapDataset`s of whole batches (random access), so
 an iterator's state is one integer and restores exactly.
 
-Readers (reps.py) are either preloaded (`preload`: one buffer per branch,
+Readers (stores.py) are either preloaded (`preload`: one buffer per branch,
 a batch is one gather per branch) or read per batch: official zarr groups
 in worker processes (`train_data` chooses, `iterate` starts them; decoding
 in this process would starve the step), anything else in threads.
@@ -35,7 +35,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from divita_jax import hosts, reps
+from divita_jax import hosts
+from divita_jax.pipelines import stores
 
 # Train datasets -> worker processes `iterate` reads them in (see train_data).
 _WORKERS = weakref.WeakKeyDictionary()
@@ -44,10 +45,10 @@ _WORKERS = weakref.WeakKeyDictionary()
 def preload(readers: dict, ids, num_threads: int = 8) -> dict:
   """Loads `ids` of every reader into memory (one buffer per branch);
   readers already in memory are kept as they are."""
-  if all(isinstance(r, reps.InMemoryReader) for r in readers.values()):
+  if all(isinstance(r, stores.InMemoryReader) for r in readers.values()):
     return dict(readers)
   return {
-    b: reps.InMemoryReader(r, ids, num_threads) for b, r in readers.items()
+    b: stores.InMemoryReader(r, ids, num_threads) for b, r in readers.items()
   }
 
 
@@ -79,7 +80,7 @@ class _Source:
     rows = self.indices[np.asarray(positions, np.int64)]
     tids = [self.ids[r] for r in rows]
     memory = all(
-      isinstance(r, reps.InMemoryReader) for r in self.readers.values()
+      isinstance(r, stores.InMemoryReader) for r in self.readers.values()
     )
     if memory:  # Fast path: one gather per branch from the preloaded buffer.
       located = {b: r.locate(tids) for b, r in self.readers.items()}
@@ -117,7 +118,7 @@ def _read_once(reader, tids) -> list:
   arrays = {}
   for t in tids:
     if t not in arrays:
-      arrays[t] = reps.read(reader, t)
+      arrays[t] = stores.read(reader, t)
   return [arrays[t] for t in tids]
 
 
@@ -169,7 +170,7 @@ def train_data(
   """Batches of random windows for `num_epochs` epochs (see module doc).
 
   `num_workers`: processes that `iterate` reads the batches in; None =
-  `default_workers()` when every reader is a `reps.ZarrStore` (streaming
+  `default_workers()` when every reader is a `stores.ZarrStore` (streaming
   from zarr: decoding needs processes to keep up), else 0 (threads of this
   process: preloaded or .npy readers are cheap to read).
   """
@@ -184,7 +185,7 @@ def train_data(
   )
   ds = grain.MapDataset.range(num_epochs * steps).map(make_batch)
   if num_workers is None:  # Processes pay off for zarr decoding only.
-    zarr = all(isinstance(r, reps.ZarrStore) for r in readers.values())
+    zarr = all(isinstance(r, stores.ZarrStore) for r in readers.values())
     num_workers = default_workers() if zarr else 0
   if num_workers:
     _WORKERS[ds] = num_workers
@@ -214,7 +215,7 @@ def eval_windows(readers: dict, ids, indices, num_clips: int) -> np.ndarray:
   reader = next(iter(readers.values()))
   rows = []
   for pos, i in enumerate(np.asarray(indices)):
-    length = reps.length(reader, ids[i])
+    length = stores.length(reader, ids[i])
     for start in range(0, max(length, 1), num_clips):
       rows.append((pos, start))
   return np.asarray(rows, np.int64).reshape(-1, 2)

@@ -3,7 +3,7 @@
 The datasets of rep_pipeline with clips decoded from the videos in place of
 representations read from a store: `TrainData` / `EvalData` whose element
 i is the process-local batch of global step i, iterated (and resumed) with
-`rep_pipeline.iterate`. Train: rep_pipeline's epoch order, cut into global
+`reps.iterate`. Train: rep_pipeline's epoch order, cut into global
 batches; each example is a random contiguous window of `clips_per_trailer`
 clips (start drawn from seed, epoch and subset position) and only the
 window's frames are decoded. Eval: every window of `num_clips` consecutive
@@ -36,7 +36,8 @@ import grain
 import numpy as np
 from absl import logging
 
-from divita_jax import hosts, input_pipeline, rep_pipeline, video
+from divita_jax import hosts, video
+from divita_jax.pipelines import extraction, reps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _fill(src: _Clips, out: dict, position: int, rows, starts, key, augment):
   drawn from `key` (seed, epoch). Augments with boxes drawn from `key`.
   """
   i = int(src.indices[position])
-  tid = input_pipeline._as_str(src.ids[i])
+  tid = extraction._as_str(src.ids[i])
   record = src.source[i]
   shots = np.asarray(record["shots"])
   with video.Video(record["video"], tid) as v:
@@ -172,7 +173,7 @@ def _run(threads: int, fn, items) -> None:
 def _train_batch(src, share, seed, steps, global_batch_size, augment, i):
   # Module-level (not a closure): worker processes receive it pickled.
   epoch, step = divmod(int(i), steps)
-  order = rep_pipeline._epoch_order(
+  order = reps._epoch_order(
     seed, epoch, len(src.indices), steps * global_batch_size
   )
   positions = order[step * global_batch_size :][:global_batch_size][share]
@@ -253,14 +254,14 @@ def train_data(
   num_workers: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
-) -> rep_pipeline.TrainData:
+) -> reps.TrainData:
   """Batches of random augmented windows for `num_epochs` epochs: {branch:
   uint8 [b, clips_per_trailer, T, H, W, 3], 'mask' bool [b, clips],
   'labels' float32 [b, C], 'weight' float32 [b]} (see module doc).
 
   branches: {name: {'resolution', 'center_frame'}}; clip_kwargs:
   video.sample_kwargs without 'resolution'; augment: {'flip', 'crop_scale',
-  'crop_ratio'} or None. num_workers > 0: `rep_pipeline.iterate` decodes
+  'crop_ratio'} or None. num_workers > 0: `reps.iterate` decodes
   in that many worker processes (each with `decode_threads` threads).
   """
   indices, branches = _check(
@@ -269,7 +270,7 @@ def train_data(
   augment = check_augment(augment)
   share = hosts.process_rows(global_batch_size, process_index, process_count)
   if num_workers:
-    source = input_pipeline._picklable(source)
+    source = extraction._picklable(source)
   src = _Clips(
     source,
     tuple(ids),
@@ -286,8 +287,8 @@ def train_data(
   )
   ds = grain.MapDataset.range(num_epochs * steps).map(make_batch)
   if num_workers:
-    rep_pipeline._WORKERS[ds] = num_workers
-  return rep_pipeline.TrainData(ds, steps)
+    reps._WORKERS[ds] = num_workers
+  return reps.TrainData(ds, steps)
 
 
 def clip_counts(source, indices, clip_kwargs, *, decode_threads=2):
@@ -298,7 +299,7 @@ def clip_counts(source, indices, clip_kwargs, *, decode_threads=2):
 
   def count(k: int) -> None:
     record = source[int(indices[k])]
-    tid = input_pipeline._as_str(record["id"])
+    tid = extraction._as_str(record["id"])
     with video.Video(record["video"], tid) as v:
       plan = video.plan_clips(
         v.index, np.asarray(record["shots"]), trailer_id=tid, **clip_kwargs
@@ -343,7 +344,7 @@ def eval_data(
   decode_threads: int = 2,
   process_index: int | None = None,
   process_count: int | None = None,
-) -> rep_pipeline.EvalData:
+) -> reps.EvalData:
   """Batches of every window of `num_clips` clips of every trailer: {branch:
   uint8 [b, num_clips, T, H, W, 3], 'mask', 'labels', 'trailer' int32 [b]
   (subset position, -1 = padding), 'valid' bool [b]}; no augmentation.
@@ -376,4 +377,4 @@ def eval_data(
     _eval_batch, src, windows, share, global_batch_size
   )
   ds = grain.MapDataset.range(steps).map(make_batch)
-  return rep_pipeline.EvalData(ds, windows, steps)
+  return reps.EvalData(ds, windows, steps)

@@ -3,7 +3,7 @@
 `config.train.mode = "finetune"` runs the trainer of train.py (the same
 fold loop, checkpoints, resume and evaluation) on decoded clips instead of
 stored representations: a training example is a window of
-`finetune.clips_per_trailer` clips of one trailer (clip_pipeline.py), run
+`finetune.clips_per_trailer` clips of one trailer (clips.py), run
 through the backbone(s) and the head, with the frozen mode's loss;
 evaluation runs every window of `train.num_clips` clips through the
 fine-tuned backbones and averages per trailer as in frozen mode.
@@ -38,10 +38,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from divita_jax import clip_pipeline, extract, sharding, video
-from divita_jax import param_groups as groups
+from divita_jax import extract, sharding, video
 from divita_jax.models import backbone, divita
-from divita_jax.train_state import (
+from divita_jax.pipelines import clips
+from divita_jax.trainers import param_groups as groups
+from divita_jax.trainers.state import (
   Programs,
   TrainState,
   jit_steps,
@@ -373,7 +374,7 @@ def fold_data(config, source, ids, labels, subsets: dict):
   common = dict(
     branches=branches, clip_kwargs=clip_kwargs, decode_threads=f.decode_threads
   )
-  train = clip_pipeline.train_data(
+  train = clips.train_data(
     source,
     ids,
     labels,
@@ -388,7 +389,7 @@ def fold_data(config, source, ids, labels, subsets: dict):
   )
 
   def eval_data(name):
-    return clip_pipeline.eval_data(
+    return clips.eval_data(
       source,
       ids,
       labels,

@@ -29,17 +29,15 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 import tfds_trailers12k
 from divita_jax import (
-  checkpoints,
   evaluate,
-  finetune,
   hosts,
-  optim,
-  rep_pipeline,
   sharding,
 )
 from divita_jax import metrics as metrics_lib
 from divita_jax.models import divita
-from divita_jax.train_state import (  # noqa: F401 - public here too.
+from divita_jax.pipelines import reps
+from divita_jax.trainers import checkpoints, finetune, optim
+from divita_jax.trainers.state import (  # noqa: F401 - public here too.
   Programs,
   TrainState,
   bce,
@@ -308,10 +306,10 @@ def _fold_inputs(config, mesh, readers, ids, labels, subsets, preload):
   readers = evaluate.branch_readers(config, readers)
   if preload:
     used = np.sort(np.concatenate(list(subsets.values())))
-    readers = rep_pipeline.preload(readers, [ids[i] for i in used])
+    readers = reps.preload(readers, [ids[i] for i in used])
   num_features = {b: int(r.num_features) for b, r in readers.items()}
   tc = config.train
-  eval_data = lambda name: rep_pipeline.eval_data(
+  eval_data = lambda name: reps.eval_data(
     readers,
     ids,
     labels,
@@ -319,7 +317,7 @@ def _fold_inputs(config, mesh, readers, ids, labels, subsets, preload):
     num_clips=tc.num_clips,
     global_batch_size=tc.eval_batch_size,
   )
-  train_data = rep_pipeline.train_data(
+  train_data = reps.train_data(
     readers,
     ids,
     labels,
@@ -370,8 +368,8 @@ class _Fold:
   mesh: jax.sharding.Mesh
   train_step: Callable
   eval_step: Callable
-  train: rep_pipeline.TrainData
-  val: rep_pipeline.EvalData
+  train: reps.TrainData
+  val: reps.EvalData
   val_labels: np.ndarray  # [validation trailers, classes]
   latest: ocp.CheckpointManager
   best: ocp.CheckpointManager
@@ -441,7 +439,7 @@ def _run_epochs(config, f: _Fold, state, host: dict):
   # Epoch losses are summed in order (sum with a start value), so a resumed
   # epoch sums to the same float as an uninterrupted one.
   with checkpoints.Preemption(f.latest) as preemption:
-    it = rep_pipeline.iterate(f.train.dataset, state=host["iterator"])
+    it = reps.iterate(f.train.dataset, state=host["iterator"])
     preempted = False
     for epoch in range(host["epochs_done"], tc.max_epochs):
       losses = []

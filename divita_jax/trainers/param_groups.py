@@ -15,7 +15,7 @@ import jax
 import optax
 from flax import traverse_util
 
-from divita_jax import optim
+from divita_jax.trainers import optim
 
 # A block of a backbone: its indices form the block's key, in order
 # (ViT/ViViT encoderblock_3, Swin stage_1/block_0, ResNet/R(2+1)D
