@@ -7,12 +7,10 @@ other users and the other hosts of a job can read them. Paths go through
 `etils.epath`, so `gs://` and other remote paths work too.
 """
 
-import io
 import json
 import os
 import uuid
 
-import numpy as np
 from etils import epath
 
 
@@ -37,9 +35,3 @@ def write_json(path, obj, **kwargs) -> None:
   """Strict JSON (NaN is an error, not a bare `NaN` token)."""
   kwargs.setdefault("indent", 2)
   write_text(path, json.dumps(obj, **kwargs) + "\n")
-
-
-def save_npz(path, **arrays) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  write_bytes(path, buf.getvalue())

@@ -16,7 +16,7 @@ import numpy as np
 
 from divita_jax import hosts, sharding
 from divita_jax import metrics as metrics_lib
-from divita_jax.pipelines import reps
+from divita_jax.pipelines import common, reps
 
 
 def window_outputs(eval_fn, variables, data, mesh, branches) -> dict:
@@ -27,7 +27,7 @@ def window_outputs(eval_fn, variables, data, mesh, branches) -> dict:
   mapping back to trailers does not depend on where the mesh places each
   process's rows (TPU slices interleave processes along the data axis).
   """
-  it = reps.iterate(data.dataset)
+  it = common.iterate(data)
   keys = (*branches, "mask", "labels", "trailer")
   out = []
   for _ in range(data.num_steps):
@@ -80,20 +80,16 @@ def trailer_loss(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def validation_loss(config, outputs: dict, probs, labels) -> float:
   """config.train.val_loss: 'windows' (official, default) | 'trailers'."""
-  kind = config.train.val_loss
-  if kind == "windows":
-    return window_loss(outputs, config.train.batch_size)
-  if kind == "trailers":
+  if config.train.val_loss == "trailers":
     return trailer_loss(probs, labels)
-  raise ValueError(
-    f"Unknown config.train.val_loss {kind!r}; expected windows | trailers."
-  )
+  return window_loss(outputs, config.train.batch_size)
 
 
 def predict_probs(config, programs, variables, readers: dict, ids):
   """Per-trailer probabilities [len(ids), classes] from `variables`
   ({'params', 'batch_stats'}, e.g. from `load_best`); `programs`:
-  num_features -> `train.Programs` of the config."""
+  num_features -> `state.Programs` of the config."""
+  tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   readers = branch_readers(config, readers)
   num_features = {b: int(r.num_features) for b, r in readers.items()}
@@ -103,14 +99,9 @@ def predict_probs(config, programs, variables, readers: dict, ids):
     {"params": p.shardings.params, "batch_stats": p.shardings.batch_stats},
   )
   labels = np.zeros((len(ids), config.model.num_classes), np.float32)
-  data = reps.eval_data(
-    readers,
-    list(ids),
-    labels,
-    np.arange(len(ids)),
-    num_clips=config.train.num_clips,
-    global_batch_size=config.train.eval_batch_size,
-  )
+  fold = common.FoldData(ids, labels, {"predict": np.arange(len(ids))})
+  batching = common.Batching(config.train.num_clips, tc.eval_batch_size)
+  data = reps.eval_data(readers, fold, "predict", batching)
   outputs = window_outputs(
     p.eval_step, variables, data, mesh, config.model.branches
   )

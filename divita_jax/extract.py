@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from divita_jax import atomic, hosts, video
-from divita_jax.models import backbone
+from divita_jax.models import backbone, runtime
 from divita_jax.pipelines import extraction, stores
 
 FRAME_POOLINGS = ("mean", "center")
@@ -75,60 +75,6 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
   )
 
 
-def compute_dtype(name: str) -> str:
-  """'auto': bfloat16 on GPU/TPU (frozen backbones), float32 on CPU (XLA's
-  CPU bf16 matmuls are no faster; fp32 is the parity reference)."""
-  if name == "auto":
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  return name
-
-
-def make_backbone(config: ml_collections.ConfigDict, branch: str):
-  """(module, variables, spec) from a converted checkpoint (its spec.json
-  names the kind) or random init of `kind` / `variant`."""
-  b = config.backbones[branch]
-  if b.checkpoint:  # Position embeddings resampled to the clips' size.
-    spec = backbone.read_spec(b.checkpoint)
-    frames = None
-    if not backbone.is_image_model(spec):
-      frames = config.clips.frames_per_clip
-    return backbone.load_backbone(
-      b.checkpoint,
-      dtype=compute_dtype(b.dtype),
-      resolution=b.resolution,
-      num_frames=frames,
-    )
-  return backbone.create_backbone(
-    b.kind,
-    b.variant,
-    resolution=b.resolution,
-    num_frames=config.clips.frames_per_clip,
-    tubelet=config.backbones.video.tubelet,
-    dtype=compute_dtype(b.dtype),
-    seed=config.seed,
-  )
-
-
-def as_variables(params_or_variables) -> dict:
-  """{'params': ...[, 'batch_stats': ...]}; a bare params tree is wrapped."""
-  tree = params_or_variables
-  if isinstance(tree, Mapping) and "params" in tree:
-    return dict(tree)
-  return {"params": tree}
-
-
-def normalize(x, mean, std):
-  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, inside jit.
-
-  A lookup in the 256 x 3 table that video.normalize computes on the host:
-  the same float32 values bit for bit on every backend (XLA would turn
-  the divisions by constants into multiplications by reciprocals).
-  """
-  table = video.normalize(np.arange(256, dtype=np.uint8)[:, None], mean, std)
-  flat = jnp.asarray(table.reshape(-1))  # [256 * 3]: value * 3 + channel
-  return flat[x.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)]
-
-
 class FeatureFn:
   """uint8 clips [n, T, H, W, 3] -> float32 features [n, D] of one backbone.
 
@@ -153,15 +99,15 @@ class FeatureFn:
     mesh = Mesh(np.array(self.devices), ("data",))
     self.sharding = NamedSharding(mesh, PartitionSpec("data"))
     self.variables = jax.device_put(
-      as_variables(variables), NamedSharding(mesh, PartitionSpec())
+      runtime.as_variables(variables), NamedSharding(mesh, PartitionSpec())
     )
     self.device_fn = jax.jit(self._features, in_shardings=(None, self.sharding))
     self._module, self._mean_std = module, mean_std
 
   def _features(self, variables, x):
     if self.center_frame:  # Host already cut it to 1 frame: index 0.
-      x = x[:, x.shape[1] // 2]
-    x = normalize(x, *self._mean_std)
+      x = video.center_frame(x)[:, 0]
+    x = runtime.normalize(x, *self._mean_std)
     if self.center_frame or not self.image:  # [n, H, W, 3] | [n, T, ...]
       pooled, _ = self._module.apply(variables, x)
       return pooled.astype(jnp.float32)
@@ -173,8 +119,7 @@ class FeatureFn:
     """What the device needs of uint8 clips: the centre frame alone for
     centre pooling (1/T of the bytes)."""
     if self.center_frame and clips.shape[1] > 1:
-      t = clips.shape[1] // 2
-      return clips[:, t : t + 1]
+      return video.center_frame(clips)
     return clips
 
   def padded_size(self, batch_size: int) -> int:
@@ -285,9 +230,9 @@ class Batcher:
 def branch_feature_fn(
   config: ml_collections.ConfigDict, branch: str, variables=None
 ):
-  """The branch's backbone (make_backbone) as a FeatureFn; `variables`
+  """The branch's backbone (runtime.make_backbone) as a FeatureFn; `variables`
   replace its starting weights (e.g. a fine-tuned run's)."""
-  module, start, spec = make_backbone(config, branch)
+  module, start, spec = runtime.make_backbone(config, branch)
   variables = start if variables is None else variables
   b = config.backbones[branch]
   return make_feature_fn(
@@ -322,7 +267,7 @@ def extract(
     store_root: root of the representation store.
   """
   branches = tuple(config.model.branches)
-  stores = {
+  out = {
     b: stores.NpyStore(store_root, backbone_tag(config, b)) for b in branches
   }
   # Before looking at this process's share: loading a converted checkpoint
@@ -331,7 +276,7 @@ def extract(
   todo = [
     i
     for i in hosts.process_shard(np.arange(len(ids)))
-    if not all(stores[b].has(ids[i]) for b in branches)
+    if not all(out[b].has(ids[i]) for b in branches)
   ]
   logging.info(
     "Extraction: %d of %d trailers left for this process.", len(todo), len(ids)
@@ -342,30 +287,29 @@ def extract(
     by_resolution.setdefault(config.backbones[b].resolution, []).append(b)
   for resolution, group in by_resolution.items():
     group_todo = [
-      i for i in todo if not all(stores[b].has(ids[i]) for b in group)
+      i for i in todo if not all(out[b].has(ids[i]) for b in group)
     ]
     if group_todo:
       fns = {b: feature_fns[b] for b in group}
       skipped = _extract_group(
-        config, source, group_todo, resolution, fns, stores
+        config, source, group_todo, resolution, fns, out
       )
       if skipped:
         _record_skipped(store_root, skipped)
-  return stores
+  return out
 
 
 def _loader(config, source, todo, resolution, center_frame_only):
-  return extraction.clip_loader(
-    source,
-    np.asarray(todo, np.int64),
-    clip_kwargs=video.sample_kwargs(config.clips, resolution),
-    center_frame_only=center_frame_only,
-    worker_count=decode_processes(config),
-    num_threads=int(config.extract.decode_threads),
+  decoding = extraction.Decoding(
+    video.sample_kwargs(config.clips, resolution),
+    center_frame_only,
+    threads=int(config.extract.decode_threads),
+    processes=decode_processes(config),
   )
+  return extraction.clip_loader(source, np.asarray(todo, np.int64), decoding)
 
 
-def _extract_group(config, source, todo, resolution, fns, stores) -> list:
+def _extract_group(config, source, todo, resolution, fns, out) -> list:
   """Branches `fns` of one input resolution: their clips are decoded once.
   Returns the skipped trailers ({'id', 'reason'})."""
   center = all(fn.center_frame for fn in fns.values())
@@ -386,14 +330,14 @@ def _extract_group(config, source, todo, resolution, fns, stores) -> list:
       skipped.append({"id": item["id"], "reason": item["error"]})
       continue
     for b, batcher in batchers.items():
-      if not stores[b].has(item["id"]):
+      if not out[b].has(item["id"]):
         for tid, feats in batcher.add(item["id"], item["clips"]):
-          stores[b].write(tid, feats)  # [num_clips, D]
+          out[b].write(tid, feats)  # [num_clips, D]
     num_clips += len(item["clips"])
     bar.set_postfix(clips_per_s=f"{num_clips / (time.time() - start):.1f}")
   for b, batcher in batchers.items():
     for tid, feats in batcher.flush():
-      stores[b].write(tid, feats)
+      out[b].write(tid, feats)
   logging.info(
     "Extracted %d clips in %.1fs (%.1f clips/s); skipped %d.",
     num_clips,

@@ -99,10 +99,16 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from divita_jax.configs import checks
+
+  try:  # Every config value, before devices, dataset or workdir.
+    checks.check(FLAGS.config)
+  except checks.ConfigError as e:
+    sys.exit(f"divita_jax.main: error: {e}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   std_logging.getLogger().addFilter(_QuietLibraries())
   initialize_distributed()
-  from divita_jax import run, workdir
+  from divita_jax import run
   from divita_jax.trainers import checkpoints
 
   print(f"Config:\n{_config_yaml(FLAGS.config)}", flush=True)
@@ -111,7 +117,9 @@ def main(argv):
   except checkpoints.Preempted as e:
     logging.warning("%s Exiting; rerun the same command to resume.", e)
     sys.exit(128 + e.signum)
-  except (workdir.WorkdirError, checkpoints.ConfigMismatch) as e:
+  # ConfigError: the mesh and batch sizes on these devices; WorkdirError
+  # (a ConfigError) the workdir and the files the config names.
+  except (checks.ConfigError, checkpoints.ConfigMismatch) as e:
     sys.exit(f"divita_jax.main: error: {e}")
   except KeyboardInterrupt:  # Before training (dataset build, extraction).
     sys.exit(

@@ -7,7 +7,7 @@ r"""Genres of your own trailer files, with a trained DIViTA run.
 Every file goes through what the run's dataset and evaluation did: shot
 detection with the dataset builder's settings (and its re-encoding, for raw
 builds), clip sampling, the run's frozen backbones and normalization, then
-the fold's best head over all windows of `loop.num_clips` clips, averaged
+the fold's best head over all windows of `train.num_clips` clips, averaged
 (`evaluate.predict_probs`). A file that fails is reported and skipped; the
 exit code is 1 if any did.
 """
@@ -19,7 +19,6 @@ import os
 import sys
 
 import av
-import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -28,19 +27,18 @@ import tfds_trailers12k
 from divita_jax import (
   evaluate,
   extract,
-  report,
   sharding,
   video,
 )
 from divita_jax import run as run_lib
 from divita_jax.configs.divita import get_config
 from divita_jax.pipelines import stores
-from divita_jax.trainers import checkpoints, finetune, loop
+from divita_jax.trainers import frozen, loop
 from tfds_trailers12k import genres, shots, transcode
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
 # Per-file failures: bad videos, missing files and decoder errors.
-FILE_ERRORS = (shots.VideoError, video.VideoError, av.FFmpegError, OSError)
+FILE_ERRORS = (shots.VideoError, av.FFmpegError, OSError)
 
 
 @dataclasses.dataclass
@@ -110,15 +108,7 @@ def load_run(workdir: str, fold: int = 0) -> Run:
       f"Fold {fold} was not trained in {workdir} (found: {trained or 'none'})."
     )
   source = source_settings(config)
-  if config.train.mode == "finetune":
-    variables, tuned = _finetuned(config, fold_dir)
-  else:
-    variables, tuned = (
-      checkpoints.load_best(
-        fold_dir, lambda nf: loop.abstract_variables(config, nf)
-      )[0],
-      {},
-    )
+  variables, tuned = loop.mode(config).load_variables(config, fold_dir)
   feature_fns = {}
   for b in config.model.branches:
     checkpoint = config.backbones[b].checkpoint
@@ -130,24 +120,6 @@ def load_run(workdir: str, fold: int = 0) -> Run:
       )
     feature_fns[b] = extract.branch_feature_fn(config, b, tuned.get(b))
   return Run(config, fold, variables, feature_fns, source)
-
-
-def _finetuned(config, fold_dir: str) -> tuple[dict, dict]:
-  """(head variables, branch -> backbone variables) of a fine-tuned run's
-  best checkpoint."""
-  p = finetune.programs(config, sharding.make_mesh(config.mesh))
-  variables, _ = checkpoints.load_best(
-    fold_dir, lambda _: loop.variables_of(p.abstract)
-  )
-  variables = jax.device_get(variables)
-  params, stats = variables["params"], variables["batch_stats"]
-  head = {"params": params["head"], "batch_stats": stats["head"]}
-  tuned = {}
-  for b in config.model.branches:
-    tuned[b] = {"params": params[b]}
-    if stats.get(b):
-      tuned[b]["batch_stats"] = stats[b]
-  return head, tuned
 
 
 def find_videos(inputs: list[str]) -> list[str]:
@@ -227,7 +199,8 @@ def head_probs(run: Run, items: list[dict]) -> np.ndarray:
     b: stores.MemoryStore({k: it["features"][b] for k, it in zip(keys, items)})
     for b in run.config.model.branches
   }
-  programs = lambda nf: loop.programs(
+  # The head alone over the clips' features, in either mode.
+  programs = lambda nf: frozen.programs(
     run.config, sharding.make_mesh(run.config.mesh), nf
   )
   return evaluate.predict_probs(
@@ -267,11 +240,6 @@ def classify(
     it["genres"] = {g: float(x) for g, x in zip(genres.GENRES, p)}
     results.append(it)
   return results, errors
-
-
-def read_probs_csv(path: str) -> tuple[list[str], np.ndarray]:
-  """(ids, float64 [N, 10]) of a `results/fold{k}_{subset}_probs.csv`."""
-  return report.read_predictions(path)
 
 
 def to_json(result: dict) -> dict:

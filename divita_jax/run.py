@@ -22,7 +22,7 @@ from divita_jax import (
   report,
 )
 from divita_jax import workdir as workdir_lib
-from divita_jax.pipelines import reps, stores
+from divita_jax.pipelines import common, reps, stores
 from divita_jax.trainers import loop
 
 
@@ -42,11 +42,7 @@ def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
     return dict(
       reencode_height=d.reencode_height, reencode_fps=d.reencode_fps, **shots
     )
-  if d.config == "reps":  # Labels and folds; features stay in the zarr.
-    return {}
-  raise ValueError(
-    f"Unknown config.dataset.config {d.config!r}; use synthetic, raw or reps."
-  )
+  return {}  # reps: labels and folds; features stay in the zarr.
 
 
 def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
@@ -91,23 +87,20 @@ def representation_readers(config, workdir, builder, index) -> dict:
   """Readers (branch -> store) of the clip representations the head uses."""
   if config.dataset.config == "reps":  # Official zarr groups, in place.
     groups = {b: config.reps[f"zarr_{b}"] for b in config.model.branches}
-    missing = [f"config.reps.zarr_{b}" for b, g in groups.items() if not g]
-    if missing:
-      raise ValueError(f"The reps dataset needs {', '.join(missing)}.")
     manual_dir = config.dataset.manual_dir or ""  # Absolute paths stay.
     return {
       b: stores.ZarrStore(os.path.join(manual_dir, g))
       for b, g in groups.items()
     }
   store_root = config.reps.dir or os.path.join(workdir, "reps")
-  stores = extract.extract(
+  readers = extract.extract(
     config,
     tfds_trailers12k.data_source(builder),
     list(index["ids"]),
     store_root,
   )
   multihost_utils.sync_global_devices("representations extracted")
-  return stores
+  return readers
 
 
 def available(readers: dict, index: dict) -> np.ndarray:
@@ -147,15 +140,14 @@ def run_fold(config, workdir, readers, index, keep, fold) -> dict:
   if hosts.agree(os.path.exists(out)):  # Finished: every process loads it.
     with open(out) as f:
       return json.load(f)
-  ids = [i for i, k in zip(index["ids"], keep) if k]
-  result = loop.train_fold(
-    config,
-    os.path.join(workdir, f"fold{fold}"),
-    readers,
-    ids,
+  data = common.FoldData.from_split(
+    [i for i, k in zip(index["ids"], keep) if k],
     index["labels"][keep],
     index["split_assignment"][keep],
     fold,
+  )
+  result = loop.train_fold(
+    config, os.path.join(workdir, f"fold{fold}"), readers, data
   )
   summary = {k: result[k] for k in ("epoch", "val", "test")}
   summary = report.strict(summary)  # As a rerun reads it back: NaN -> None.
@@ -185,11 +177,11 @@ def run(
   if jax.process_index() == 0:  # predict.py rebuilds the run from this file.
     workdir_lib.write_config(config, workdir)
   builder, index = ensure_dataset(config, workdir)
-  if config.train.mode == "finetune":  # Decoded clips: no representations.
+  if loop.mode(config).READS_REPRESENTATIONS:
+    readers, keep = _representations(config, workdir, builder, index)
+  else:  # Fine-tuning decodes the clips itself.
     readers = tfds_trailers12k.data_source(builder)
     keep = np.ones(len(index["ids"]), bool)
-  else:
-    readers, keep = _representations(config, workdir, builder, index)
   results = {}
   for fold in config.folds:
     results[fold] = run_fold(config, workdir, readers, index, keep, fold)
@@ -206,8 +198,7 @@ def run(
       f"fusion, CAM {config.model.cam}, {config.clips.segmentation} "
       "clips"
     )
-    if config.train.mode == "finetune":
-      title += ", backbones fine-tuned end to end"
+    title += loop.mode(config).TITLE_SUFFIX
     report.write_results(results, os.path.join(workdir, "results"), title)
     with open(os.path.join(workdir, "results", "summary.md")) as f:
       print(f.read())

@@ -126,17 +126,3 @@ def batch_sharding(mesh: Mesh, data_axis=None) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def check_batch_size(global_size: int, mesh: Mesh, name: str) -> int:
-  """Returns the per-process batch size; errors if it doesn't divide."""
-  procs = jax.process_count()
-  axes = batch_axes(mesh)
-  axes = (axes,) if isinstance(axes, str) else axes
-  data = int(np.prod([mesh.shape[a] for a in axes]))
-  if global_size % procs or global_size % data:
-    raise ValueError(
-      f"{name}={global_size} must be divisible by the number of processes "
-      f"({procs}) and by the {' x '.join(axes)} mesh axes' size ({data})."
-    )
-  return global_size // procs

@@ -120,14 +120,10 @@ class Video:
     tb = float(self._stream.time_base)
     times = (pts - pts[0]) * tb
     last = dur[order[-1]] * tb
-    if last <= 0:
+    if last <= 0:  # Unknown: the median frame step, else 1 / nominal rate.
       diffs = np.diff(times)
       rate = self._stream.average_rate
-      last = (
-        float(np.median(diffs))
-        if len(diffs)
-        else (1.0 / float(rate) if rate else 1.0)
-      )
+      last = float(np.median(diffs)) if len(diffs) else 1 / float(rate or 1)
     return VideoIndex(pts, times, float(times[-1] + last), keyframes)
 
   def read(
@@ -380,38 +376,26 @@ def sample_clips(
   video: bytes | str,
   shots: np.ndarray | None,
   *,
-  segmentation: str = "shots",
-  frames_per_clip: int = 24,
-  fps: float = 24.0,
-  placement: str = "center",
-  max_clips_per_shot: int = 1,
   resolution: int = 224,
   trailer_id: str = "",
+  **sampling,
 ) -> tuple[np.ndarray, dict]:
   """Decodes the clips of a trailer -> uint8 [N, T, res, res, 3], info.
 
-  segmentation 'shots': one clip of T = `frames_per_clip` frames at `fps` per
-  shot (`max_clips_per_shot` > 1 splits long shots), placed at the shot's
-  center / start, or spread uniformly over it; shots shorter than T repeat
-  their frames in order. 'fixed': consecutive windows of T frames covering
-  the trailer, ignoring shots (the last window is stretched if short).
-  `shots` int [S, 2] are (start, end-exclusive) displayed-frame indices.
+  `sampling`: plan_clips's keywords. segmentation 'shots': one clip of T =
+  `frames_per_clip` frames at `fps` per shot (`max_clips_per_shot` > 1
+  splits long shots), placed at the shot's center / start, or spread
+  uniformly over it; shots shorter than T repeat their frames in order.
+  'fixed': consecutive windows of T frames covering the trailer, ignoring
+  shots (the last window is stretched if short). `shots` int [S, 2] are
+  (start, end-exclusive) displayed-frame indices.
 
   info: 'frame_indices' int64 [N, T], 'shot_lengths' int64 [N], 'clip_shots'
   int64 [N] (see plan_clips), 'num_frames', 'fps' (source average), 'duration'
   (seconds). Raises VideoError naming `trailer_id` for bad videos or shots.
   """
   with Video(video, trailer_id) as v:
-    info = plan_clips(
-      v.index,
-      shots,
-      segmentation=segmentation,
-      frames_per_clip=frames_per_clip,
-      fps=fps,
-      placement=placement,
-      max_clips_per_shot=max_clips_per_shot,
-      trailer_id=trailer_id,
-    )
+    info = plan_clips(v.index, shots, trailer_id=trailer_id, **sampling)
     clips = v.read(info["frame_indices"], resolution)  # [N, T, H, W, 3]
     info.update(
       num_frames=v.index.num_frames, fps=v.index.fps, duration=v.index.duration
@@ -419,11 +403,14 @@ def sample_clips(
   return clips, info
 
 
+def center_frame(clips):
+  """Frame T // 2 of each clip (numpy or jax): [N, T, ...] -> [N, 1, ...]."""
+  t = clips.shape[1] // 2
+  return clips[:, t : t + 1]
+
+
 def read_frames(
-  video: bytes | str,
-  frame_indices,
-  resolution: int | None = None,
-  trailer_id: str = "",
+  video: bytes | str, frame_indices, resolution=None, trailer_id: str = ""
 ) -> np.ndarray:
   """Decodes given frames (e.g. thumbnails) -> uint8 [*shape, H, W, 3]."""
   with Video(video, trailer_id) as v:

@@ -8,24 +8,21 @@ Fields that cannot change results (where things are stored, logging, mesh,
 batch sizes of extraction and evaluation, which folds run) may differ.
 
 `preflight` finds the mistakes that would otherwise surface after hours of
-dataset building or extraction: a remote or unusable workdir, a missing
-manual_dir or converted checkpoint, batch sizes that do not fit the mesh.
+dataset building or extraction: every config value (configs/checks.py,
+with the batch sizes on this run's mesh), a remote or unusable workdir, a
+missing manual_dir or converted checkpoint.
 """
 
 import fnmatch
 import json
 import os
-import re
 import time
 
 import jax
 import ml_collections
-import numpy as np
 
-from divita_jax import atomic, sharding
-from divita_jax.models import remat
-from divita_jax.pipelines import clips
-from divita_jax.trainers import finetune
+from divita_jax import atomic
+from divita_jax.configs import checks
 
 CONFIG_FILE = "config.json"
 # Fields (dotted, fnmatch patterns) that cannot change results.
@@ -46,13 +43,19 @@ FREE_FIELDS = (
 )
 # Fields added after runs were written: an older config.json without them
 # ran with these values.
-ADDED_FIELDS = {"train.mode": "frozen"}
+ADDED_FIELDS = {
+  "train.mode": "frozen",
+  "train.grad_clip_norm": 0.0,
+  "finetune.lr_mults": [],
+  "finetune.wd_mults": [],
+}
 # What --overwrite moves aside (caches of the dataset and reps stay).
 RESULTS = ("config.json", "results", "fold*")
 
 
-class WorkdirError(ValueError):
-  """A workdir or setting that cannot work; the message says what to do."""
+class WorkdirError(checks.ConfigError):
+  """A workdir or file the config names that cannot work; the message says
+  what to do."""
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -150,7 +153,10 @@ def _check_dir(path: str, what: str) -> None:
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """One clear error for each setting that would fail later."""
+  """One clear error for each setting that would fail later: the config's
+  values on this run's devices (configs/checks.py), then the folders and
+  files it names."""
+  checks.check(config, jax.device_count(), jax.process_count())
   _check_dir(workdir, "--workdir")
   for field in ("data_dir",):
     if config.dataset[field]:
@@ -158,11 +164,6 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.reps.dir:
     _check_dir(config.reps.dir, "config.reps.dir")
   d = config.dataset
-  if d.config in ("raw", "reps") and not d.manual_dir:
-    raise WorkdirError(
-      f"The {d.config} dataset needs its files: set "
-      "--config.dataset.manual_dir=DIR (mtgc.csv + videos/ or zarr groups)."
-    )
   if d.manual_dir and not os.path.isdir(d.manual_dir):
     raise WorkdirError(
       f"config.dataset.manual_dir {d.manual_dir!r} is not a directory."
@@ -175,65 +176,3 @@ def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"config.backbones.{b}.checkpoint {ckpt!r} is not a converted "
           "checkpoint (no spec.json; run python -m divita_jax.convert)."
         )
-  mesh = sharding.make_mesh(config.mesh)
-  for name in ("batch_size", "eval_batch_size"):
-    sharding.check_batch_size(config.train[name], mesh, f"config.train.{name}")
-  if config.train.mode not in finetune.MODES:
-    raise WorkdirError(
-      f"config.train.mode={config.train.mode!r}: expected "
-      f"{' | '.join(finetune.MODES)}."
-    )
-  if config.train.mode == "finetune":
-    _check_finetune(config, mesh)
-
-
-def _one_of(value, allowed, name: str) -> None:
-  if value not in allowed:
-    raise WorkdirError(f"{name}={value!r}: expected {' | '.join(allowed)}.")
-
-
-def _check_finetune(config, mesh) -> None:
-  """The fine-tuning settings that would fail in the first step."""
-  f = config.finetune
-  if config.dataset.config == "reps":
-    raise WorkdirError(
-      "Fine-tuning decodes trailers: the reps dataset has no videos; set "
-      "config.dataset.config to synthetic or raw."
-    )
-  _one_of(f.remat, tuple(remat.POLICIES), "config.finetune.remat")
-  _one_of(f.schedule, ("plateau", "cosine"), "config.finetune.schedule")
-  _one_of(f.head_batch_norm, ("batch", "running"), "finetune.head_batch_norm")
-  _one_of(f.dtype, ("float32", "bfloat16", "auto"), "config.finetune.dtype")
-  if f.clips_per_trailer < 1 or f.microbatches < 1:
-    raise WorkdirError(
-      "config.finetune.clips_per_trailer and .microbatches must be >= 1."
-    )
-  # Every device's rows split into the micro-batches (finetune.Model.micro).
-  axes = sharding.batch_axes(mesh)
-  axes = (axes,) if isinstance(axes, str) else axes
-  rows = int(np.prod([mesh.shape[a] for a in axes]))
-  for name in ("batch_size", "eval_batch_size"):
-    size = config.train[name]
-    if size % (rows * f.microbatches):
-      raise WorkdirError(
-        f"config.train.{name}={size} must be divisible by the batch devices "
-        f"({rows}) x config.finetune.microbatches ({f.microbatches})."
-      )
-  try:
-    clips.check_augment(f.augment.to_dict())
-  except ValueError as e:
-    raise WorkdirError(f"config.finetune.augment: {e}") from e
-  eval_rows = config.train.eval_batch_size
-  if eval_rows % (rows * f.eval_microbatches):
-    raise WorkdirError(
-      f"config.train.eval_batch_size={eval_rows} must be divisible by the "
-      f"batch devices ({rows}) x config.finetune.eval_microbatches "
-      f"({f.eval_microbatches})."
-    )
-  for pattern in f.freeze:
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise WorkdirError(
-        f"config.finetune.freeze pattern {pattern!r} is not a regex: {e}."
-      ) from e

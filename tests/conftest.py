@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.torch_reference import torchvision
+from divita_jax.references.torchvision_cpu import torchvision
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -16,12 +16,13 @@ jax = multihost_common.start(
 )
 
 import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from divita_jax import sharding  # noqa: E402
 from divita_jax.configs import divita  # noqa: E402
-from divita_jax.pipelines import stores  # noqa: E402
-from divita_jax.trainers import checkpoints, loop  # noqa: E402
+from divita_jax.pipelines import common, stores  # noqa: E402
+from divita_jax.trainers import checkpoints, frozen, loop  # noqa: E402
 
 INTERLEAVE = os.environ.get("DIVITA_TEST_INTERLEAVE") == "1"
 
@@ -59,14 +60,15 @@ def main():
   config.train.eval_batch_size = 8
   config.train.learning_rate = 3e-3
   config.train.max_epochs = max_epochs
+  config.train.log_every_steps = 1  # "Step k:" lines: kill tests wait on them.
+  logging.set_verbosity(logging.INFO)
+  data = common.FoldData.from_split(ids, problem["labels"], problem["split"], 0)
   try:
-    result = loop.train_fold(
-      config, workdir, readers, ids, problem["labels"], problem["split"], 0
-    )
+    result = loop.train_fold(config, workdir, readers, data)
   except checkpoints.Preempted as e:
     sys.exit(128 + e.signum)  # What main.py does.
   variables, _ = checkpoints.load_best(
-    workdir, lambda nf: loop.abstract_variables(config, nf)
+    workdir, lambda nf: frozen.abstract_variables(config, nf)
   )
   params = multihost_utils.process_allgather(variables["params"], tiled=True)
   flat = {

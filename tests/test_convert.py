@@ -144,6 +144,10 @@ def test_hf_vit_negative_controls(tmp_path):
     _, out = jax.jit(module.apply)({"params": params}, x)
     diff = np.abs(np.asarray(out["encoded"]) - want.numpy()).max()
     assert diff > 1e-2, (name, diff)
+  # A key no HF rule knows keeps its name: the strict check lists it.
+  extra = convert_hf.map_hf({**sd, "vit.extra.weight": w_q}, 3, "vit")
+  with pytest.raises(ConversionError, match=r"unexpected keys \['vit.extra"):
+    tree.build_params(extra, spec)
   # Wrong GELU form: small but far above the tolerance.
   exact = module.clone(gelu_approximate=not module.gelu_approximate)
   _, out = jax.jit(exact.apply)({"params": good}, x)
@@ -560,3 +564,140 @@ def test_scenic_factorized_vivit_with_its_own_temporal_sizes(tmp_path):
   tokens = np.concatenate([cls, frames], 1)
   want = temporal.apply({"params": tparams}, tokens)[:, 0]
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+CHECK_CASES = {
+  "missing": (
+    {"a/kernel": (2, 3)},
+    "missing keys ['b/bias']",
+  ),
+  "unexpected": (
+    {"a/kernel": (2, 3), "b/bias": (3,), "c/extra": (1,)},
+    "unexpected keys ['c/extra', 'source.key']",
+  ),
+  "shape": (
+    {"a/kernel": (3, 2), "b/bias": (3,)},
+    "shape mismatches ['a/kernel: (3, 2) vs model (2, 3)']",
+  ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_check_keys_message(case):
+  """The one checker of every converter: each problem named by key."""
+  got, listed = CHECK_CASES[case]
+  want = {"a/kernel": (2, 3), "b/bias": (3,)}
+  unused = ["source.key"] if case == "unexpected" else []
+  with pytest.raises(ConversionError) as e:
+    tree.check_keys(got, want, unused=unused, model="Net")
+  head = "Checkpoint does not match what Net expects: "
+  assert str(e.value) == head + listed
+  tree.check_keys(want, {**want, "b/bias": None})  # None: any shape.
+
+
+def test_check_keys_lists_twenty_and_counts_the_rest():
+  want = {f"k{i}": (1,) for i in range(25)}
+  with pytest.raises(ConversionError, match=r"'k19'\] and 5 more$"):
+    tree.check_keys({}, want)
+
+
+def test_unmatched_patterns_are_errors(tmp_path):
+  _, params = _tiny_vit(depth=1)
+  _vit_jax_npz(params, tmp_path / "vit.npz")
+  for flag in ("drop", "dont_load"):
+    with pytest.raises(ConversionError, match=f"--{flag} \\['head2/.*'\\]"):
+      convert_vit.convert(
+        "vit_npz",
+        str(tmp_path / "vit.npz"),
+        str(tmp_path / flag),
+        **{flag: ["head2/.*"]},
+      )
+
+
+# Per source family: a flag that does not apply, and the message's start.
+# Checked before any file is read (the input does not exist).
+NOT_APPLICABLE = [
+  ("divita_torch", ["--drop=x"], "--drop does not apply to --source "
+   "divita_torch (it applies to: vit_npz, hf_vit"),
+  ("divita_torch", ["--normalization=imagenet"], "--normalization does not "
+   "apply to --source divita_torch"),
+  ("divita_torch", ["--resolution=224"], "--resolution does not apply"),
+  ("vit_npz", ["--cam=tsfm"], "--cam does not apply to --source vit_npz "
+   "(it applies to: divita_torch)"),
+  ("hf_vit", ["--width=1.0"], "--width does not apply to --source hf_vit"),
+  ("scenic_vit", ["--source_resolution=8"], "--source_resolution does not "
+   "apply to --source scenic_vit (it applies to: scenic_vivit)"),
+  ("hf_vivit", ["--inflate_tubelet=2"], "--inflate_tubelet does not apply "
+   "to --source hf_vivit"),
+  ("vit_npz", ["--num_frames=8"], "--num_frames does not apply to --source "
+   "vit_npz (an image model) without --inflate_tubelet"),
+  ("vit_npz", ["--kernel_init=average"], "--kernel_init applies only with "
+   "--inflate_tubelet"),
+  ("torchvision", ["--arch=resnet18", "--inflate_tubelet=2"],
+   "--inflate_tubelet does not apply to --source torchvision"),
+  ("torchvision", ["--arch=resnet18", "--num_frames=8"], "--num_frames does "
+   "not apply to --arch resnet18 (an image model; it applies to: swin3d_t"),
+  ("torchvision", [], "--source torchvision needs --arch"),
+  ("hf_swin", ["--arch=swin_t"], "--arch does not apply to --source hf_swin"),
+  ("hf_swin", ["--num_frames=8"], "--num_frames does not apply to --source "
+   "hf_swin"),
+  ("efficient3d", ["--kernel_init=central"], "--kernel_init does not apply "
+   "to --source efficient3d"),
+  ("efficient3d", ["--cam=gru_1_6"], "--cam does not apply"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("source,flags,message", NOT_APPLICABLE)
+def test_flag_that_does_not_apply_is_an_error(tmp_path, source, flags, message):
+  args = [f"--source={source}", f"--input={tmp_path}/none", *flags]
+  with pytest.raises(SystemExit) as e:
+    convert_cli.main([*args, f"--output={tmp_path}/out"])
+  assert str(e.value).startswith(f"convert: error: {message}"), e.value
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+  "source,flags",
+  [
+    (
+      "vit_npz",
+      ["--inflate_tubelet=2", "--num_frames=4", "--kernel_init=average"],
+    ),
+    ("scenic_vivit", ["--source_resolution=8", "--num_frames=4", "--drop=x"]),
+    ("torchvision", ["--arch=r2plus1d_18", "--num_frames=8", "--dont_load=x"]),
+    ("hf_swin", ["--normalization=imagenet", "--resolution=192"]),
+    ("efficient3d", ["--width=0.5", "--num_frames=24", "--drop=x"]),
+    ("divita_torch", ["--cam=gru_1_6"]),
+  ],
+)
+def test_flags_that_apply_reach_the_input(tmp_path, source, flags):
+  """Negative control: applicable flags pass; the missing file is next."""
+  args = [f"--source={source}", f"--input={tmp_path}/none", *flags]
+  with pytest.raises(SystemExit, match=r"--input .*none does not exist"):
+    convert_cli.main([*args, f"--output={tmp_path}/out"])
+
+
+def test_help_prints_the_flag_table(capsys):
+  with pytest.raises(SystemExit):
+    convert_cli.main(["--help"])
+  out = " ".join(capsys.readouterr().out.split())  # Lines are wrapped.
+  for flag, sources in convert_cli.APPLIES.items():
+    assert f"--{flag}: {', '.join(sources)}" in out
+
+
+def test_dont_load_writes_the_models_random_init(tmp_path):
+  _, params = _tiny_vit(depth=1)
+  _vit_jax_npz(params, tmp_path / "vit.npz")
+  mlp = "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"
+  spec = convert_vit.convert(
+    "vit_npz", str(tmp_path / "vit.npz"), str(tmp_path / "o"), dont_load=[mlp]
+  )
+  _, loaded, _ = backbone.load_backbone(str(tmp_path / "o"))
+  init = backbone.init_params(backbone.module_from_spec(spec), spec)
+  got = traverse_util.flatten_dict(loaded["params"], sep="/")
+  want = traverse_util.flatten_dict(init, sep="/")[mlp]
+  np.testing.assert_array_equal(got[mlp], want)
+  source = traverse_util.flatten_dict(params, sep="/")
+  assert np.abs(got[mlp] - source[mlp]).max() > 0.1
+  np.testing.assert_array_equal(got["cls"], source["cls"])

@@ -21,7 +21,8 @@ import torch
 from divita_jax.convert import convnets
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import r2plus1d, resnet, shufflenet
-from tests.torch_reference import torchvision
+from divita_jax.references.shufflenet3d import inflate_layers, shuffle_any_rank
+from divita_jax.references.torchvision_cpu import torchvision
 
 TOL = 1e-4  # max abs diff of pooled features / max abs feature
 
@@ -267,32 +268,6 @@ def test_shufflenet_3d_inflation(shufflenet_3d_inflated, frames):
   assert rel_err(ours, torch_features(model, frame)) <= TOL
 
 
-def shuffle_any_rank(x, groups):
-  b, c = x.shape[:2]
-  x = x.view(b, groups, c // groups, *x.shape[2:]).transpose(1, 2)
-  return x.reshape(b, c, *x.shape[3:])
-
-
-def inflate_layers(module):
-  """torch 2-D layers -> 3-D ones with the same kernel, stride, groups."""
-  tnn = torch.nn
-  for name, child in module.named_children():
-    if isinstance(child, tnn.Conv2d):
-      k, s, p = child.kernel_size[0], child.stride[0], child.padding[0]
-      new = tnn.Conv3d(
-        child.in_channels, child.out_channels, k, s, p,
-        groups=child.groups, bias=False,
-      )  # fmt: skip
-    elif isinstance(child, tnn.BatchNorm2d):
-      new = tnn.BatchNorm3d(child.num_features)
-    elif isinstance(child, tnn.MaxPool2d):
-      new = tnn.MaxPool3d(3, 2, 1)
-    else:
-      inflate_layers(child)
-      continue
-    setattr(module, name, new)
-
-
 def test_shufflenet_3d_parity_moving_clip(tv, monkeypatch):
   """A torch 3-D ShuffleNet with Efficient-3DCNNs' strides (stem (1,2,2),
   pool and stage strides 2 in T), built from torchvision's blocks, against
@@ -403,7 +378,7 @@ def test_strict_keys(shufflenet_x1):
   sd = state_dict(model)
   arch = "shufflenet_v2_x1_0"
   extra = {**sd, "stage2.0.branch1.9.weight": np.zeros(3, np.float32)}
-  with pytest.raises(ConversionError, match=r"unknown keys \['stage2"):
+  with pytest.raises(ConversionError, match=r"unexpected keys \['stage2"):
     convnets.from_torchvision(extra, arch)
   missing = {k: v for k, v in sd.items() if k != "conv5.1.running_var"}
   with pytest.raises(

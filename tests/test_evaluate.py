@@ -6,8 +6,9 @@ import torch
 
 from divita_jax import evaluate, sharding
 from divita_jax.configs import divita as divita_config
-from divita_jax.pipelines import reps, stores
-from divita_jax.trainers import loop
+from divita_jax.pipelines import common, reps, stores
+from divita_jax.trainers import frozen
+from divita_jax.trainers import state as train_state
 
 CLIPS = 4  # Clips per window.
 LENGTHS = (9, 3, 4, 6, 5)  # Windows: 3, 1, 1, 2, 2 (last ones padded).
@@ -62,17 +63,12 @@ def _official_loss(model, variables, readers, ids, labels, batch_size):
 def test_window_loss_is_the_official_validation_loss():
   config, readers, ids, labels, feats = _problem()
   mesh = sharding.make_mesh(config.mesh)
-  p = loop.programs(config, mesh, feats)
+  p = frozen.programs(config, mesh, feats)
   state = p.init(jax.random.PRNGKey(0))
-  variables = loop.variables_of(state)
-  data = reps.eval_data(
-    readers,
-    ids,
-    labels,
-    np.arange(len(ids)),
-    num_clips=CLIPS,
-    global_batch_size=config.train.eval_batch_size,
-  )
+  variables = train_state.variables_of(state)
+  fold = common.FoldData(ids, labels, {"all": np.arange(len(ids))})
+  batching = common.Batching(CLIPS, config.train.eval_batch_size)
+  data = reps.eval_data(readers, fold, "all", batching)
   outputs = evaluate.window_outputs(
     p.eval_step, variables, data, mesh, config.model.branches
   )

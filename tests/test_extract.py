@@ -16,7 +16,7 @@ import pytest
 
 from divita_jax import extract, video
 from divita_jax.configs import divita
-from divita_jax.models import backbone
+from divita_jax.models import backbone, runtime
 from divita_jax.pipelines import extraction
 
 
@@ -81,7 +81,7 @@ def test_extract_writes_skips_and_resumes(tmp_path):
 
   # Features equal the backbone applied directly to the sampled clips.
   config = _config()
-  module, variables, spec = extract.make_backbone(config, "video")
+  module, variables, spec = runtime.make_backbone(config, "video")
   clips, _ = video.sample_clips(
     good, source[0]["shots"], frames_per_clip=4, fps=8.0, resolution=32
   )
@@ -106,7 +106,7 @@ def test_checkpoint_resampled_to_the_clip_size(tmp_path):
   backbone.save_backbone(str(tmp_path / "vivit"), params, spec)
   config = _config()
   config.backbones.video.checkpoint = str(tmp_path / "vivit")
-  module, params, spec = extract.make_backbone(config, "video")
+  module, params, spec = runtime.make_backbone(config, "video")
   assert spec["resolution"] == 32 and spec["num_frames"] == 4
   stats = backbone.input_stats(spec)
   fn = extract.make_feature_fn(module, params, "vivit", stats)
@@ -126,7 +126,7 @@ def _clips(n: int, seed: int = 0, frames: int = 4) -> np.ndarray:
 def test_normalised_inside_equals_the_host_formula_bitwise():
   x = np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 256, 3)
   for stats in backbone.NORMALIZATIONS.values():
-    inside = jax.jit(lambda x, s=stats: extract.normalize(x, *s))(x)
+    inside = jax.jit(lambda x, s=stats: runtime.normalize(x, *s))(x)
     np.testing.assert_array_equal(inside, video.normalize(x, *stats))
 
 
@@ -209,18 +209,16 @@ def test_centre_frame_pooling_decodes_one_frame_per_clip(tmp_path):
   source = [_record("tt1", good, 24)]
   stores = extract.extract(config, source, ["tt1"], str(tmp_path))
   assert stores["image"].tag.endswith("_center")
-  (item,) = extraction.clip_loader(
-    source,
-    np.array([0]),
-    clip_kwargs=video.sample_kwargs(config.clips, 32),
-    center_frame_only=True,
+  decoding = extraction.Decoding(
+    video.sample_kwargs(config.clips, 32), center_frame_only=True
   )
+  (item,) = extraction.clip_loader(source, np.array([0]), decoding)
   full, info = video.sample_clips(good, source[0]["shots"], **_kwargs())
   np.testing.assert_array_equal(
     item["frame_indices"][:, 0], info["frame_indices"][:, 2]
   )
   np.testing.assert_array_equal(item["clips"][:, 0], full[:, 2])
-  module, variables, spec = extract.make_backbone(config, "image")
+  module, variables, spec = runtime.make_backbone(config, "image")
   x = video.normalize(full[:, 2], *backbone.input_stats(spec))
   want = module.apply(variables, x)[0]
   np.testing.assert_allclose(stores["image"].read("tt1"), want, atol=1e-5)
@@ -287,7 +285,7 @@ def test_light_pair_extracts_clip_features(tmp_path):
   config.clips.frames_per_clip = 4
   clips = _clips(3)
   for branch, dim in (("image", 1024), ("video", 1024)):
-    module, variables, spec = extract.make_backbone(config, branch)
+    module, variables, spec = runtime.make_backbone(config, branch)
     assert "batch_stats" in variables and spec["feature_dim"] == dim
     fn = extract.make_feature_fn(
       module, variables, spec, backbone.input_stats(spec)

@@ -4,30 +4,32 @@ import functools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
 import tfds_trailers12k
 from divita_jax import (
-  extract,
   hosts,
   metrics,
   predict,
+  report,
   run,
   sharding,
   workdir,
 )
+from divita_jax.configs import checks
 from divita_jax.configs import divita as divita_config
-from divita_jax.models import backbone
-from divita_jax.trainers import checkpoints, finetune, optim, param_groups
+from divita_jax.models import backbone, runtime
+from divita_jax.trainers import checkpoints, finetune, loop, param_groups
 from divita_jax.trainers import state as ts
+from tests import kill_at
 from tfds_trailers12k import genres
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,8 +98,8 @@ def test_sharded_step_equals_one_device(kind):
       specs = {x.sharding.spec for x in jax.tree.leaves(state.params)}
       assert any("model" in s for s in specs), specs
       assert any("fsdp" in s for s in specs), specs
-    state, loss = p.train_step(state, hosts.global_batch(_batch(c), mesh), lr)
-    out[devices] = (jax.device_get(state.params), float(loss))
+    state, m = p.train_step(state, hosts.global_batch(_batch(c), mesh), lr)
+    out[devices] = (jax.device_get(state.params), float(m["loss"]))
   assert abs(out[8][1] - out[1][1]) < 1e-5
   _assert_close(out[8][0], out[1][0], atol=1e-5)
 
@@ -157,9 +159,9 @@ def test_param_groups_freeze_and_layer_decay():
   c.finetune.freeze_layers = 2  # Stem and the first block.
   c.finetune.layer_decay = 0.5
   c.finetune.backbone_lr_scale = 0.1
-  _, variables, _ = extract.make_backbone(c, "video")
+  _, variables, _ = runtime.make_backbone(c, "video")
   params = {"head": {"w": np.zeros(2)}, "video": variables["params"]}
-  frozen, scale = param_groups.param_groups(c, params)
+  frozen, scale, decay = param_groups.param_groups(c, params)
   assert "video/embedding/kernel" in frozen
   assert "video/cls" in frozen
   assert any("encoderblock_0/" in n for n in frozen)
@@ -169,9 +171,49 @@ def test_param_groups_freeze_and_layer_decay():
   block = [v for k, v in scale.items() if "encoderblock_1/" in k]
   assert set(block) == {0.1 * 0.5}
   assert scale["video/Transformer/encoder_norm/scale"] == 0.1
+  assert set(decay.values()) == {1.0}
   c.finetune.freeze = ("video/no_such_layer",)
   with pytest.raises(ValueError, match="no_such_layer"):
     param_groups.param_groups(c, params)
+
+
+def test_lr_and_weight_decay_multipliers_by_regex_and_clipping():
+  c = _config()
+  c.finetune.backbone_lr_scale = 0.1
+  c.finetune.lr_mults = ("encoder_norm=3",)
+  c.finetune.wd_mults = ("bias|scale=0",)
+  params = {
+    "head": {"w": jnp.ones(2), "bias": jnp.ones(2)},
+    "video": {"Transformer": {"encoder_norm": {"scale": jnp.ones(2)}}},
+  }
+  _, scale, decay = param_groups.param_groups(c, params)
+  assert scale["video/Transformer/encoder_norm/scale"] == pytest.approx(0.3)
+  assert scale["head/w"] == 1.0
+  assert decay == {
+    "head/w": 1.0,
+    "head/bias": 0.0,
+    "video/Transformer/encoder_norm/scale": 0.0,
+  }
+  c.train.weight_decay, c.train.learning_rate = 0.5, 1.0
+  tx = param_groups.make_optimizer(c, scale, decay)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  # Zero gradients: only the decay moves a parameter, -lr x wd x mult.
+  np.testing.assert_allclose(updates["head"]["w"], -0.5)
+  np.testing.assert_allclose(updates["head"]["bias"], 0.0)
+  c.train.grad_clip_norm = 1e-3  # Clipped first: Adam's step is scale-free,
+  c.train.weight_decay = 0.0  # so compare the clipped moments' input.
+  tx = param_groups.make_optimizer(c)
+  big = jax.tree.map(lambda x: 100.0 * x, params)
+  state = tx.init(params)
+  _, state = tx.update(big, state, params)
+  mu = state.inner_state[1].mu
+  norm = optax.global_norm(jax.tree.map(lambda m: m / (1 - c.train.b1), mu))
+  assert norm == pytest.approx(1e-3, rel=1e-4)
+  for bad in (("no_factor",), ("x=abc",), ("[=2",)):
+    c.finetune.lr_mults = bad
+    with pytest.raises(ValueError, match="lr_mults"):
+      param_groups.param_groups(c, params)
 
 
 # ------------------------------------------------- the synthetic end to end
@@ -185,8 +227,8 @@ RUN_FLAGS = (
 )
 
 
-def _launch(workdir, data_dir=""):
-  flags = [*RUN_FLAGS, f"--workdir={workdir}"]
+def _launch(workdir, data_dir="", *extra):
+  flags = [*RUN_FLAGS, f"--workdir={workdir}", *extra]
   if data_dir:
     flags.append(f"--config.dataset.data_dir={data_dir}")
   return subprocess.Popen(
@@ -262,7 +304,7 @@ def test_finetuning_learns_and_keeps_frozen_layers(finetuned):
   trained = _flat(variables["params"])
   moved = 0
   for b in ("image", "video"):
-    _, start, _ = extract.make_backbone(c, b)
+    _, start, _ = runtime.make_backbone(c, b)
     ids, _ = param_groups.layer_ids(start["params"])
     ids = _flat(ids)
     for name, x in _flat(start["params"]).items():
@@ -277,17 +319,8 @@ def test_finetuning_learns_and_keeps_frozen_layers(finetuned):
 def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(finetuned, tmp_path):
   workdir = str(tmp_path / "killed")
   data_dir = os.path.join(finetuned, "tfds")  # Built already.
-  proc = _launch(workdir, data_dir)
-  ckpts = os.path.join(workdir, "fold0", "checkpoints")
-  deadline = time.time() + 600
-  while proc.poll() is None and time.time() < deadline:
-    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
-      break
-    time.sleep(0.05)
-  time.sleep(2.0)  # Into the next epoch's steps.
-  assert proc.poll() is None, "The run ended before it was killed."
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
+  proc = _launch(workdir, data_dir, "--config.train.log_every_steps=1")
+  kill_at.kill_at_step(proc, seed=0)  # Mid epoch 2, after a checkpoint.
   assert "resuming at step" in _finish(_launch(workdir, data_dir))
   _, resumed = _best(workdir)
   _, whole = _best(finetuned)
@@ -315,7 +348,7 @@ def test_predict_uses_the_finetuned_backbones(finetuned, tmp_path, capsys):
       f.write(data)
   assert predict.main([f"--workdir={finetuned}", "--json", *paths]) == 0
   out = json.loads(capsys.readouterr().out)
-  ids, probs = predict.read_probs_csv(
+  ids, probs = report.read_predictions(
     os.path.join(finetuned, "results", "fold0_test_probs.csv")
   )
   evaluated = dict(zip(ids, probs))
@@ -338,7 +371,7 @@ def test_bad_finetune_settings_fail_before_any_work(tmp_path):
     c[section][field] = value
     if section == "dataset":
       c.dataset.manual_dir = str(tmp_path)
-    with pytest.raises(workdir.WorkdirError, match=re.escape(message)):
+    with pytest.raises(checks.ConfigError, match=re.escape(message)):
       workdir.preflight(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
@@ -347,17 +380,17 @@ def test_warmup_cosine_schedule():
   c = _config()
   c.train.learning_rate, c.train.max_epochs = 1.0, 4
   c.finetune.schedule, c.finetune.warmup_epochs = "cosine", 1.0
-  host = {"plateau": {"lr": 0.5}}
-  lrs = [optim.step_lr(c, host, s, steps_per_epoch=10) for s in range(40)]
+  host = loop.HostState(plateau={"lr": 0.5})
+  lrs = [finetune.learning_rate(c, host, s, 10) for s in range(40)]
   np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10)  # Warmup.
   assert lrs[10] == 1.0 and lrs[25] == pytest.approx(0.5)
   assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
   c.finetune.schedule = "plateau"  # The frozen protocol's, from the host.
-  assert optim.step_lr(c, host, 3, 10) == 0.5
+  assert finetune.learning_rate(c, host, 3, 10) == 0.5
 
 
 def test_swin_patch_merging_follows_its_stage_blocks():
-  _, _, spec = extract.make_backbone(_config("swin3d"), "video")
+  _, _, spec = runtime.make_backbone(_config("swin3d"), "video")
   module = backbone.module_from_spec(spec)
   ids, num = param_groups.layer_ids(backbone.abstract_params(module, spec))
   ids = _flat(ids)

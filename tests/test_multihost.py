@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from divita_jax.pipelines import stores
+from tests import kill_at
 
 pytestmark = pytest.mark.xdist_group("multihost")
 
@@ -128,10 +129,7 @@ def test_kill_9_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
   store, one = uninterrupted
   workdir, out = str(tmp_path / "killed"), str(tmp_path / "k.npz")
   (proc,) = _launch(store, workdir, out, 1, 4)
-  _first_checkpoint(workdir, proc)
-  time.sleep(np.random.default_rng().uniform(0, 1.5))  # A random later step.
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
+  kill_at.kill_at_step(proc, seed=1)  # A seeded step of epoch 2.
   assert not os.path.exists(out), "The run finished before it was killed."
   _wait(_launch(store, workdir, out, 1, 4))  # Restart in the same workdir.
   resumed = np.load(out)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
-from divita_jax import predict
+from divita_jax import predict, report
 from tfds_trailers12k import genres
 
 pytestmark = pytest.mark.xdist_group("pipeline")
@@ -46,7 +46,7 @@ def trailers(trained_workdir, tmp_path_factory):
 def evaluated(trained_workdir):
   """id -> probabilities [10] that the evaluation wrote for fold 0 test."""
   path = os.path.join(trained_workdir, "results", "fold0_test_probs.csv")
-  ids, probs = predict.read_probs_csv(path)
+  ids, probs = report.read_predictions(path)
   return dict(zip(ids, probs))
 
 

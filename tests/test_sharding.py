@@ -7,7 +7,7 @@ import pytest
 
 from divita_jax import hosts, sharding
 from divita_jax.configs import divita as divita_config
-from divita_jax.trainers import loop
+from divita_jax.trainers import frozen
 
 
 def _mesh_config(shape, axes=("data", "model")):
@@ -44,12 +44,12 @@ def _config(mesh_shape):
 
 def _step(config, devices, batch):
   mesh = sharding.make_mesh(config.mesh, devices)
-  p = loop.programs(config, mesh, {"image": 6, "video": 4})
+  p = frozen.programs(config, mesh, {"image": 6, "video": 4})
   state = p.init(jax.random.PRNGKey(config.seed))
   lr = np.float32(config.train.learning_rate)
-  state, loss1 = p.train_step(state, hosts.global_batch(batch, mesh), lr)
-  state, loss2 = p.train_step(state, hosts.global_batch(batch, mesh), lr)
-  return state, np.array([loss1, loss2]), p.shardings
+  state, m1 = p.train_step(state, hosts.global_batch(batch, mesh), lr)
+  state, m2 = p.train_step(state, hosts.global_batch(batch, mesh), lr)
+  return state, np.array([m1["loss"], m2["loss"]]), p.shardings
 
 
 def test_sharded_step_equals_single_device_step():

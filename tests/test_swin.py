@@ -19,7 +19,7 @@ import torch
 
 from divita_jax.convert import swin as convert
 from divita_jax.models import swin
-from tests.torch_reference import torchvision
+from divita_jax.references.torchvision_cpu import torchvision
 
 TOL = 1e-4
 SMALL = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4])
@@ -318,7 +318,7 @@ def test_converter_is_strict(small_sd):
   key = "features.5.1.attn.relative_position_index"
   sd[key] = sd[key].reshape(49, 49).T.reshape(-1)
   assert key in _convert_error(sd)
-  assert "unknown source keys" in _convert_error(small_sd, "swin3d_t", None)
+  assert "unexpected keys" in _convert_error(small_sd, "swin3d_t", None)
   # The classifier is dropped; nothing else is.
   assert any(k.startswith("head.") for k in small_sd)
   convert.from_torchvision(small_sd, "swin_t", SMALL_2D)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from divita_jax import metrics
+from divita_jax import metrics, sharding
 from divita_jax.configs import divita as divita_config
-from divita_jax.pipelines import stores
-from divita_jax.trainers import checkpoints, loop, optim
+from divita_jax.pipelines import common, stores
+from divita_jax.trainers import checkpoints, frozen, loop, optim, param_groups
 
 
 def test_adamw_amsgrad_matches_torch():
@@ -21,9 +21,9 @@ def test_adamw_amsgrad_matches_torch():
   p0 = rng.normal(size=(7,)).astype(np.float32)
   scale = np.array([[1], [3], [0.1], [2], [0.5], [1]], np.float32)
   grads = rng.normal(size=(6, 7)).astype(np.float32) * scale
-  tc = divita_config.get_config().train
-  tc.learning_rate = 1e-2
-  tx = optim.make_optimizer(tc)
+  config = divita_config.get_config()
+  config.train.learning_rate = 1e-2
+  tx = param_groups.make_optimizer(config)
   params = jax.numpy.asarray(p0)
   state = tx.init(params)
   tp = torch.nn.Parameter(torch.tensor(p0))
@@ -77,6 +77,25 @@ class SigtermAfter:
     return self.store.read(trailer_id, mmap=mmap)
 
 
+class NanOnSecondRead:
+  """A real store whose `trailer_id` comes back with a NaN feature from its
+  second read on (its epoch-2 batch): what a NaN that slipped past the
+  store's own checks does to training."""
+
+  def __init__(self, store, trailer_id):
+    self.store, self.trailer_id, self.reads = store, trailer_id, 0
+    self.num_features = store.num_features
+
+  def read(self, trailer_id, mmap=False):
+    x = self.store.read(trailer_id, mmap=mmap)
+    if trailer_id == self.trailer_id:
+      self.reads += 1
+      if self.reads >= 2:
+        x = np.array(x)
+        x[0, 0] = np.nan
+    return x
+
+
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
   """Separable reps: per-clip features = labels @ genre means + noise."""
@@ -85,13 +104,13 @@ def problem(tmp_path_factory):
   n, dims = 96, {"image": 12, "video": 8}
   ids = [f"tt{i:05d}" for i in range(n)]
   labels = (rng.random((n, 10)) < 0.3).astype(np.float32)
-  stores = {b: stores.NpyStore(root, b) for b in dims}
+  readers = {b: stores.NpyStore(root, b) for b in dims}
   clips = rng.integers(3, 12, size=n)
   for b, d in dims.items():
     means = rng.normal(size=(10, d))
     for i, tid in enumerate(ids):
       noise = rng.normal(size=(clips[i], d))
-      stores[b].write(tid, labels[i] @ means + noise)
+      readers[b].write(tid, labels[i] @ means + noise)
   split = np.tile(
     (np.arange(n) % 6 // 4 + (np.arange(n) % 6 == 5))[:, None], (1, 3)
   )  # 4/6 train, 1/6 validation, 1/6 test.
@@ -103,7 +122,11 @@ def problem(tmp_path_factory):
   config.train.learning_rate = 3e-3
   config.train.max_epochs = 8
   config.train.log_every_steps = 5
-  return config, stores, ids, labels, split
+  return config, readers, ids, labels, split
+
+
+def _fold(ids, labels, split):
+  return common.FoldData.from_split(ids, labels, split, 1)
 
 
 def test_train_fold_learns_resumes_exactly_and_falls_back(
@@ -113,7 +136,7 @@ def test_train_fold_learns_resumes_exactly_and_falls_back(
   xdist placing tests on one worker."""
   config, stores, ids, labels, split = problem
   whole_dir = str(tmp_path / "whole")
-  whole = loop.train_fold(config, whole_dir, stores, ids, labels, split, 1)
+  whole = loop.train_fold(config, whole_dir, stores, _fold(ids, labels, split))
   _check_learning(config, labels, split, whole)
   _check_sigterm_resume(problem, str(tmp_path / "fold"), whole, whole_dir)
   _check_truncated_fallback(config, whole_dir, str(tmp_path / "copy"), caplog)
@@ -138,7 +161,7 @@ def _check_other_config(problem, whole_dir, fold_dir):
   other = ml_collections.ConfigDict(config.to_dict())
   other.model.cam = "tsfm_16_4_2_0.1"  # Another head: other shapes.
   with pytest.raises(checkpoints.ConfigMismatch, match="different config"):
-    loop.train_fold(other, fold_dir, stores, ids, labels, split, 1)
+    loop.train_fold(other, fold_dir, stores, _fold(ids, labels, split))
   assert _files(fold_dir) == before  # Nothing deleted, nothing written.
   # A reading command on a damaged best checkpoint changes nothing either.
   best = os.path.join(fold_dir, "best")
@@ -149,7 +172,7 @@ def _check_other_config(problem, whole_dir, fold_dir):
   before = _files(fold_dir)
   with pytest.raises(ValueError, match="unreadable"):
     checkpoints.load_best(
-      fold_dir, lambda nf: loop.abstract_variables(config, nf)
+      fold_dir, lambda nf: frozen.abstract_variables(config, nf)
     )
   assert _files(fold_dir) == before
 
@@ -178,13 +201,13 @@ def _check_sigterm_resume(problem, workdir, whole, whole_dir):
   faulty = dict(stores, image=SigtermAfter(stores["image"], after=100))
   with pytest.raises(checkpoints.Preempted) as stop:
     loop.train_fold(
-      config, workdir, faulty, ids, labels, split, 1, preload=False
+      config, workdir, faulty, _fold(ids, labels, split), preload=False
     )
   latest, _ = checkpoints.managers(workdir)
   stopped_at = latest.latest_step()
   assert stop.value.step == stopped_at
   assert 0 < stopped_at < 4 * config.train.max_epochs
-  resumed = loop.train_fold(config, workdir, stores, ids, labels, split, 1)
+  resumed = loop.train_fold(config, workdir, stores, _fold(ids, labels, split))
   assert resumed["epoch"] == whole["epoch"]
   for key in ("val_probs", "test_probs"):
     np.testing.assert_array_equal(resumed[key], whole[key])
@@ -197,10 +220,10 @@ def _check_sigterm_resume(problem, workdir, whole, whole_dir):
 def _final(config, fold_dir):
   """Leaves of the best variables and of the latest train state."""
   best, _ = checkpoints.load_best(
-    fold_dir, lambda nf: loop.abstract_variables(config, nf)
+    fold_dir, lambda nf: frozen.abstract_variables(config, nf)
   )
-  mesh = loop.sharding.make_mesh(config.mesh)
-  abstract = loop.programs(config, mesh, {"image": 12, "video": 8}).abstract
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = frozen.programs(config, mesh, {"image": 12, "video": 8}).abstract
   latest, _ = checkpoints.managers(fold_dir)
   state, host = checkpoints.restore(latest, "state", abstract)
   assert host["done"]
@@ -215,8 +238,8 @@ def _check_truncated_fallback(config, whole_dir, fold_dir, caplog):
     for name in files:  # What a full disk leaves: files cut short.
       with open(os.path.join(dirpath, name), "r+b") as f:
         f.truncate(max(os.path.getsize(f.name) // 3, 0))
-  mesh = loop.sharding.make_mesh(config.mesh)
-  abstract = loop.programs(config, mesh, {"image": 12, "video": 8}).abstract
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = frozen.programs(config, mesh, {"image": 12, "video": 8}).abstract
   state, host = checkpoints.restore(latest, "state", abstract)
   assert int(state.step) == previous
   assert host["epochs_done"] == previous // 4
@@ -224,3 +247,23 @@ def _check_truncated_fallback(config, whole_dir, fold_dir, caplog):
   assert latest.all_steps() == [previous]  # The broken one is set aside,
   (moved,) = os.listdir(os.path.join(fold_dir, "damaged"))  # not deleted.
   assert moved.startswith(f"checkpoints-{newest}-")
+
+
+def test_non_finite_loss_stops_naming_its_step_checkpoints_intact(
+  problem, tmp_path
+):
+  config, stores, ids, labels, split = problem
+  faulty = dict(stores, image=NanOnSecondRead(stores["image"], ids[0]))
+  fold_dir = str(tmp_path / "nan")
+  with pytest.raises(loop.NonFiniteLoss, match=r"loss is nan at step \d+"):
+    loop.train_fold(
+      config, fold_dir, faulty, _fold(ids, labels, split), preload=False
+    )
+  latest, best = checkpoints.managers(fold_dir)
+  assert latest.all_steps() == [4]  # Epoch 1's (4 steps an epoch) ...
+  assert best.all_steps() == [1]
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = frozen.programs(config, mesh, {"image": 12, "video": 8}).abstract
+  state, host = checkpoints.restore(latest, "state", abstract)
+  assert host["epochs_done"] == 1  # ... intact and finite.
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

@@ -203,6 +203,14 @@ def test_resize_crop_and_read_frames():
   assert np.abs(small.astype(float) - ref).mean() < 8
 
 
+def test_center_frame_is_frame_t_over_2_of_each_clip():
+  indices = np.arange(2 * 5).reshape(2, 5)  # [N, T] frame indices.
+  np.testing.assert_array_equal(video.center_frame(indices), [[2], [7]])
+  clips = np.arange(2 * 4 * 3).reshape(2, 4, 3)  # [N, T, ...], T even.
+  np.testing.assert_array_equal(video.center_frame(clips), clips[:, 2:3])
+  assert video.center_frame(np.zeros((3, 1, 8, 8, 3))).shape == (3, 1, 8, 8, 3)
+
+
 def test_decodes_only_from_the_keyframe_before_each_clip():
   v = make_video(240, gop=24)
   with video.Video(v) as vid:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from divita_jax.models import backbone, surgery, vit
+from divita_jax.models import backbone, runtime, surgery, vit
 
 
 def _shapes(module, x):
@@ -95,7 +95,7 @@ def test_create_backbone_contract():
   assert spec["normalization"] == "minus_one_one"
   assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
   frames = np.random.RandomState(0).randint(0, 256, (6, 32, 32, 3))
-  x = backbone.normalize(frames.astype(np.uint8), spec)
+  x = runtime.normalize(frames.astype(np.uint8), *backbone.input_stats(spec))
   assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
   apply = jax.jit(module.apply)
   feats, out = apply({"params": params}, x)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from divita_jax import workdir
-from divita_jax.configs import divita
+from divita_jax.configs import checks, divita
 
 
 def test_config_differences_ignore_fields_that_cannot_change_results():
@@ -67,7 +67,7 @@ def test_preflight_errors_name_the_setting(tmp_path, monkeypatch):
   with pytest.raises(workdir.WorkdirError, match="not a directory"):
     workdir.preflight(config, str(tmp_path / "file"))
   raw = divita.get_config("trailers12k")
-  with pytest.raises(workdir.WorkdirError, match="dataset.manual_dir=DIR"):
+  with pytest.raises(checks.ConfigError, match="dataset.manual_dir=DIR"):
     workdir.preflight(raw, str(tmp_path / "w"))
   raw.dataset.manual_dir = str(tmp_path)
   with pytest.raises(workdir.WorkdirError, match="backbones.image.checkpoint"):
@@ -102,3 +102,16 @@ def test_main_user_mistakes_are_one_line_errors(tmp_path):
   out = _main(config, f"--workdir={tmp_path}/file", cwd=tmp_path)
   assert out.returncode != 0 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1].endswith("is not a directory.")
+  # A bad value fails before anything is built or written (checks.py).
+  out = _main(
+    config,
+    "--config.train.val_loss=foo",
+    f"--workdir={tmp_path}/w",
+    cwd=tmp_path,
+  )
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+    "divita_jax.main: error: config.train.val_loss='foo': expected "
+    "windows | trailers"
+  )
+  assert "Config:" not in out.stdout and not os.path.exists(tmp_path / "w")

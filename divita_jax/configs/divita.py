@@ -27,7 +27,8 @@ Variants (comma-separated after the colon): `trailers12k`, `reps`, `vit`,
 `fixed_clips`, `runlocal` (even smaller), `finetune` (backbones and head
 trained end to end on decoded clips: `:finetune` on the synthetic data,
 `:trailers12k,swin,finetune` on a pod).
-Any field can be overridden, e.g. `--config.model.cam=gru_1_115`.
+Any field can be overridden, e.g. `--config.model.cam=gru_1_115`; every
+value is checked before any work (divita_jax/configs/checks.py).
 """
 
 import ml_collections
@@ -70,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.config = "synthetic"  # synthetic | raw | reps.
   c.dataset.data_dir = ""  # TFDS data_dir; "" = <workdir>/tfds.
   c.dataset.manual_dir = ""  # raw / reps: mtgc.csv + videos/ or zarr groups.
-  c.dataset.num_trailers = 96  # synthetic only: trailers to generate.
+  c.dataset.num_trailers = 96  # synthetic only: trailers to make (>= 10).
   # Shot detection at build time (tfds_trailers12k/shots.py), synthetic and raw.
   c.dataset.detector = "content"  # content | adaptive (PySceneDetect).
   c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0).
@@ -160,6 +161,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   c.train.amsgrad = True
+  # Clip gradients to this global L2 norm before AdamW; 0 = off (the
+  # reference does not clip).
+  c.train.grad_clip_norm = 0.0
   c.train.plateau_patience = 10  # ReduceLROnPlateau on validation loss.
   c.train.plateau_factor = 0.1
   c.train.plateau_threshold = 1e-4  # Relative.
@@ -187,6 +191,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune.freeze_layers = 0
   c.finetune.backbone_lr_scale = 0.1  # Backbone lr = head lr x this ...
   c.finetune.layer_decay = 1.0  # ... x decay ** (last layer + 1 - layer).
+  # "regex=factor" pairs searched in "<branch>/<param path>" (the head is
+  # "head/..."): learning-rate multipliers on top of the above, and
+  # weight-decay multipliers (e.g. "bias|norm|scale=0" exempts them).
+  c.finetune.lr_mults = ()
+  c.finetune.wd_mults = ()
   # plateau (the frozen protocol's) | cosine (linear warmup, cosine to 0).
   c.finetune.schedule = "plateau"
   c.finetune.warmup_epochs = 1.0  # cosine only.

@@ -15,26 +15,61 @@ PyTorch backbones (see divita_jax/convert/torch_sources.py):
 DIViTA head: divita_torch (an official PyTorch state dict or Lightning
 checkpoint; see divita_jax/convert/divita_torch.py).
 
+Every flag applies to the sources APPLIES names (printed by --help) or is
+an error, raised before any file is read; --num_frames needs a clip model
+(a 3-D --arch, or --inflate_tubelet for the ViT image sources) and
+--kernel_init needs --inflate_tubelet.
+
 Output: DIR/params (orbax) and DIR/spec.json (divita_jax.models.backbone);
 for divita_torch, DIR/params and DIR/head.json.
 """
 
 import argparse
 import json
+import textwrap
 
 from divita_jax.convert import divita_torch, torch_sources, vit
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone
 
 TORCH_SOURCES = ("torchvision", "hf_swin", "efficient3d")
+VIT_IMAGE_SOURCES = ("vit_npz", "hf_vit", "scenic_vit")
+BACKBONE_SOURCES = (*vit.SOURCES, *TORCH_SOURCES)
+# flag -> the sources it applies to; given with any other source, an error.
+APPLIES = {
+  "arch": ("torchvision",),
+  "width": ("efficient3d",),
+  "dont_load": BACKBONE_SOURCES,
+  "drop": BACKBONE_SOURCES,
+  "resolution": BACKBONE_SOURCES,
+  "num_frames": (*vit.SOURCES, "torchvision", "efficient3d"),
+  "normalization": BACKBONE_SOURCES,
+  "source_resolution": ("scenic_vivit",),
+  "inflate_tubelet": VIT_IMAGE_SOURCES,
+  "kernel_init": VIT_IMAGE_SOURCES,
+  "cam": ("divita_torch",),
+}
+
+
+def _table() -> str:
+  rows = [
+    textwrap.fill(f"--{flag}: {', '.join(s)}", 78, subsequent_indent="    ")
+    for flag, s in APPLIES.items()
+  ]
+  return "Flags and the sources they apply to:\n" + "\n".join(rows)
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="convert",
+    description=__doc__.split("\n")[0],
+    epilog=_table(),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument(
     "--source",
     required=True,
-    choices=[*vit.SOURCES, *TORCH_SOURCES, "divita_torch"],
+    choices=[*BACKBONE_SOURCES, "divita_torch"],
   )
   p.add_argument(
     "--arch",
@@ -42,7 +77,7 @@ def parse_args(argv):
     help="torchvision: the model builder's name.",
   )
   p.add_argument(
-    "--width", type=float, default=1.0, help="efficient3d: width multiplier."
+    "--width", type=float, help="efficient3d: width multiplier (1.0)."
   )
   p.add_argument("--input", required=True, help="File or HF folder.")
   p.add_argument("--output", required=True, help="Output directory.")
@@ -50,7 +85,7 @@ def parse_args(argv):
     "--dont_load",
     action="append",
     default=[],
-    help="Regex of params to re-initialise.",
+    help="Regex of model params to re-initialise.",
   )
   p.add_argument(
     "--drop",
@@ -74,7 +109,8 @@ def parse_args(argv):
   p.add_argument(
     "--normalization",
     choices=sorted(backbone.NORMALIZATIONS),
-    help="Input convention (default minus_one_one).",
+    help="Input convention (default: ViT minus_one_one, torch the "
+    "checkpoint's mean / std).",
   )
   p.add_argument(
     "--inflate_tubelet",
@@ -83,9 +119,8 @@ def parse_args(argv):
   )
   p.add_argument(
     "--kernel_init",
-    default="central",
     choices=["central", "average"],
-    help="Frame initialiser of --inflate_tubelet.",
+    help="Frame initialiser of --inflate_tubelet (default central).",
   )
   p.add_argument(
     "--cam",
@@ -93,6 +128,34 @@ def parse_args(argv):
     "hyper-parameters (e.g. tsfm-1-4-128-0.1).",
   )
   return p.parse_args(argv)
+
+
+def flag_error(a) -> str | None:
+  """Why a given flag does not apply to a.source (None: all apply)."""
+  given = [f for f in APPLIES if getattr(a, f) not in (None, [])]
+  for flag in given:
+    if a.source not in APPLIES[flag]:
+      return (
+        f"--{flag} does not apply to --source {a.source} (it applies to: "
+        f"{', '.join(APPLIES[flag])})."
+      )
+  if a.source == "torchvision" and a.arch is None:
+    return "--source torchvision needs --arch."
+  if a.kernel_init and a.inflate_tubelet is None:
+    return "--kernel_init applies only with --inflate_tubelet."
+  if a.num_frames is None:
+    return None
+  if a.source in VIT_IMAGE_SOURCES and a.inflate_tubelet is None:
+    return (
+      f"--num_frames does not apply to --source {a.source} (an image "
+      "model) without --inflate_tubelet."
+    )
+  if a.source == "torchvision" and a.arch not in torch_sources.VIDEO_ARCHS:
+    return (
+      f"--num_frames does not apply to --arch {a.arch} (an image model; it "
+      f"applies to: {', '.join(torch_sources.VIDEO_ARCHS)})."
+    )
+  return None
 
 
 def convert(a) -> dict:
@@ -104,9 +167,12 @@ def convert(a) -> dict:
       a.input,
       a.output,
       arch=a.arch,
-      width=a.width,
+      width=1.0 if a.width is None else a.width,
       resolution=a.resolution,
       num_frames=a.num_frames,
+      drop=a.drop,
+      dont_load=a.dont_load,
+      normalization=a.normalization,
     )
   return vit.convert(
     a.source,
@@ -118,13 +184,16 @@ def convert(a) -> dict:
     num_frames=a.num_frames,
     normalization=a.normalization,
     inflate_tubelet=a.inflate_tubelet,
-    kernel_init=a.kernel_init,
+    kernel_init=a.kernel_init or "central",
     source_resolution=a.source_resolution,
   )
 
 
 def main(argv=None):
   a = parse_args(argv)
+  error = flag_error(a)
+  if error:
+    raise SystemExit(f"convert: error: {error}")
   try:
     spec = convert(a)
   except (ConversionError, FileNotFoundError, FileExistsError) as e:

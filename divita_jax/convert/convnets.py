@@ -9,8 +9,8 @@ Pure functions on flat {name: array} state dicts:
   `conv_last`), any class count.
 Both return (variables {'params', 'batch_stats'}, model fields, preprocessing)
 and are strict: every source key lands on exactly one leaf (the classifier
-and `num_batches_tracked` are dropped), and unknown keys, missing keys and
-shape mismatches raise ConversionError listing them.
+and `num_batches_tracked` are dropped), and unexpected keys, missing keys
+and shape mismatches raise ConversionError listing them (tree.check_keys).
 
 preprocessing: x = (u8 / 255 - mean) / std at `resolution`; resize is the
 short side (or (h, w)) before the centre crop.
@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divita_jax.convert.tree import ConversionError, read_torch_state_dict
+from divita_jax.convert.tree import (
+  ConversionError,
+  check_keys,
+  matches,
+  read_torch_state_dict,
+  unmatched,
+)
 from divita_jax.models import r2plus1d, resnet, shufflenet
 
 Flat = dict[str, np.ndarray]
@@ -126,50 +132,46 @@ def _torch_value(collection, leaf, w: np.ndarray) -> np.ndarray:
   return w
 
 
-def convert(sd, module, dims: int, torch_name) -> dict[str, Any]:
+def _targets(abstract, torch_name):
+  """(collection, Flax path, torch key, shape) of every model leaf."""
+  for collection in ("params", "batch_stats"):
+    leaves = jax.tree_util.tree_flatten_with_path(abstract[collection])[0]
+    for path, leaf in leaves:
+      names = tuple(p.key for p in path)
+      key = f"{torch_name('/'.join(names[:-1]))}."
+      key += _LEAF[collection, names[-1]]
+      yield collection, names, key, leaf.shape
+
+
+def convert(sd, module, dims: int, torch_name, dont_load=()) -> dict[str, Any]:
   """Flat torch state dict -> {'params', 'batch_stats'} for `module`.
 
   torch_name maps a Flax module path ('layer1_0/conv1') to its torch
-  prefix ('layer1.0.conv1')."""
+  prefix ('layer1.0.conv1'). Keys are checked in torch naming
+  (tree.check_keys). Leaves whose Flax path (no collection, e.g.
+  'conv1/kernel', 'layer1_0/bn1/mean') matches dont_load are left out and
+  their source keys discarded (the caller re-initialises them)."""
   sd = {re.sub(r"^module\.", "", k): v for k, v in _unwrap(sd).items()}
   sd = {
     k: v
     for k, v in sd.items()
     if not k.endswith("num_batches_tracked") and not k.startswith(_HEADS)
   }
-  abstract = _abstract_variables(module, dims)
-  used, missing, bad, out = set(), [], [], {}
-  for collection in ("params", "batch_stats"):
-    tree = abstract[collection]
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      names = [p.key for p in path]
-      key = f"{torch_name('/'.join(names[:-1]))}."
-      key += _LEAF[collection, names[-1]]
-      if key not in sd:
-        missing.append(key)
-        continue
-      used.add(key)
+  targets = list(_targets(_abstract_variables(module, dims), torch_name))
+  keep = [t for t in targets if not matches(dont_load, "/".join(t[1]))]
+  if dont_load and len(keep) == len(targets):
+    unmatched("dont_load", dont_load, ["/".join(t[1]) for t in targets])
+  want = {key: shape for _, _, key, shape in keep}
+  skipped = {t[2] for t in targets} - set(want)
+  got, out = {}, {"params": {}, "batch_stats": {}}
+  for collection, names, key, _ in keep:
+    if key in sd:
       w = _torch_value(collection, names[-1], np.asarray(sd[key]))
-      if w.shape != leaf.shape:
-        bad.append(f"{key}: {sd[key].shape} -> {w.shape} != {leaf.shape}")
-        continue
-      flat[tuple(names)] = np.ascontiguousarray(w, np.float32)
-    out[collection] = flat
-  unknown = sorted(set(sd) - used)
-  if missing or unknown or bad:
-    raise ConversionError(
-      f"Checkpoint does not match {type(module).__name__}: missing keys "
-      f"{_first(missing)}; unknown keys {_first(unknown)}; shape "
-      f"mismatches (source -> as Flax != model) {_first(bad)}."
-    )
+      got[key] = w.shape
+      out[collection][names] = np.ascontiguousarray(w, np.float32)
+  unused = [k for k in sd if k not in want and k not in skipped]
+  check_keys(got, want, unused=unused, model=type(module).__name__)
   return {c: _unflatten(flat) for c, flat in out.items()}
-
-
-def _first(keys, n=20):
-  """The first n keys and how many more (a wrong arch lists hundreds)."""
-  more = f" and {len(keys) - n} more" if len(keys) > n else ""
-  return f"{keys[:n]}{more}"
 
 
 def _unflatten(flat):
@@ -187,8 +189,9 @@ def torchvision_name(path: str) -> str:
   return path.replace("/", ".").replace("_", ".")
 
 
-def from_torchvision(state_dict: Flat, arch: str):
-  """torchvision state dict -> (variables, model fields, preprocessing)."""
+def from_torchvision(state_dict: Flat, arch: str, dont_load=()):
+  """torchvision state dict -> (variables, model fields, preprocessing);
+  leaves matching dont_load are left out (see `convert`)."""
   if arch not in TORCHVISION_ARCHS:
     raise ConversionError(
       f"Unknown torchvision arch {arch!r}; {sorted(TORCHVISION_ARCHS)}."
@@ -196,7 +199,7 @@ def from_torchvision(state_dict: Flat, arch: str):
   kind, fields, prep = TORCHVISION_ARCHS[arch]
   dims = 3 if kind == "r2plus1d" else 2
   module = KINDS[kind](**fields)
-  variables = convert(state_dict, module, dims, torchvision_name)
+  variables = convert(state_dict, module, dims, torchvision_name, dont_load)
   return variables, dict(fields), dict(prep)
 
 
@@ -211,10 +214,11 @@ def efficient3d_name(path: str, repeats=(4, 8, 4)) -> str:
   return re.sub(r"^conv5\.", "conv_last.", name)
 
 
-def from_efficient3d(state_dict: Flat, width: float = 1.0):
+def from_efficient3d(state_dict: Flat, width: float = 1.0, dont_load=()):
   """Efficient-3DCNNs shufflenetv2 checkpoint -> (variables, fields,
-  preprocessing); the classifier (600 classes for Kinetics-600) is dropped."""
+  preprocessing); the classifier (600 classes for Kinetics-600) is dropped,
+  leaves matching dont_load are left out (see `convert`)."""
   fields = shufflenet.decode_variant(width, 3)
   module = shufflenet.ShuffleNetV2(**fields)
-  variables = convert(state_dict, module, 3, efficient3d_name)
+  variables = convert(state_dict, module, 3, efficient3d_name, dont_load)
   return variables, dict(fields), dict(EFFICIENT3D_PREPROCESSING)

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from divita_jax import atomic
-from divita_jax.convert.tree import ConversionError
+from divita_jax.convert.tree import ConversionError, check_keys, shapes_of
 from divita_jax.models.divita import Branch, DIViTA, parse_cam
 
 HEAD_FILE = "head.json"
@@ -91,7 +91,8 @@ def load_reference_branch(state_dict, cam: str, prefix: str = "") -> dict:
   arrays (torch tensors: pass `.numpy()`). Returns {"params": ...,
   "batch_stats": ...} to place under a branch name, e.g.
   `{"params": {"image": v["params"]}, "batch_stats": {"image": ...}}`.
-  Missing or unexpected keys raise, naming them.
+  Missing or unexpected keys and wrong shapes raise, naming them
+  (tree.check_keys).
   """
   kind, kw = parse_cam(cam)
   names = _reference_names(kind, kw)
@@ -100,40 +101,46 @@ def load_reference_branch(state_dict, cam: str, prefix: str = "") -> dict:
     for k, v in state_dict.items()
     if k.startswith(prefix) and not k.endswith("num_batches_tracked")
   }
-  missing = sorted(set(names) - set(sd))
-  unexpected = sorted(set(sd) - set(names))
-  if missing or unexpected:
-    raise ConversionError(
-      f"Reference state_dict does not match CAM {cam!r}: missing "
-      f"{missing}, unexpected {unexpected}."
-    )
+  values = {
+    k: _flax_value(names[k], np.asarray(v, np.float32))
+    for k, v in sd.items()
+    if k in names
+  }
   # Expected shapes from the Flax Branch (catches a CAM string that does
-  # not match the checkpoint's sizes).
-  f, classes = len(sd["bn.weight"]), len(sd["cls.bias"])
-  x = jax.ShapeDtypeStruct((1, 32, f), jnp.float32)
-  shapes = jax.eval_shape(
-    lambda x: nn.unbox(
-      Branch(cam, classes).init(jax.random.key(0), x, None, False)
-    ),
-    x,
+  # not match the checkpoint's sizes); sized by bn.weight and cls.bias.
+  want = dict.fromkeys(names)
+  if "bn.weight" in sd and "cls.bias" in sd:
+    shapes = _branch_shapes(cam, len(sd["bn.weight"]), len(sd["cls.bias"]))
+    leaf = lambda path: functools.reduce(lambda d, p: d[p], path, shapes)
+    want = {k: leaf(path).shape for k, path in names.items()}
+  check_keys(
+    shapes_of(values),
+    want,
+    unused=[k for k in sd if k not in names],
+    model=f"CAM {cam!r}",
   )
   out = {}
   for key, path in names.items():
-    v = np.asarray(sd[key], np.float32)
-    if path[-1].endswith("kernel"):
-      # torch Linear [out, in], Conv1d [out, in, k] -> [in, out], [k, in, out].
-      v = v.T
-    want = functools.reduce(lambda d, p: d[p], path, shapes).shape
-    if v.shape != want:
-      raise ConversionError(
-        f"Reference {key!r} gives Flax shape {v.shape} (kernels "
-        f"transposed), but CAM {cam!r} expects {want}."
-      )
     node = out
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = jnp.asarray(v)
+    node[path[-1]] = jnp.asarray(values[key])
   return out
+
+
+def _flax_value(path, v):
+  # torch Linear [out, in], Conv1d [out, in, k] -> [in, out], [k, in, out].
+  return v.T if path[-1].endswith("kernel") else v
+
+
+def _branch_shapes(cam: str, num_features: int, num_classes: int):
+  x = jax.ShapeDtypeStruct((1, 32, num_features), jnp.float32)
+  return jax.eval_shape(
+    lambda x: nn.unbox(
+      Branch(cam, num_classes).init(jax.random.key(0), x, None, False)
+    ),
+    x,
+  )
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:

@@ -108,11 +108,15 @@ def _hf_rules(heads: int, conv_perm: tuple[int, ...]):
 
 
 def map_hf(hf: Flat, heads: int, kind: str) -> Flat:
-  """HF ViT / ViViT state dict -> flat Scenic tree; unknown keys raise."""
+  """HF ViT / ViViT state dict -> flat Scenic tree.
+
+  Keys no rule knows keep their HF name, so the strict check
+  (tree.check_keys) lists them as unexpected and --drop can name them.
+  """
   perm = (2, 3, 1, 0) if kind == "vit" else (2, 3, 4, 1, 0)
   rules = _hf_rules(heads, perm)
   prefix = f"{kind}."
-  out, unknown = {}, []
+  out = {}
   for key, value in hf.items():
     k = key[len(prefix) :] if key.startswith(prefix) else key
     for pattern, template, fn in rules:
@@ -121,9 +125,7 @@ def map_hf(hf: Flat, heads: int, kind: str) -> Flat:
         out[m.expand(template)] = fn(value)
         break
     else:
-      unknown.append(key)
-  if unknown:
-    raise ConversionError(f"Unknown HF {kind} keys: {sorted(unknown)}")
+      out[key] = value
   return out
 
 

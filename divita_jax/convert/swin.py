@@ -5,7 +5,7 @@ model fields, preprocessing) out. Every source key must land on exactly
 one model parameter (q/k/v of Hugging Face fuse into one); classifier
 heads are dropped and stored `relative_position_index` buffers are only
 checked against the rebuilt index. Anything else raises
-`ConversionError` (a ValueError) naming the keys.
+`ConversionError` (a ValueError) naming the keys (tree.check_keys).
 """
 
 import json
@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from divita_jax.convert.tree import ConversionError, read_torch_state_dict
+from divita_jax.convert.tree import (
+  ConversionError,
+  check_keys,
+  drop_keys,
+  read_torch_state_dict,
+  shapes_of,
+)
 from divita_jax.models import swin
 
 Flat = dict[str, np.ndarray]
@@ -64,27 +70,13 @@ def check_index(key, stored, window):
     )
 
 
-def finish(mapped: Flat, unknown: list[str], fields) -> dict:
-  """Strict key/shape check of mapped {param path: array} -> params."""
-  target = _param_shapes(fields)
-  errors = []
-  if unknown:
-    errors.append(f"unknown source keys {sorted(unknown)}")
-  missing = sorted(set(target) - set(mapped))
-  if missing:
-    errors.append(f"missing (no source key) {missing}")
-  extra = sorted(set(mapped) - set(target))
-  if extra:
-    errors.append(f"no such model parameter {extra}")
-  shapes = [
-    f"{k}: {mapped[k].shape} vs model {tuple(target[k].shape)}"
-    for k in sorted(set(mapped) & set(target))
-    if mapped[k].shape != tuple(target[k].shape)
-  ]
-  if shapes:
-    errors.append(f"shape mismatches {shapes}")
-  if errors:
-    raise ConversionError("Swin checkpoint does not fit: " + "; ".join(errors))
+def finish(mapped: Flat, unknown: list[str], fields, dont_load=()) -> dict:
+  """tree.check_keys on mapped {param path: array} -> params tree; params
+  matching dont_load are left out (the caller re-initialises them)."""
+  mapped = drop_keys(mapped, dont_load)
+  want = drop_keys(_param_shapes(fields), dont_load, "dont_load")
+  model = "Swin3D" if len(fields["patch"]) == 3 else "Swin"
+  check_keys(shapes_of(mapped), shapes_of(want), unused=unknown, model=model)
   flat = {k: np.asarray(v, np.float32) for k, v in mapped.items()}
   return traverse_util.unflatten_dict(flat, sep="/")
 
@@ -200,9 +192,10 @@ def _torchvision_key(key, w, video, fields):
   return got and (f"stage_{stage}/block_{b.group(1)}/{got[0]}", got[1])
 
 
-def from_torchvision(state_dict: Flat, arch: str, fields=None):
+def from_torchvision(state_dict: Flat, arch: str, fields=None, dont_load=()):
   """torchvision swin_{t,s,b} / swin3d_{t,s,b} state dict -> (params,
-  model fields, preprocessing). `fields` overrides the arch's (tests)."""
+  model fields, preprocessing). `fields` overrides the arch's (tests);
+  params matching dont_load (regexes on param paths) are left out."""
   if arch not in TORCHVISION_ARCHS:
     raise ConversionError(
       f"Unknown arch {arch!r}; {sorted(TORCHVISION_ARCHS)}."
@@ -218,7 +211,7 @@ def from_torchvision(state_dict: Flat, arch: str, fields=None):
       if got[0] in mapped:
         raise ConversionError(f"{key}: second source for {got[0]}.")
       mapped[got[0]] = got[1]
-  params = finish(mapped, unknown, fields)
+  params = finish(mapped, unknown, fields, dont_load)
   preprocessing = dict(
     resolution=224,
     num_frames=VIDEO_FRAMES if video else 1,
@@ -394,9 +387,10 @@ def hf_preprocessing(folder: str, config: dict) -> dict:
   return pre
 
 
-def from_hf_swin(folder: str):
+def from_hf_swin(folder: str, drop=(), dont_load=()):
   """HF Swin folder (config.json + model.safetensors / pytorch_model.bin)
-  -> (params, model fields, preprocessing)."""
+  -> (params, model fields, preprocessing). drop: regexes on the file's
+  keys to discard; dont_load: param paths left out (re-initialised)."""
   with open(os.path.join(folder, "config.json")) as f:
     config = json.load(f)
   files = [
@@ -409,11 +403,12 @@ def from_hf_swin(folder: str):
       f"No model.safetensors / pytorch_model.bin in {folder}."
     )
   fields = hf_fields(config)
-  params = from_hf_state_dict(read_torch_state_dict(files[0]), fields)
+  sd = drop_keys(read_torch_state_dict(files[0]), drop, "drop")
+  params = from_hf_state_dict(sd, fields, dont_load)
   return params, fields, hf_preprocessing(folder, config)
 
 
-def from_hf_state_dict(state_dict: Flat, fields) -> dict:
+def from_hf_state_dict(state_dict: Flat, fields, dont_load=()) -> dict:
   """Flat HF Swin state dict -> params (strict, as `from_torchvision`)."""
   mapped, unknown, fused = {}, [], {}
   for key, w in state_dict.items():
@@ -425,7 +420,7 @@ def from_hf_state_dict(state_dict: Flat, fields) -> dict:
         raise ConversionError(f"{key}: second source for {got[0]}.")
       mapped[got[0]] = got[1]
   _fuse_qkv(fused, fields, mapped, unknown)
-  return finish(mapped, unknown, fields)
+  return finish(mapped, unknown, fields, dont_load)
 
 
 def inflate_to_3d(params: dict, patch_t: int = 2, window_t: int = 8) -> dict:

@@ -1,13 +1,16 @@
 """Flat checkpoint trees ('/'-joined paths): reading helpers and the check.
 
-Every source is first read into a flat dict {path: float32 array} in the
-target model's naming; `build_params` then checks it against the model key
-by key.
+Every source is first read into a flat dict {path: float32 array}.
+`check_keys` is the one strict key / shape check of every converter (ViT,
+Swin, ConvNets, DIViTA head); `build_params` applies it to the ViT sources,
+whose flat dict is already in the model's naming.
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -86,40 +89,115 @@ def matches(patterns: Sequence[str], key: str) -> bool:
   return any(re.fullmatch(p, key) for p in patterns)
 
 
+def drop_keys(flat: Mapping, patterns: Sequence[str], flag=None) -> dict:
+  """flat without the keys matching any pattern (re.fullmatch). With
+  `flag` (its name in messages), patterns that match nothing are an
+  error: a typo must not be ignored silently."""
+  out = {k: v for k, v in flat.items() if not matches(patterns, k)}
+  if flag and patterns and len(out) == len(flat):
+    unmatched(flag, patterns, flat)
+  return out
+
+
+def unmatched(flag: str, patterns: Sequence[str], keys) -> None:
+  """Raises: the patterns of --flag match none of keys (some shown)."""
+  some = sorted(keys, key=natural_key)[:3]
+  raise ConversionError(
+    f"--{flag} {list(patterns)} matches none of the {len(keys)} keys "
+    f"(e.g. {some})."
+  )
+
+
+def _listed(keys, n=20):
+  """Sorted keys (or 'key: ...' lines), the first n and how many more (a
+  wrong arch lists hundreds)."""
+  keys = sorted(keys, key=natural_key)
+  more = f" and {len(keys) - n} more" if len(keys) > n else ""
+  return f"{keys[:n]}{more}"
+
+
+def check_keys(
+  got: Mapping[str, tuple],
+  want: Mapping[str, tuple | None],
+  *,
+  unused: Sequence[str] = (),
+  model: str = "the model",
+) -> None:
+  """The one strict check of every converter; raises ConversionError.
+
+  got: key -> shape the checkpoint gives (in the model's layout, e.g.
+  torch kernels already transposed); want: key -> shape the model expects
+  (None: any). unused: source keys that map to no model key. Keys the
+  caller re-initialises (dont_load) or drops on purpose are left out of
+  both. The message lists missing keys, unexpected keys (unused ones and
+  got keys the model lacks) and shape mismatches, each by key name.
+  """
+  missing = [k for k in want if k not in got]
+  unexpected = [*unused, *(k for k in got if k not in want)]
+  shapes = [
+    f"{k}: {tuple(got[k])} vs model {tuple(want[k])}"
+    for k in got
+    if k in want and want[k] is not None and tuple(got[k]) != tuple(want[k])
+  ]
+  errors = []
+  if missing:
+    errors.append(f"missing keys {_listed(missing)}")
+  if unexpected:
+    errors.append(f"unexpected keys {_listed(unexpected)}")
+  if shapes:
+    errors.append(f"shape mismatches {_listed(shapes)}")
+  if errors:
+    raise ConversionError(
+      f"Checkpoint does not match what {model} expects: " + "; ".join(errors)
+    )
+
+
+def shapes_of(flat: Mapping) -> dict[str, tuple]:
+  """key -> shape of arrays or of jax.ShapeDtypeStructs."""
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def fill_fresh(variables: dict, spec: dict, seed: int = 0) -> dict:
+  """variables ({'params': ...} and maybe 'batch_stats') with the leaves
+  it lacks (re-initialised by dont_load) from the model's random init
+  (backbone.init_variables' values: per-param RNGs fold in the path)."""
+  module = backbone.module_from_spec(spec)
+  x = backbone.dummy_input(spec)
+  have = traverse_util.flatten_dict(variables, sep="/")
+  target = traverse_util.flatten_dict(
+    backbone.abstract_variables(module, spec), sep="/"
+  )
+  lacking = [k for k in target if k not in have]
+
+  def init(rng):  # Only the lacking leaves: XLA skips the rest (fast).
+    tree = nn.meta.unbox(module.init(rng, x))
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return {k: flat[k] for k in lacking}
+
+  fresh = jax.device_get(jax.jit(init)(jax.random.key(seed)))
+  out = {k: have[k] if k in have else fresh[k] for k in target}
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
 def build_params(
   flat: Flat, spec: dict, dont_load: Sequence[str] = (), seed: int = 0
 ):
-  """Checks flat against the model's tree key by key -> params tree."""
+  """Checks flat against the model's tree key by key -> params tree.
+
+  Keys matching dont_load are re-initialised: their source values (if
+  any) are discarded and the model's random init is written instead.
+  """
   module = backbone.module_from_spec(spec)
   target = traverse_util.flatten_dict(
     backbone.abstract_params(module, spec), sep="/"
   )
-  loaded = {k: v for k, v in flat.items() if not matches(dont_load, k)}
-  missing = [k for k in target if k not in loaded and not matches(dont_load, k)]
-  unexpected = [k for k in loaded if k not in target]
-  shapes = [
-    f"{k}: {loaded[k].shape} vs model {target[k].shape}"
-    for k in loaded
-    if k in target and loaded[k].shape != target[k].shape
-  ]
-  errors = []
-  if missing:
-    errors.append(f"missing keys {sorted(missing, key=natural_key)}")
-  if unexpected:
-    errors.append(f"unexpected keys {sorted(unexpected, key=natural_key)}")
-  if shapes:
-    errors.append(f"shape mismatches {shapes}")
-  if errors:
-    raise ConversionError(
-      "Checkpoint does not fit the model: " + "; ".join(errors)
-    )
-  fresh = {}
+  loaded = drop_keys(flat, dont_load)
+  want = shapes_of(drop_keys(target, dont_load, "dont_load"))
+  check_keys(shapes_of(loaded), want, model=f"the {spec['kind']} model")
+  params = traverse_util.unflatten_dict(loaded, sep="/")
   if len(loaded) < len(target):
-    fresh = traverse_util.flatten_dict(
-      backbone.init_params(module, spec, seed), sep="/"
-    )
-  out = {k: loaded[k] if k in loaded else np.asarray(fresh[k]) for k in target}
-  return traverse_util.unflatten_dict(out, sep="/")
+    params = fill_fresh({"params": params}, spec, seed)["params"]
+  return params
 
 
 def read_torch_state_dict(path: str) -> Flat:

@@ -11,11 +11,13 @@ Sources:
   (params under `optimizer/target` or `params`).
 
 Every source key must land on exactly one model parameter and every model
-parameter must be written: unknown keys, missing keys and shape mismatches
-are errors listing the keys. Patterns (regexes on '/'-joined Scenic paths,
-e.g. 'output_projection/.*'): dont_load re-initialises the matching
+parameter must be written: unexpected keys, missing keys and shape
+mismatches are errors listing the keys (tree.check_keys). Patterns (regexes
+on '/'-joined Scenic paths, e.g. 'output_projection/.*'; HF keys no rule
+maps keep their HF name): dont_load re-initialises the matching
 parameters; drop removes matching source keys before the architecture is
-read (e.g. drop the head or pre_logits). The numerics of the source are kept
+read (e.g. drop the head or pre_logits). Patterns matching nothing are an
+error. The numerics of the source are kept
 (HF ViT: exact GELU and its LayerNorm epsilon), so outputs match it.
 
 inflate_tubelet turns a ViT source into a spatio-temporal ViViT (Scenic's
@@ -25,7 +27,7 @@ inflate_tubelet turns a ViT source into a spatio-temporal ViViT (Scenic's
 import os
 
 from divita_jax.convert import hf, scenic, tree, vit_npz
-from divita_jax.convert.tree import ConversionError, Flat, matches
+from divita_jax.convert.tree import ConversionError, Flat, drop_keys
 from divita_jax.models import backbone, surgery
 
 SOURCES = ("vit_npz", "hf_vit", "hf_vivit", "scenic_vit", "scenic_vivit")
@@ -60,7 +62,7 @@ def read_source(
     kind, flat = source[7:], scenic.read_scenic(path)
   else:
     raise ValueError(f"Unknown --source {source!r}.")
-  flat = {k: v for k, v in flat.items() if not matches(drop, k)}
+  flat = drop_keys(flat, drop, "drop")
   model, res, frames = scenic.infer_model(flat, kind, resolution, num_frames)
   model.update(fields)
   spec = backbone.make_spec(

@@ -121,13 +121,6 @@ def input_stats(spec, override: str | None = None) -> tuple[list, list]:
   return list(spec["mean"]), list(spec["std"])
 
 
-def normalize(pixels_uint8, spec):
-  """uint8 RGB [..., 3] -> float32 (x / 255 - mean) / std, in jax."""
-  mean, std = input_stats(spec)
-  x = jnp.asarray(pixels_uint8, jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
 def module_from_spec(spec, dtype="float32") -> nn.Module:
   cls = MODULES.get(spec["kind"])
   if cls is None:

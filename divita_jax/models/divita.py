@@ -245,3 +245,17 @@ class DIViTA(nn.Module):
       )
     logits = [branch(name=b)(xs[b], m, train) for b in self.branches]
     return jnp.mean(jnp.stack(logits), axis=0).astype(jnp.float32)
+
+
+def make_head(model_config, batch_norm: str = "batch") -> DIViTA:
+  """The DIViTA head of `config.model` (both training modes use this)."""
+  m = model_config
+  return DIViTA(
+    branches=tuple(m.branches),
+    fusion=m.fusion,
+    cam=m.cam,
+    mask_padding=m.mask_padding,
+    num_classes=m.num_classes,
+    dtype=jnp.float32,
+    batch_norm=batch_norm,
+  )

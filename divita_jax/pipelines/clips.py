@@ -1,13 +1,10 @@
-"""grain input pipeline of decoded clips (end-to-end fine-tuning).
+"""Decoded-clip windows for end-to-end fine-tuning.
 
-The datasets of rep_pipeline with clips decoded from the videos in place of
-representations read from a store: `TrainData` / `EvalData` whose element
-i is the process-local batch of global step i, iterated (and resumed) with
-`reps.iterate`. Train: rep_pipeline's epoch order, cut into global
-batches; each example is a random contiguous window of `clips_per_trailer`
-clips (start drawn from seed, epoch and subset position) and only the
-window's frames are decoded. Eval: every window of `num_clips` consecutive
-clips of every trailer, padded to whole global batches.
+The datasets of common.py (epoch order, windows, padding, processes) with
+clips decoded from the videos in place of representations read from a
+store. Only a window's frames are decoded. Train examples are windows of
+`Batching.num_clips` clips (the config's `clips_per_trailer`); eval windows
+cover every clip.
 
 Every branch gets its own uint8 array at its resolution, [b, clips, T, H, W,
 3] (T = 1 for `center_frame` branches: frame T // 2 of each clip); branches
@@ -19,41 +16,97 @@ process layout, threads or workers.
 
 A trailer whose video fails during training gets `weight` 0 (zero clips,
 the first one unmasked so masked means stay finite) and a warning; at
-evaluation it raises `video.VideoError`. A batch's trailers are decoded on
-`decode_threads` threads (PyAV releases the GIL), straight into the
-preallocated batch arrays. One batch holds b * clips * T * H * W * 3 bytes
-per branch (8 x 8 x 16 x 224^2 x 3 = 154 MB); `iterate` buffers `prefetch`
-of them per reader.
+evaluation it raises `video.VideoError`. Eval padding rows are one zero
+clip with zero labels. A batch's trailers are decoded on `Decoder.threads`
+threads (PyAV releases the GIL), straight into the preallocated batch
+arrays. One batch holds b * clips * T * H * W * 3 bytes per branch (8 x 8 x
+16 x 224^2 x 3 = 154 MB); `common.iterate` buffers `prefetch` of them per
+reader.
 """
 
 import concurrent.futures
 import dataclasses
-import functools
 import math
 
 import cv2
-import grain
 import numpy as np
 from absl import logging
 
-from divita_jax import hosts, video
-from divita_jax.pipelines import extraction, reps
+from divita_jax import video
+from divita_jax.pipelines import common
+
+
+def check_augment(augment) -> dict | None:
+  """{'flip', 'crop_scale', 'crop_ratio'} checked, as bool and tuples."""
+  if augment is None:
+    return None
+  scale, ratio = tuple(augment["crop_scale"]), tuple(augment["crop_ratio"])
+  if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(
+      f"crop_scale {scale} needs 0 < lo <= hi <= 1 and crop_ratio {ratio} "
+      "0 < lo <= hi."
+    )
+  return {
+    "flip": bool(augment["flip"]),
+    "crop_scale": scale,
+    "crop_ratio": ratio,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """How the trailers of a source are decoded for every branch."""
+
+  source: object  # Random access: records {'id', 'video', 'shots', ...}.
+  branches: dict  # name -> {'resolution': int, 'center_frame': bool}
+  clip_kwargs: dict  # video.sample_kwargs without 'resolution'.
+  threads: int = 2  # Decode threads per batch.
+  augment: dict | None = None  # check_augment's; training windows only.
+
+  def __post_init__(self):
+    if not self.branches:
+      raise ValueError("No branches given.")
+    if "resolution" in self.clip_kwargs:
+      raise ValueError("clip_kwargs holds 'resolution'; branches give it.")
+    object.__setattr__(self, "augment", check_augment(self.augment))
+
+
+def clip_counts(decoder: Decoder, indices) -> np.ndarray:
+  """[len(indices)] int64 clips of each source row, planned from the
+  demuxed index (no frame decoding). Raises video.VideoError for a bad
+  video."""
+  indices = np.asarray(indices, np.int64)
+  counts = np.zeros(len(indices), np.int64)
+
+  def count(k: int) -> None:
+    record = decoder.source[int(indices[k])]
+    tid = common.as_str(record["id"])
+    with video.Video(record["video"], tid) as v:
+      plan = video.plan_clips(
+        v.index,
+        np.asarray(record["shots"]),
+        trailer_id=tid,
+        **decoder.clip_kwargs,
+      )
+    counts[k] = len(plan["frame_indices"])
+
+  _run(decoder.threads, count, range(len(indices)))
+  return counts
 
 
 @dataclasses.dataclass(frozen=True)
 class _Clips:
-  source: object  # Random access: records {'id', 'video', 'shots', ...}.
-  ids: tuple  # [N] trailer ids of the source rows.
-  labels: np.ndarray  # [N, C]
+  """Decodes windows of a subset's trailers (common.py's reader)."""
+
+  decoder: Decoder
+  fold: common.FoldData
   indices: np.ndarray  # [n] subset rows into the source.
-  branches: tuple  # (name, resolution, center_frame) per branch.
-  clip_kwargs: dict  # plan_clips keyword arguments.
   num_clips: int  # Clips per example.
-  decode_threads: int
+  branches: tuple  # (name, resolution, center_frame) per branch.
 
   def empty(self, b: int) -> dict:
     """Zero clips of every branch and an all-False mask for `b` rows."""
-    t = self.clip_kwargs["frames_per_clip"]
+    t = self.decoder.clip_kwargs["frames_per_clip"]
     out = {
       name: np.zeros(
         (b, self.num_clips, 1 if center else t, res, res, 3), np.uint8
@@ -70,44 +123,88 @@ class _Clips:
       out.setdefault(res, []).append(name)
     return out
 
+  def train(self, positions, key) -> dict:
+    """Windows of subset `positions` [b], starts and augmentation drawn
+    from `key` (seed, epoch); a failing video gets weight 0."""
+    out = self.empty(len(positions))
+    out["labels"] = self.fold.labels[self.indices[positions]]
+    out["weight"] = np.ones(len(positions), np.float32)
 
-def _fill(src: _Clips, out: dict, position: int, rows, starts, key, augment):
-  """Decodes windows of the trailer at subset `position` into batch `rows`.
+    def decode(r: int) -> None:
+      try:
+        self._fill(out, int(positions[r]), (r,), key=key)
+      except video.VideoError as e:
+        logging.warning(
+          "Training with weight 0 on trailer %r: %s", e.trailer_id, e.reason
+        )
+        for name, _, _ in self.branches:
+          out[name][r] = 0
+        out["mask"][r] = np.arange(self.num_clips) == 0
+        out["weight"][r] = 0
 
-  starts: first clip of each row's window; None: one row whose start is
-  drawn from `key` (seed, epoch). Augments with boxes drawn from `key`.
-  """
-  i = int(src.indices[position])
-  tid = extraction._as_str(src.ids[i])
-  record = src.source[i]
-  shots = np.asarray(record["shots"])
-  with video.Video(record["video"], tid) as v:
-    frames = video.plan_clips(
-      v.index, shots, trailer_id=tid, **src.clip_kwargs
-    )["frame_indices"]  # [N, T]
-    if starts is None:  # As rep_pipeline: independent of batch and layout.
-      rng = np.random.default_rng((*key, 1, position))
-      starts = [int(rng.integers(0, max(len(frames) - src.num_clips, 0) + 1))]
-    windows = [frames[s : s + src.num_clips] for s in starts]
+    _run(self.decoder.threads, decode, range(len(positions)))
+    return out
+
+  def eval(self, windows) -> dict:
+    """Windows [b, 2] (position, start); a padding row is one zero clip
+    (finite means) with zero labels."""
+    real = windows[:, 0] >= 0
+    out = self.empty(len(windows))
+    labels = self.fold.labels[self.indices[np.maximum(windows[:, 0], 0)]]
+    out["labels"] = np.where(real[:, None], labels, 0).astype(np.float32)
+    out["mask"][~real, 0] = True
+    by_trailer = {}  # A trailer's windows: one open, one pass over its frames.
+    for r in np.flatnonzero(real):
+      by_trailer.setdefault(int(windows[r, 0]), []).append(int(r))
+
+    def decode(p: int) -> None:
+      rs = by_trailer[p]
+      self._fill(out, p, rs, starts=[int(windows[r, 1]) for r in rs])
+
+    _run(self.decoder.threads, decode, by_trailer)
+    return out
+
+  def _fill(self, out: dict, position: int, rows, starts=None, key=None):
+    """Decodes windows of the trailer at subset `position` into batch
+    `rows`: from `starts`, or one window whose start (common.random_start)
+    and augmentation are drawn from `key`."""
+    i = int(self.indices[position])
+    tid, record = self.fold.ids[i], self.decoder.source[i]
+    augment = self.decoder.augment
+    with video.Video(record["video"], tid) as v:
+      frames = video.plan_clips(
+        v.index,
+        np.asarray(record["shots"]),
+        trailer_id=tid,
+        **self.decoder.clip_kwargs,
+      )["frame_indices"]  # [N, T]
+      if starts is None:
+        starts = [
+          common.random_start(key, position, len(frames), self.num_clips)
+        ]
+      windows = [frames[s : s + self.num_clips] for s in starts]
+      boxes = [
+        None if augment is None else _boxes(augment, key, position, len(w))
+        for w in windows
+      ]
+      self._decode(v, out, rows, windows, boxes)
+    for r, w in zip(rows, windows):
+      out["mask"][r, : len(w)] = True
+
+  def _decode(self, v: video.Video, out: dict, rows, windows, boxes):
+    """Frames of `windows` ([c, T] each) -> batch `rows` of every branch,
+    one decode per resolution; centre-frame branches get frame T // 2."""
     counts = [len(w) for w in windows]
     offsets = np.cumsum([0] + counts)
     wanted = np.concatenate(windows)  # [sum(counts), T]
-    boxes = [
-      None if augment is None else _boxes(augment, key, position, c)
-      for c in counts
-    ]
-    center = wanted.shape[1] // 2
-    center_only = {name: c for name, _, c in src.branches}
-    for res, names in src.groups().items():
+    center_only = {name: c for name, _, c in self.branches}
+    for res, names in self.groups().items():
       full = not all(center_only[n] for n in names)
-      sel = wanted if full else wanted[:, center : center + 1]
-      x = v.read(sel, res)  # [sum(counts), T or 1, res, res, 3]
-      for n in names:
-        clips = x[:, center : center + 1] if full and center_only[n] else x
+      x = v.read(wanted if full else video.center_frame(wanted), res)
+      for n in names:  # x: [sum(counts), T or 1, res, res, 3]
+        clips = video.center_frame(x) if full and center_only[n] else x
         for r, c, lo, box in zip(rows, counts, offsets, boxes):
           _write(out[n][r, :c], clips[lo : lo + c], box)
-  for r, c in zip(rows, counts):
-    out["mask"][r, :c] = True
 
 
 def _crop_box(rng, scale, ratio) -> tuple:
@@ -170,211 +267,50 @@ def _run(threads: int, fn, items) -> None:
       f.result()
 
 
-def _train_batch(src, share, seed, steps, global_batch_size, augment, i):
-  # Module-level (not a closure): worker processes receive it pickled.
-  epoch, step = divmod(int(i), steps)
-  order = reps._epoch_order(
-    seed, epoch, len(src.indices), steps * global_batch_size
-  )
-  positions = order[step * global_batch_size :][:global_batch_size][share]
-  out = src.empty(len(positions))
-  out["labels"] = src.labels[src.indices[positions]].astype(np.float32)
-  out["weight"] = np.ones(len(positions), np.float32)
-
-  def decode(r: int) -> None:
-    p = int(positions[r])
-    try:
-      _fill(src, out, p, (r,), None, (seed, epoch), augment)
-    except video.VideoError as e:
-      logging.warning(
-        "Training with weight 0 on trailer %r: %s", e.trailer_id, e.reason
-      )
-      for name, _, _ in src.branches:
-        out[name][r] = 0
-      out["mask"][r] = np.arange(src.num_clips) == 0
-      out["weight"][r] = 0
-
-  _run(src.decode_threads, decode, range(len(positions)))
-  return out
-
-
-def _check(source, ids, labels, indices, branches, clip_kwargs) -> tuple:
-  """Validated (subset indices, branches as (name, resolution, center))."""
-  if not branches:
-    raise ValueError("No branches given.")
-  if "resolution" in clip_kwargs:
-    raise ValueError("clip_kwargs holds 'resolution'; branches give it.")
-  if len(labels) != len(ids) or len(source) != len(ids):
+def _clips(decoder: Decoder, fold, subset: str, num_clips: int) -> _Clips:
+  if len(decoder.source) != len(fold.ids):
     raise ValueError(
-      f"{len(ids)} ids, {len(labels)} label rows and {len(source)} source "
-      "records must be aligned."
+      f"{len(fold.ids)} ids and {len(decoder.source)} source records must "
+      "be aligned."
     )
-  indices = np.asarray(indices, np.int64)
-  if not len(indices):
-    raise ValueError("The subset to load is empty.")
-  if indices.min() < 0 or indices.max() >= len(ids):
-    raise ValueError(f"Subset indices out of range [0, {len(ids)}).")
   branches = tuple(
     (name, int(b["resolution"]), bool(b["center_frame"]))
-    for name, b in branches.items()
+    for name, b in decoder.branches.items()
   )
-  return indices, branches
-
-
-def check_augment(augment) -> dict | None:
-  if augment is None:
-    return None
-  scale, ratio = tuple(augment["crop_scale"]), tuple(augment["crop_ratio"])
-  if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
-    raise ValueError(
-      f"crop_scale {scale} needs 0 < lo <= hi <= 1 and crop_ratio {ratio} "
-      "0 < lo <= hi."
-    )
-  return {
-    "flip": bool(augment["flip"]),
-    "crop_scale": scale,
-    "crop_ratio": ratio,
-  }
+  return _Clips(decoder, fold, fold.rows(subset), num_clips, branches)
 
 
 def train_data(
-  source,
-  ids,
-  labels,
-  indices,
-  *,
-  branches: dict,
-  clip_kwargs: dict,
-  clips_per_trailer: int,
-  global_batch_size: int,
-  seed: int,
-  num_epochs: int,
-  augment: dict | None,
-  decode_threads: int = 2,
+  decoder: Decoder,
+  fold: common.FoldData,
+  batching: common.Batching,
+  epochs: common.Epochs,
   num_workers: int = 0,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> reps.TrainData:
-  """Batches of random augmented windows for `num_epochs` epochs: {branch:
-  uint8 [b, clips_per_trailer, T, H, W, 3], 'mask' bool [b, clips],
-  'labels' float32 [b, C], 'weight' float32 [b]} (see module doc).
-
-  branches: {name: {'resolution', 'center_frame'}}; clip_kwargs:
-  video.sample_kwargs without 'resolution'; augment: {'flip', 'crop_scale',
-  'crop_ratio'} or None. num_workers > 0: `reps.iterate` decodes
-  in that many worker processes (each with `decode_threads` threads).
-  """
-  indices, branches = _check(
-    source, ids, labels, indices, branches, clip_kwargs
-  )
-  augment = check_augment(augment)
-  share = hosts.process_rows(global_batch_size, process_index, process_count)
+) -> common.TrainData:
+  """Batches of random augmented windows of the fold's 'train' subset for
+  `epochs.count` epochs: {branch: uint8 [b, num_clips, T, H, W, 3], 'mask'
+  bool [b, num_clips], 'labels' float32 [b, C], 'weight' float32 [b]}.
+  num_workers > 0: `common.iterate` decodes in that many worker processes
+  (each with `decoder.threads` threads)."""
   if num_workers:
-    source = extraction._picklable(source)
-  src = _Clips(
-    source,
-    tuple(ids),
-    np.asarray(labels),
-    indices,
-    branches,
-    dict(clip_kwargs),
-    clips_per_trailer,
-    decode_threads,
-  )
-  steps = -(-len(indices) // global_batch_size)
-  make_batch = functools.partial(
-    _train_batch, src, share, seed, steps, global_batch_size, augment
-  )
-  ds = grain.MapDataset.range(num_epochs * steps).map(make_batch)
-  if num_workers:
-    reps._WORKERS[ds] = num_workers
-  return reps.TrainData(ds, steps)
-
-
-def clip_counts(source, indices, clip_kwargs, *, decode_threads=2):
-  """[len(indices)] int64 clips of each trailer, planned from the demuxed
-  index (no frame decoding). Raises video.VideoError for a bad video."""
-  indices = np.asarray(indices, np.int64)
-  counts = np.zeros(len(indices), np.int64)
-
-  def count(k: int) -> None:
-    record = source[int(indices[k])]
-    tid = extraction._as_str(record["id"])
-    with video.Video(record["video"], tid) as v:
-      plan = video.plan_clips(
-        v.index, np.asarray(record["shots"]), trailer_id=tid, **clip_kwargs
-      )
-    counts[k] = len(plan["frame_indices"])
-
-  _run(decode_threads, count, range(len(indices)))
-  return counts
-
-
-def _eval_batch(src, windows, share, global_batch_size, i) -> dict:
-  rows = windows[int(i) * global_batch_size :][:global_batch_size][share]
-  real = rows[:, 0] >= 0
-  out = src.empty(len(rows))
-  labels = src.labels[src.indices[np.maximum(rows[:, 0], 0)]]
-  out["labels"] = np.where(real[:, None], labels, 0).astype(np.float32)
-  out["mask"][~real, 0] = True  # Padding: one zero clip, finite means.
-  by_trailer = {}  # A trailer's windows: one open, one pass over its frames.
-  for r in np.flatnonzero(real):
-    by_trailer.setdefault(int(rows[r, 0]), []).append(int(r))
-
-  def decode(p: int) -> None:
-    rs = by_trailer[p]
-    _fill(src, out, p, rs, [int(rows[r, 1]) for r in rs], None, None)
-
-  _run(src.decode_threads, decode, by_trailer)
-  out["trailer"] = rows[:, 0].astype(np.int32)
-  out["valid"] = real
-  return out
+    source = common.picklable(decoder.source)
+    decoder = dataclasses.replace(decoder, source=source)
+  src = _clips(decoder, fold, "train", batching.num_clips)
+  size = len(src.indices)
+  return common.train_data(src.train, size, batching, epochs, num_workers)
 
 
 def eval_data(
-  source,
-  ids,
-  labels,
-  indices,
-  *,
-  branches: dict,
-  clip_kwargs: dict,
-  num_clips: int,
-  global_batch_size: int,
-  decode_threads: int = 2,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> reps.EvalData:
-  """Batches of every window of `num_clips` clips of every trailer: {branch:
-  uint8 [b, num_clips, T, H, W, 3], 'mask', 'labels', 'trailer' int32 [b]
-  (subset position, -1 = padding), 'valid' bool [b]}; no augmentation.
+  decoder: Decoder,
+  fold: common.FoldData,
+  subset: str,
+  batching: common.Batching,
+) -> common.EvalData:
+  """Batches of every window of every trailer of `subset`: {branch: uint8
+  [b, num_clips, T, H, W, 3], 'mask', 'labels', 'trailer' int32 [b]
+  (subset position, -1 = padding), 'valid' bool [b]}; never augmented.
   Demuxes every video once here to count its clips."""
-  indices, branches = _check(
-    source, ids, labels, indices, branches, clip_kwargs
-  )
-  share = hosts.process_rows(global_batch_size, process_index, process_count)
-  src = _Clips(
-    source,
-    tuple(ids),
-    np.asarray(labels),
-    indices,
-    branches,
-    dict(clip_kwargs),
-    num_clips,
-    decode_threads,
-  )
-  counts = clip_counts(
-    source, indices, clip_kwargs, decode_threads=decode_threads
-  )
-  windows = [
-    (p, s) for p, n in enumerate(counts) for s in range(0, n, num_clips)
-  ]
-  windows = np.asarray(windows, np.int64).reshape(-1, 2)  # [W, 2]
-  steps = -(-len(windows) // global_batch_size)
-  pad = steps * global_batch_size - len(windows)
-  windows = np.concatenate([windows, np.tile([[-1, 0]], (pad, 1))], 0)
-  make_batch = functools.partial(
-    _eval_batch, src, windows, share, global_batch_size
-  )
-  ds = grain.MapDataset.range(steps).map(make_batch)
-  return reps.EvalData(ds, windows, steps)
+  decoder = dataclasses.replace(decoder, augment=None)
+  src = _clips(decoder, fold, subset, batching.num_clips)
+  lengths = clip_counts(decoder, src.indices)
+  return common.eval_data(src.eval, lengths, batching)

@@ -1,6 +1,6 @@
 """Clip representation stores behind one reader interface.
 
-Every reader (what `rep_pipeline` reads, whatever holds the arrays) has:
+Every reader (what reps.py reads, whatever holds the arrays) has:
 
   ids() -> list[str]     trailer ids, sorted
   has(id) -> bool

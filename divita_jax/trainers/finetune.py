@@ -1,7 +1,7 @@
 """End-to-end fine-tuning: the backbones and the DIViTA head in one step.
 
-`config.train.mode = "finetune"` runs the trainer of train.py (the same
-fold loop, checkpoints, resume and evaluation) on decoded clips instead of
+`config.train.mode = "finetune"` runs the fold loop of loop.py (the same
+checkpoints, resume and evaluation as frozen.py) on decoded clips instead of
 stored representations: a training example is a window of
 `finetune.clips_per_trailer` clips of one trailer (clips.py), run
 through the backbone(s) and the head, with the frozen mode's loss;
@@ -9,7 +9,7 @@ evaluation runs every window of `train.num_clips` clips through the
 fine-tuned backbones and averages per trailer as in frozen mode.
 
 - Start: converted checkpoints or random init, loaded as extraction loads
-  them (extract.make_backbone). Backbone BatchNorm keeps its statistics
+  them (runtime.make_backbone). Backbone BatchNorm keeps its statistics
   (eval mode); the head starts from config.seed.
 - What trains: all but `finetune.freeze` (regexes searched in
   "<branch>/<param path>", e.g. "video/Transformer/encoderblock_0/") and
@@ -39,17 +39,16 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from divita_jax import extract, sharding, video
-from divita_jax.models import backbone, divita
-from divita_jax.pipelines import clips
+from divita_jax.models import backbone, divita, runtime
+from divita_jax.pipelines import clips, common
+from divita_jax.trainers import checkpoints, optim
 from divita_jax.trainers import param_groups as groups
-from divita_jax.trainers.state import (
-  Programs,
-  TrainState,
-  jit_steps,
-  with_shardings,
-)
+from divita_jax.trainers import state as st
 
-MODES = ("frozen", "finetune")
+READS_REPRESENTATIONS = False  # Decodes the trailers' clips itself.
+TITLE_SUFFIX = (
+  ", backbones fine-tuned end to end"  # Of the results' summary title.
+)
 # ------------------------------------------------------------------ model
 
 
@@ -77,7 +76,7 @@ class Model:
     for b in self.branches:
       x = batch[b]
       lead = x.shape[:3] if self.per_frame[b] else x.shape[:2]
-      x = extract.normalize(
+      x = runtime.normalize(
         x.reshape(-1, *x.shape[len(lead) :]), *self.stats[b]
       )
       variables = {"params": params[b]}
@@ -121,7 +120,7 @@ def _unmicro(x):
   return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
-def loss_and_grads(m: Model, state: TrainState, batch: dict):
+def loss_and_grads(m: Model, state: st.TrainState, batch: dict):
   """(loss, gradients of the trainable params, head batch_stats) of a
   batch, accumulated over `m.microbatches` micro-batches in a scan: the
   batch's weighted-mean BCE (a failed trailer weighs 0)."""
@@ -162,13 +161,11 @@ def loss_and_grads(m: Model, state: TrainState, batch: dict):
   return loss, grads, head_stats
 
 
-def train_step(m: Model, tx, state: TrainState, batch: dict, lr):
+def train_step(m: Model, tx, state: st.TrainState, batch: dict, lr):
   """One AdamW step; frozen parameters are carried over untouched."""
   loss, grads, head_stats = loss_and_grads(m, state, batch)
   part = groups.trainable(state.params, m.frozen)
-  opt_state = state.opt_state._replace(
-    hyperparams={**state.opt_state.hyperparams, "learning_rate": lr}
-  )
+  opt_state = st.with_learning_rate(state.opt_state, lr)
   updates, opt_state = tx.update(grads, opt_state, part)
   new = state.replace(
     step=state.step + 1,
@@ -176,11 +173,11 @@ def train_step(m: Model, tx, state: TrainState, batch: dict, lr):
     batch_stats={**state.batch_stats, "head": head_stats},
     opt_state=opt_state,
   )
-  return new, loss
+  return new, st.step_metrics(loss, grads, state.params)
 
 
 def eval_step(m: Model, variables: dict, batch: dict):
-  """Eval windows -> {'probs', 'bce', 'trailer'} as train.eval_step, in
+  """Eval windows -> state.eval_outputs, in
   `finetune.eval_microbatches` micro-batches (one at a time through the
   backbones: a window holds train.num_clips clips)."""
   inputs = {k: batch[k] for k in (*m.branches, "mask")}
@@ -196,31 +193,22 @@ def eval_step(m: Model, variables: dict, batch: dict):
     logits = one(inputs)
   else:
     logits = _unmicro(jax.lax.map(one, m.micro(inputs, k)))
-  return {
-    "probs": jax.nn.sigmoid(logits),
-    "bce": optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(-1),
-    "trailer": batch["trailer"],
-  }
+  return st.eval_outputs(logits, batch)
 
 
 # ---------------------------------------------------------------- programs
-
-
-def compute_dtype(name: str) -> str:
-  """'auto': bfloat16 on GPU/TPU, float32 on CPU."""
-  return extract.compute_dtype(name)
 
 
 def _backbones(config) -> dict:
   """branch -> (module with remat and compute dtype, variables, spec)."""
   out = {}
   for b in config.model.branches:
-    module, variables, spec = extract.make_backbone(config, b)
+    module, variables, spec = runtime.make_backbone(config, b)
     module = module.clone(
       remat=config.finetune.remat,
-      dtype=jnp.dtype(compute_dtype(config.finetune.dtype)),
+      dtype=jnp.dtype(runtime.compute_dtype(config.finetune.dtype)),
     )
-    out[b] = (module, extract.as_variables(variables), spec)
+    out[b] = (module, runtime.as_variables(variables), spec)
   return out
 
 
@@ -236,41 +224,28 @@ def _boxed(params, axes):
   return jax.tree.map(box, params, axes)
 
 
-def _head(config) -> nn.Module:
-  m = config.model
-  return divita.DIViTA(
-    branches=tuple(m.branches),
-    fusion=m.fusion,
-    cam=m.cam,
-    mask_padding=m.mask_padding,
-    num_classes=m.num_classes,
-    dtype=jnp.float32,
-    batch_norm=config.finetune.head_batch_norm,
-  )
-
-
 def _init_fn(config, head, loaded: dict):
-  """(init(rng, backbone variables) -> boxed TrainState, frozen names,
+  """(init(rng, backbone variables) -> boxed st.TrainState, frozen names,
   optimizer): the parameter groups come from the params' names."""
   axes = {b: backbone.logical_axes(m, s) for b, (m, _, s) in loaded.items()}
   dims = {b: int(s["feature_dim"]) for b, (_, _, s) in loaded.items()}
-  clips = config.finetune.clips_per_trailer
-  dummy = {b: jnp.zeros((2, clips, d), jnp.float32) for b, d in dims.items()}
+  n = config.finetune.clips_per_trailer
+  dummy = {b: jnp.zeros((2, n, d), jnp.float32) for b, d in dims.items()}
 
   def head_init(rng):
     k_params, k_dropout = jax.random.split(rng)
     return head.init(
       {"params": k_params, "dropout": k_dropout},
       dummy,
-      jnp.ones((2, clips), bool),
+      jnp.ones((2, n), bool),
       train=False,
     )
 
   head_shapes = jax.eval_shape(head_init, jax.random.PRNGKey(0))
   names = {"head": nn.meta.unbox(head_shapes["params"])}
   names.update({b: v["params"] for b, (_, v, _) in loaded.items()})
-  frozen, scales = groups.param_groups(config, names)
-  tx = groups.make_optimizer(config, scales)
+  frozen, scales, decay = groups.param_groups(config, names)
+  tx = groups.make_optimizer(config, scales, decay)
 
   def init(rng, variables):
     k_head, k_train = jax.random.split(rng)
@@ -280,7 +255,7 @@ def _init_fn(config, head, loaded: dict):
     for b in axes:
       params[b] = _boxed(variables[b]["params"], axes[b])
       stats[b] = variables[b].get("batch_stats", {})
-    return TrainState(
+    return st.TrainState(
       step=jnp.zeros([], jnp.int32),
       params=params,
       batch_stats=stats,
@@ -291,17 +266,17 @@ def _init_fn(config, head, loaded: dict):
   return init, frozen, tx
 
 
-_PROGRAMS = {}
-
-
-def programs(config, mesh) -> Programs:
+def programs(config, mesh) -> st.Programs:
   """The fine-tuning Programs of `config` on `mesh` (cached per process):
   init loads the backbones' starting weights."""
-  key = (config.to_json(), mesh)
-  if key in _PROGRAMS:
-    return _PROGRAMS[key]
+  return st.cached(
+    ("finetune", config.to_json(), mesh), lambda: _build(config, mesh)
+  )
+
+
+def _build(config, mesh) -> st.Programs:
   loaded = _backbones(config)
-  head = _head(config)
+  head = divita.make_head(config.model, config.finetune.head_batch_norm)
   init_boxed, frozen, tx = _init_fn(config, head, loaded)
   # Host arrays: every process passes the same values (multi-host jit);
   # no device keeps a whole copy.
@@ -311,7 +286,7 @@ def programs(config, mesh) -> Programs:
   shardings = sharding.tree_shardings(
     abstract, mesh, sharding.logical_rules(config.mesh)
   )
-  abstract = with_shardings(abstract, shardings)
+  abstract = st.with_shardings(abstract, shardings)
   init_jit = jax.jit(
     lambda r, v: nn.meta.unbox(init_boxed(r, v)), out_shardings=shardings
   )
@@ -330,13 +305,13 @@ def programs(config, mesh) -> Programs:
     eval_microbatches=config.finetune.eval_microbatches,
     mesh=mesh,
   )
-  train_fn, eval_fn = jit_steps(
+  train_fn, eval_fn = st.jit_steps(
     functools.partial(train_step, model, tx),
     functools.partial(eval_step, model),
     mesh,
     shardings,
   )
-  _PROGRAMS[key] = Programs(
+  return st.Programs(
     model,
     tx,
     lambda rng: init_jit(rng, start),
@@ -345,7 +320,6 @@ def programs(config, mesh) -> Programs:
     train_fn,
     eval_fn,
   )
-  return _PROGRAMS[key]
 
 
 # -------------------------------------------------------------------- data
@@ -365,38 +339,65 @@ def _branch_inputs(config) -> dict:
   return out
 
 
-def fold_data(config, source, ids, labels, subsets: dict):
-  """(TrainData, subset name -> EvalData) of decoded clips for one fold."""
+def fold_setup(config, mesh, source, fold, preload: bool = True):
+  """The fold's programs and decoded-clip windows (state.FoldSetup);
+  `source`: the random-access TFDS source of the trailers (rows aligned
+  with `fold.ids`). Clips are decoded per batch (`preload` is unused)."""
+  del preload
   f, tc = config.finetune, config.train
-  branches = _branch_inputs(config)
   clip_kwargs = video.sample_kwargs(config.clips, 0)
   del clip_kwargs["resolution"]
-  common = dict(
-    branches=branches, clip_kwargs=clip_kwargs, decode_threads=f.decode_threads
+  decoder = clips.Decoder(
+    source,
+    _branch_inputs(config),
+    clip_kwargs,
+    threads=f.decode_threads,
+    augment=f.augment.to_dict(),
   )
   train = clips.train_data(
-    source,
-    ids,
-    labels,
-    subsets["train"],
-    clips_per_trailer=f.clips_per_trailer,
-    global_batch_size=tc.batch_size,
-    seed=config.seed,
-    num_epochs=tc.max_epochs,
-    augment=f.augment.to_dict(),
+    decoder,
+    fold,
+    common.Batching(f.clips_per_trailer, tc.batch_size),
+    common.Epochs(config.seed, tc.max_epochs),
     num_workers=extract.auto_processes(f.decode_processes),
-    **common,
+  )
+  eval_batching = common.Batching(tc.num_clips, tc.eval_batch_size)
+  eval_data = lambda name: clips.eval_data(decoder, fold, name, eval_batching)
+
+  return st.FoldSetup(
+    programs=programs(config, mesh),
+    train=train,
+    eval_data=eval_data,
+    num_features={},
+    learning_rate=functools.partial(learning_rate, config),
   )
 
-  def eval_data(name):
-    return clips.eval_data(
-      source,
-      ids,
-      labels,
-      subsets[name],
-      num_clips=tc.num_clips,
-      global_batch_size=tc.eval_batch_size,
-      **common,
-    )
 
-  return train, eval_data
+def learning_rate(config, host, step: int, steps_per_epoch: int) -> float:
+  """`finetune.schedule`: the plateau's rate, or warmup + cosine."""
+  if config.finetune.schedule == "plateau":
+    return host.plateau["lr"]
+  return optim.warmup_cosine(
+    config.train.learning_rate,
+    round(config.finetune.warmup_epochs * steps_per_epoch),
+    steps_per_epoch * config.train.max_epochs,
+    step,
+  )
+
+
+def load_variables(config, fold_dir: str) -> tuple[dict, dict]:
+  """(head variables, branch -> backbone variables) of the best
+  checkpoint of a fine-tuned fold."""
+  p = programs(config, sharding.make_mesh(config.mesh))
+  variables, _ = checkpoints.load_best(
+    fold_dir, lambda _: st.variables_of(p.abstract)
+  )
+  variables = jax.device_get(variables)
+  params, stats = variables["params"], variables["batch_stats"]
+  head = {"params": params["head"], "batch_stats": stats["head"]}
+  tuned = {}
+  for b in config.model.branches:
+    tuned[b] = {"params": params[b]}
+    if stats.get(b):
+      tuned[b]["batch_stats"] = stats[b]
+  return head, tuned

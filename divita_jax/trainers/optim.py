@@ -50,20 +50,6 @@ def scale_by_adam_torch(b1, b2, eps, amsgrad) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
-  """AdamW(+AMSGrad) with an injectable learning rate."""
-
-  @optax.inject_hyperparams
-  def adamw(learning_rate):
-    return optax.chain(
-      scale_by_adam_torch(tc.b1, tc.b2, tc.eps, tc.amsgrad),
-      optax.add_decayed_weights(tc.weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-    )
-
-  return adamw(learning_rate=tc.learning_rate)
-
-
 def plateau_update(state: dict, val_loss: float, tc) -> dict:
   """PyTorch ReduceLROnPlateau (min, rel threshold, cooldown 0, eps 1e-8)."""
   best, bad, lr = state["best"], state["bad"], state["lr"]
@@ -90,23 +76,9 @@ def early_stop_update(state: dict, val_loss: float) -> dict:
   return {"best": best, "wait": wait, "improved": improved}
 
 
-def step_lr(config, host: dict, step: int, steps_per_epoch: int) -> float:
-  """Learning rate of `step` (0-based): the plateau's (frozen protocol, and
-  `finetune.schedule = "plateau"`), or for fine-tuning with "cosine" a
-  linear warmup over `finetune.warmup_epochs`, then cosine decay to 0 at
-  the last step of `train.max_epochs`."""
-  if config.train.mode != "finetune":
-    return host["plateau"]["lr"]
-  schedule = config.finetune.schedule
-  if schedule == "plateau":
-    return host["plateau"]["lr"]
-  if schedule != "cosine":
-    raise ValueError(
-      f"Unknown config.finetune.schedule {schedule!r}; plateau | cosine."
-    )
-  base = config.train.learning_rate
-  total = steps_per_epoch * config.train.max_epochs
-  warmup = round(config.finetune.warmup_epochs * steps_per_epoch)
+def warmup_cosine(base: float, warmup: int, total: int, step: int) -> float:
+  """Learning rate of `step` (0-based): linear warmup over `warmup` steps,
+  then cosine decay to 0 at step `total`."""
   if step < warmup:
     return base * (step + 1) / warmup
   t = (step - warmup) / max(total - warmup, 1)

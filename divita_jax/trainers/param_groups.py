@@ -1,11 +1,14 @@
-"""Parameter groups of fine-tuning: what trains, at which learning rate.
+"""Parameter groups and the one optimizer of both training modes.
 
 Names are "<top>/<param path>" over params {'head': ..., branch: ...}.
 `layer_ids` numbers each backbone's layers (0 = stem, 1..L = blocks, L + 1 =
 after them); `param_groups` turns `config.finetune` (freeze regexes,
-freeze_layers, backbone_lr_scale, layer_decay) into the frozen names and a
-learning-rate multiplier per trainable name; `make_optimizer` is the
-PyTorch-parity AdamW over the trainable params with those multipliers.
+freeze_layers, backbone_lr_scale, layer_decay, lr_mults, wd_mults) into the
+frozen names and learning-rate / weight-decay multipliers per trainable
+name. Frozen parameters are left out of the trained tree (`trainable`):
+they get no gradient and no optimizer state at all, which an optax mask
+would still compute and store. `make_optimizer` is the PyTorch-parity
+AdamW (optim.py), optionally after global-norm gradient clipping.
 """
 
 import math
@@ -61,13 +64,43 @@ def layer_ids(params) -> tuple[dict, int]:
   return jax.tree_util.tree_map_with_path(layer, params), num
 
 
-def param_groups(config, params: dict) -> tuple[set, dict]:
+def parse_mults(pairs, field: str) -> list:
+  """("regex=factor", ...) -> [(compiled regex, factor)]."""
+  out = []
+  for pair in pairs:
+    pattern, sep, factor = str(pair).rpartition("=")
+    try:
+      out.append((re.compile(pattern), float(factor)))
+    except (re.error, ValueError) as e:
+      raise ValueError(
+        f"config.finetune.{field} entry {pair!r}: expected 'regex=factor' "
+        f"({e})."
+      ) from None
+    if not sep:
+      raise ValueError(
+        f"config.finetune.{field} entry {pair!r}: expected 'regex=factor'."
+      )
+  return out
+
+
+def _times(mults: list, name: str) -> float:
+  out = 1.0
+  for pattern, factor in mults:
+    if pattern.search(name):
+      out *= factor
+  return out
+
+
+def param_groups(config, params: dict) -> tuple[set, dict, dict]:
   """(frozen parameter names "<branch>/<path>", learning-rate multiplier
-  per trainable name) for params {'head': ..., branch: ...}."""
+  and weight-decay multiplier per trainable name) for params
+  {'head': ..., branch: ...}."""
   f = config.finetune
   patterns = [re.compile(p) for p in f.freeze]
+  lr_mults = parse_mults(f.lr_mults, "lr_mults")
+  wd_mults = parse_mults(f.wd_mults, "wd_mults")
   used = [False] * len(patterns)
-  frozen, scale = set(), {}
+  frozen, scale, decay = set(), {}, {}
   for top, tree in params.items():
     ids, num = layer_ids(tree) if top != "head" else (None, 0)
     flat = traverse_util.flatten_dict(tree, sep="/")
@@ -79,18 +112,21 @@ def param_groups(config, params: dict) -> tuple[set, dict]:
       layer = layers.get(path)
       if any(hits) or (layer is not None and layer < f.freeze_layers):
         frozen.add(name)
-      elif layer is None:
+        continue
+      if layer is None:
         scale[name] = 1.0
       else:
-        decay = f.layer_decay ** (num + 1 - layer)
-        scale[name] = f.backbone_lr_scale * decay
+        depth = f.layer_decay ** (num + 1 - layer)
+        scale[name] = f.backbone_lr_scale * depth
+      scale[name] *= _times(lr_mults, name)
+      decay[name] = _times(wd_mults, name)
   unused = [p.pattern for p, u in zip(patterns, used) if not u]
   if unused:
     raise ValueError(
       f"config.finetune.freeze pattern(s) {unused} match no parameter; "
       "names look like 'video/Transformer/encoderblock_0/...'."
     )
-  return frozen, scale
+  return frozen, scale, decay
 
 
 def trainable(params: dict, frozen: set) -> dict:
@@ -118,19 +154,42 @@ def scale_by_tree(scales: dict) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(config, scales: dict) -> optax.GradientTransformation:
-  """PyTorch-parity AdamW(+AMSGrad) (optim.py) over the trainable params,
-  per-parameter learning rates `scales` x the injected learning rate."""
+def decayed_weights(weight_decay: float, mults: dict):
+  """optax.add_decayed_weights with a per-parameter multiplier."""
+
+  def update(updates, state, params):
+    return (
+      jax.tree.map(
+        lambda u, p, m: u + (weight_decay * m) * p, updates, params, mults
+      ),
+      state,
+    )
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(config, scales=None, decay=None):
+  """PyTorch-parity AdamW(+AMSGrad) with an injectable learning rate, for
+  both modes: `scales` / `decay` ({name: multiplier} from param_groups)
+  give per-parameter learning rates and weight decays; None = 1 for all
+  (the frozen head: the reference's optimizer exactly)."""
   tc = config.train
-  nested = traverse_util.unflatten_dict(scales, sep="/")
+  nest = lambda d: traverse_util.unflatten_dict(d, sep="/")
+  uniform = decay is None or all(m == 1.0 for m in decay.values())
 
   @optax.inject_hyperparams
   def adamw(learning_rate):
-    return optax.chain(
-      optim.scale_by_adam_torch(tc.b1, tc.b2, tc.eps, tc.amsgrad),
-      optax.add_decayed_weights(tc.weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-      scale_by_tree(nested),
-    )
+    parts = []
+    if tc.grad_clip_norm > 0:
+      parts.append(optax.clip_by_global_norm(tc.grad_clip_norm))
+    parts.append(optim.scale_by_adam_torch(tc.b1, tc.b2, tc.eps, tc.amsgrad))
+    if uniform:
+      parts.append(optax.add_decayed_weights(tc.weight_decay))
+    else:
+      parts.append(decayed_weights(tc.weight_decay, nest(decay)))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    if scales is not None:
+      parts.append(scale_by_tree(nest(scales)))
+    return optax.chain(*parts)
 
   return adamw(learning_rate=tc.learning_rate)

@@ -1,9 +1,11 @@
 """What a training step carries, for both modes of the trainer.
 
-`TrainState` is the jitted steps' state (head-only training, train.py, and
+`TrainState` is the jitted steps' state (head-only training, frozen.py, and
 end-to-end fine-tuning, finetune.py); `Programs` is what either mode
-compiles for a config on a mesh, so the epoch loop, checkpoints and
-evaluation in train.py / evaluate.py serve both.
+compiles for a config on a mesh (built once per process: `cached`), so the
+epoch loop, checkpoints and evaluation in loop.py / evaluate.py serve both.
+The pieces both modes' steps share live here too: the learning-rate
+injection, the step metrics and the evaluation outputs.
 """
 
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from typing import Any, NamedTuple
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from divita_jax import sharding
@@ -33,8 +36,20 @@ class Programs(NamedTuple):
   init: Callable  # rng -> sharded TrainState
   abstract: TrainState  # ShapeDtypeStructs with shardings
   shardings: TrainState  # NamedShardings
-  train_step: Callable  # (state, batch, lr) -> (state, loss); donates state
+  # (state, batch, lr) -> (state, {'loss', 'grad_norm', 'param_norm'});
+  # donates the state.
+  train_step: Callable
   eval_step: Callable  # (variables, batch) -> window outputs, replicated
+
+
+class FoldSetup(NamedTuple):
+  """What a mode gives the fold loop for one fold."""
+
+  programs: Programs
+  train: Any  # pipelines' TrainData
+  eval_data: Callable  # subset name -> pipelines' EvalData
+  num_features: dict  # branch -> D (frozen mode; {} when fine-tuning)
+  learning_rate: Callable  # (host state, step, steps per epoch) -> float
 
 
 def variables_of(state: TrainState) -> dict:
@@ -43,6 +58,45 @@ def variables_of(state: TrainState) -> dict:
 
 def bce(logits, labels):
   return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+
+
+_PROGRAMS = {}
+
+
+def cached(key, build: Callable[[], Programs]) -> Programs:
+  """The one per-process program cache of both modes: every fold (and
+  predict) of a config compiles once."""
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = build()
+  return _PROGRAMS[key]
+
+
+def with_learning_rate(opt_state, lr):
+  """The injected hyper-parameter set to the host schedule's `lr`."""
+  return opt_state._replace(
+    hyperparams={**opt_state.hyperparams, "learning_rate": lr}
+  )
+
+
+def step_metrics(loss, grads, params) -> dict:
+  """What a step reports: loss and the global L2 norms of the gradients
+  (of the trained parameters) and of all parameters."""
+  return {
+    "loss": loss,
+    "grad_norm": optax.global_norm(grads),
+    "param_norm": optax.global_norm(params),
+  }
+
+
+def eval_outputs(logits, batch: dict) -> dict:
+  """Eval windows -> {'probs' [b, C], 'bce' [b] (window BCE vs its
+  trailer's labels), 'trailer' [b] (carried through, see evaluate.py)}."""
+  logits = logits.astype(jnp.float32)
+  return {
+    "probs": jax.nn.sigmoid(logits),
+    "bce": optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(-1),
+    "trailer": batch["trailer"],
+  }
 
 
 def with_shardings(abstract_boxed, shardings):

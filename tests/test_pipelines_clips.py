@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from divita_jax import video
-from divita_jax.pipelines import clips, reps
-from tests.test_input_pipeline import record
+from divita_jax.pipelines import clips, common
+from tests.test_pipelines_extraction import record
 
 CLIPS = {
   "segmentation": "shots",
@@ -38,35 +38,36 @@ def source():
   return [record(i, 1 + i % 6) for i in range(8)]
 
 
-def ids_labels(source):
+def fold_of(source, subset="train"):
+  """Every trailer of `source` in `subset`."""
   ids = [r["id"] for r in source]
-  return ids, np.stack([r["labels"] for r in source]).astype(np.float32)
+  labels = np.stack([r["labels"] for r in source])
+  return common.FoldData(ids, labels, {subset: np.arange(len(source))})
 
 
-def train(source, indices=None, **kw):
-  ids, labels = ids_labels(source)
-  kw = {
-    "branches": BRANCHES,
-    "clip_kwargs": CLIPS,
-    "clips_per_trailer": K,
-    "global_batch_size": 2,
-    "seed": 5,
-    "num_epochs": 2,
-    "augment": NO_AUGMENT,
-  } | kw
-  indices = np.arange(len(source)) if indices is None else indices
-  return clips.train_data(source, ids, labels, indices, **kw)
+def train(source, augment=NO_AUGMENT, *, seed=5, count=2, **kw):
+  """TrainData of `source`: windows of K clips, 2 a step, 2 epochs; `kw`
+  overrides the Batching (num_clips, global_size, process_index,
+  process_count), the Decoder (branches, threads) or num_workers."""
+  kw = {"branches": BRANCHES, "threads": 2, "num_workers": 0} | kw
+  decoder = clips.Decoder(
+    source, kw.pop("branches"), CLIPS, kw.pop("threads"), augment
+  )
+  num_workers = kw.pop("num_workers")
+  batching = common.Batching(**({"num_clips": K, "global_size": 2} | kw))
+  epochs = common.Epochs(seed, count)
+  return clips.train_data(
+    decoder, fold_of(source), batching, epochs, num_workers
+  )
 
 
-def evaluation(source, **kw):
-  ids, labels = ids_labels(source)
-  kw = {
-    "branches": BRANCHES,
-    "clip_kwargs": CLIPS,
-    "num_clips": 2,
-    "global_batch_size": 4,
-  } | kw
-  return clips.eval_data(source, ids, labels, np.arange(len(source)), **kw)
+def evaluation(source, process_index=None, process_count=None):
+  """EvalData of every trailer of `source`: windows of 2 clips, 4 a step."""
+  decoder = clips.Decoder(source, BRANCHES, CLIPS)
+  batching = common.Batching(2, 4, process_index, process_count)
+  return clips.eval_data(
+    decoder, fold_of(source, "validation"), "validation", batching
+  )
 
 
 _REFERENCE = {}
@@ -125,7 +126,7 @@ def test_train_batches_hold_the_seeded_windows(source):
   assert b["labels"].dtype == b["weight"].dtype == np.float32
   for step, b in enumerate(out):
     epoch = step // 4
-    order = reps._epoch_order(5, epoch, 8, 8)
+    order = common.epoch_order(5, epoch, 8, 8)
     for row, i in enumerate(order[step % 4 * 2 :][:2]):
       n = 1 + i % 6  # Clips of trailer i.
       rng = np.random.default_rng((5, epoch, 1, int(i)))
@@ -139,24 +140,24 @@ def test_same_seed_same_batches_and_resume(source):
   data = train(source, augment=AUGMENT)
   first = batches(data)
   # Another dataset, one decode thread: bitwise the same batches.
-  assert_same(batches(train(source, augment=AUGMENT, decode_threads=1)), first)
+  assert_same(batches(train(source, augment=AUGMENT, threads=1)), first)
   other = batches(train(source, augment=AUGMENT, seed=6))
   assert any(
     not np.array_equal(a["video"], b["video"]) for a, b in zip(first, other)
   )
-  it = reps.iterate(data.dataset, state={"next_index": 5})
+  it = common.iterate(data, state={"next_index": 5})
   assert_same([next(it) for _ in range(3)], first[5:])
   it.close()
 
 
 def test_two_processes_concatenate_to_one(source):
-  whole = batches(train(source, augment=AUGMENT, global_batch_size=4))
+  whole = batches(train(source, augment=AUGMENT, global_size=4))
   parts = [
     batches(
       train(
         source,
         augment=AUGMENT,
-        global_batch_size=4,
+        global_size=4,
         process_index=p,
         process_count=2,
       )
@@ -167,7 +168,7 @@ def test_two_processes_concatenate_to_one(source):
     for k in b:
       np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), b[k])
   with pytest.raises(ValueError, match="not divisible"):
-    train(source, global_batch_size=3, process_count=2, process_index=0)
+    train(source, global_size=3, process_count=2, process_index=0)
 
 
 def encode(frames: np.ndarray) -> bytes:
@@ -208,9 +209,9 @@ def one_trailer(src, augment, epochs=8, branches=BRANCHES):
   data = train(
     src,
     augment=augment,
-    clips_per_trailer=4,
-    global_batch_size=1,
-    num_epochs=epochs,
+    num_clips=4,
+    global_size=1,
+    count=epochs,
     branches=branches,
   )
   return batches(data)
@@ -268,7 +269,7 @@ def broken(source, i=2):
 
 def test_failing_video_weight_zero_in_training(source, caplog):
   with caplog.at_level(logging.WARNING):
-    out = batches(train(broken(source), augment=AUGMENT, num_epochs=1))
+    out = batches(train(broken(source), augment=AUGMENT, count=1))
   assert "'t2'" in caplog.text and "cannot open" in caplog.text
   weights = np.concatenate([b["weight"] for b in out])
   assert sorted(weights) == [0] + [1] * 7
@@ -281,7 +282,7 @@ def test_failing_video_weight_zero_in_training(source, caplog):
 
 def test_eval_windows_cover_every_clip_once(source):
   data = evaluation(source)
-  counts = clips.clip_counts(source, np.arange(8), CLIPS)
+  counts = clips.clip_counts(clips.Decoder(source, BRANCHES, CLIPS), range(8))
   np.testing.assert_array_equal(counts, [1 + i % 6 for i in range(8)])
   assert data.num_steps == 4 and len(data.windows) == 16  # 14 + 2 pad.
   out = batches(data)
@@ -327,8 +328,8 @@ def test_failing_video_raises_in_eval(source):
 def test_worker_processes_equal_threads(source):
   want = batches(train(source, augment=AUGMENT), 4)
   data = train(source, augment=AUGMENT, num_workers=1)
-  it = reps.iterate(data.dataset, state={"next_index": 1})
-  assert isinstance(it, reps._WorkerIterator)
+  it = common.iterate(data, state={"next_index": 1})
+  assert isinstance(it, common.WorkerIterator)
   got = [next(it) for _ in range(3)]
   it.close()
   assert_same(got, want[1:])

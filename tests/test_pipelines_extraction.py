@@ -50,7 +50,9 @@ def test_process_shard_disjoint_and_complete():
 def test_clip_loader_yields_clips_and_errors(source):
   broken = dict(source[0], id=b"bad", video=b"garbage" * 100)
   items = list(
-    extraction.clip_loader(source + [broken], [3, 8, 0], clip_kwargs=CLIPS)
+    extraction.clip_loader(
+      source + [broken], [3, 8, 0], extraction.Decoding(CLIPS)
+    )
   )
   assert [x["index"] for x in items] == [3, 8, 0]
   t3, bad, t0 = items
@@ -86,9 +88,10 @@ def test_global_batch_shards_along_data_axis():
 
 def test_clip_loader_in_worker_processes_equals_threads(source):
   """Decoding in 2 spawned processes: the same trailers, same order."""
-  kw = dict(clip_kwargs=CLIPS, num_threads=1)
-  want = list(extraction.clip_loader(source, [5, 2, 7, 0], **kw))
-  it = iter(extraction.clip_loader(source, [5, 2, 7, 0], worker_count=2, **kw))
+  threads = extraction.Decoding(CLIPS, threads=1)
+  workers = extraction.Decoding(CLIPS, threads=1, processes=2)
+  want = list(extraction.clip_loader(source, [5, 2, 7, 0], threads))
+  it = iter(extraction.clip_loader(source, [5, 2, 7, 0], workers))
   got = [jax.tree.map(np.copy, x) for x in it]
   it.close()
   assert_same(got, want)
@@ -96,10 +99,10 @@ def test_clip_loader_in_worker_processes_equals_threads(source):
 
 def test_clip_loader_centre_frame_only(source):
   full, centre = (
-    next(iter(extraction.clip_loader(source, [4], **kw)))
-    for kw in (
-      {"clip_kwargs": CLIPS},
-      {"clip_kwargs": CLIPS, "center_frame_only": True},
+    next(iter(extraction.clip_loader(source, [4], decoding)))
+    for decoding in (
+      extraction.Decoding(CLIPS),
+      extraction.Decoding(CLIPS, center_frame_only=True),
     )
   )
   assert centre["clips"].shape == full["clips"].shape[:1] + (1, 32, 32, 3)

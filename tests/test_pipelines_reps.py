@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from divita_jax.pipelines import reps, stores
+from divita_jax.pipelines import common, reps, stores
 
 NUM_CLIPS = 4
 
@@ -12,31 +12,30 @@ NUM_CLIPS = 4
 def data(tmp_path_factory):
   """12 trailers of 2..9 clips; feature 0 = trailer row, 1 = clip index."""
   root = str(tmp_path_factory.mktemp("reps"))
-  stores = {b: stores.NpyStore(root, b) for b in ("image", "video")}
+  npy = {b: stores.NpyStore(root, b) for b in ("image", "video")}
   ids = [f"tt{i:04d}" for i in range(12)]
   for i, tid in enumerate(ids):
     n = 2 + (i * 5) % 8
     clips = np.stack([np.full(n, i), np.arange(n), np.ones(n)], 1)
-    stores["image"].write(tid, clips)
-    stores["video"].write(tid, -clips)
+    npy["image"].write(tid, clips)
+    npy["video"].write(tid, -clips)
   labels = np.eye(12, 10, dtype=np.float32)
-  return stores, ids, labels
+  return npy, ids, labels
+
+
+def _fold(data, subset="train", indices=None, labels=None):
+  _, ids, all_labels = data
+  indices = np.arange(12) if indices is None else indices
+  labels = all_labels if labels is None else labels
+  return common.FoldData(ids, labels, {subset: indices})
 
 
 def _train(data, process_index=0, process_count=1, indices=None, epochs=2):
-  stores, ids, labels = data
-  indices = np.arange(0, 12) if indices is None else indices
   return reps.train_data(
-    stores,
-    ids,
-    labels,
-    indices,
-    num_clips=NUM_CLIPS,
-    global_batch_size=4,
-    seed=3,
-    num_epochs=epochs,
-    process_index=process_index,
-    process_count=process_count,
+    data[0],
+    _fold(data, indices=indices),
+    common.Batching(NUM_CLIPS, 4, process_index, process_count),
+    common.Epochs(seed=3, count=epochs),
   )
 
 
@@ -103,12 +102,12 @@ def test_last_batch_wraps_so_every_trailer_is_seen(data):
 
 def test_iterator_state_restores_exactly(data):
   train = _train(data)
-  it = reps.iterate(train.dataset)
+  it = common.iterate(train)
   for _ in range(4):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(2)]
-  resumed = reps.iterate(train.dataset, state=state)
+  resumed = common.iterate(train, state=state)
   for want in expected:
     got = next(resumed)
     for k in want:
@@ -116,18 +115,11 @@ def test_iterator_state_restores_exactly(data):
 
 
 def test_eval_covers_every_clip_once_and_pads(data):
-  stores, ids, labels = data
   indices = np.array([1, 4, 7, 10])
+  fold = _fold(data, "validation", indices)
   parts = [
     reps.eval_data(
-      stores,
-      ids,
-      labels,
-      indices,
-      num_clips=NUM_CLIPS,
-      global_batch_size=4,
-      process_index=p,
-      process_count=2,
+      data[0], fold, "validation", common.Batching(NUM_CLIPS, 4, p, 2)
     )
     for p in range(2)
   ]
@@ -154,25 +146,17 @@ def test_eval_covers_every_clip_once_and_pads(data):
 
 
 def test_preload_fast_path_reads_the_same(data):
-  stores, ids, labels = data
-  memory = reps.preload(stores, ids)
+  npy, ids, _ = data
+  memory = reps.preload(npy, ids)
   assert isinstance(memory["image"], stores.InMemoryReader)
   a = _train(data)
+  fold = _fold(data)
   b = reps.train_data(
-    memory,
-    ids,
-    labels,
-    np.arange(12),
-    num_clips=NUM_CLIPS,
-    global_batch_size=4,
-    seed=3,
-    num_epochs=2,
+    memory, fold, common.Batching(NUM_CLIPS, 4), common.Epochs(3, 2)
   )
   evals = [
-    reps.eval_data(
-      r, ids, labels, np.arange(12), num_clips=NUM_CLIPS, global_batch_size=4
-    )
-    for r in (stores, memory)
+    reps.eval_data(r, fold, "train", common.Batching(NUM_CLIPS, 4))
+    for r in (npy, memory)
   ]
   pairs = [(a.dataset[i], b.dataset[i]) for i in range(6)]
   pairs += [
@@ -187,41 +171,29 @@ def test_preload_fast_path_reads_the_same(data):
 
 
 def test_bad_inputs_have_clear_errors(data):
-  stores, ids, labels = data
+  npy, _, labels = data
+  epochs = common.Epochs(seed=0, count=1)
   with pytest.raises(ValueError, match="labels has 3 rows"):
     reps.train_data(
-      stores,
-      ids,
-      labels[:3],
-      [0],
-      num_clips=4,
-      global_batch_size=2,
-      seed=0,
-      num_epochs=1,
+      npy,
+      _fold(data, indices=[0], labels=labels[:3]),
+      common.Batching(4, 2),
+      epochs,
     )
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
     reps.train_data(
-      stores,
-      ids,
-      labels,
-      [0],
-      num_clips=4,
-      global_batch_size=4,
-      seed=0,
-      num_epochs=1,
-      process_index=0,
-      process_count=3,
+      npy, _fold(data, indices=[0]), common.Batching(4, 4, 0, 3), epochs
     )
   with pytest.raises(ValueError, match="empty"):
-    reps.eval_data(stores, ids, labels, [], num_clips=4, global_batch_size=2)
+    reps.eval_data(npy, _fold(data, "test", []), "test", common.Batching(4, 2))
 
 
-def _zarr_copy(stores, ids, root):
+def _zarr_copy(npy, ids, root):
   """The stores' arrays as official-layout zarr v2 groups, one per branch."""
   import zarr
 
   out = {}
-  for b, store in stores.items():
+  for b, store in npy.items():
     path = str(root / f"trailers_{b}.zarr")
     group = zarr.open_group(path, mode="w", zarr_format=2)
     group.attrs["num_features"] = store.num_features
@@ -233,22 +205,19 @@ def _zarr_copy(stores, ids, root):
 
 
 def test_zarr_streams_in_worker_processes_in_order_and_restores(data, tmp_path):
-  stores, ids, labels = data
-  zarrs = _zarr_copy(stores, ids, tmp_path)
+  npy, ids, _ = data
+  zarrs = _zarr_copy(npy, ids, tmp_path)
   train = reps.train_data(
     zarrs,
-    ids,
-    labels,
-    np.arange(12),
-    num_clips=NUM_CLIPS,
-    global_batch_size=4,
-    seed=3,
-    num_epochs=2,
+    _fold(data),
+    common.Batching(NUM_CLIPS, 4),
+    common.Epochs(seed=3, count=2),
     num_workers=2,
   )
+  assert train.num_workers == 2
   expected = [_train(data).dataset[i] for i in range(6)]  # From .npy.
-  it = reps.iterate(train.dataset)
-  assert isinstance(it, reps._WorkerIterator)  # Processes.
+  it = common.iterate(train)
+  assert isinstance(it, common.WorkerIterator)  # Processes.
   got = [next(it) for _ in range(3)]
   state = it.get_state()
   assert state == {"next_index": 3}
@@ -256,7 +225,7 @@ def test_zarr_streams_in_worker_processes_in_order_and_restores(data, tmp_path):
   # Restored in worker processes and in threads (a run may resume
   # preloaded): the same batches in the same order.
   for workers in (2, 0):
-    resumed = reps.iterate(train.dataset, state=state, num_workers=workers)
+    resumed = common.iterate(train, state=state, num_workers=workers)
     batches = got + [next(resumed) for _ in range(3)]
     for want, x in zip(expected, batches):
       for k in want:
@@ -265,24 +234,24 @@ def test_zarr_streams_in_worker_processes_in_order_and_restores(data, tmp_path):
 
 
 def test_default_workers_only_for_zarr_train_data(data, tmp_path):
-  stores, ids, labels = data
-  zarrs = _zarr_copy(stores, ids, tmp_path)
-  kw = dict(num_clips=NUM_CLIPS, global_batch_size=4, seed=0, num_epochs=1)
-  streamed = reps.train_data(zarrs, ids, labels, np.arange(12), **kw)
-  assert reps._WORKERS[streamed.dataset] >= 1
-  for readers in (stores, reps.preload(zarrs, ids)):
-    local = reps.train_data(readers, ids, labels, np.arange(12), **kw)
-    assert local.dataset not in reps._WORKERS
+  npy, ids, _ = data
+  zarrs = _zarr_copy(npy, ids, tmp_path)
+  args = (_fold(data), common.Batching(NUM_CLIPS, 4), common.Epochs(0, 1))
+  streamed = reps.train_data(zarrs, *args)
+  assert streamed.num_workers >= 1
+  for readers in (npy, reps.preload(zarrs, ids)):
+    local = reps.train_data(readers, *args)
+    assert local.num_workers == 0
 
 
 def test_preload_fills_one_buffer_from_lengths(data, tmp_path):
-  stores, ids, labels = data
-  zarrs = _zarr_copy(stores, ids, tmp_path)
+  npy, ids, _ = data
+  zarrs = _zarr_copy(npy, ids, tmp_path)
   memory = reps.preload(zarrs, ids)["image"]
-  total = sum(stores["image"].length(t) for t in ids)
+  total = sum(npy["image"].length(t) for t in ids)
   assert memory.data.shape == (total, 3) and memory.data.flags.c_contiguous
   for tid in ids:
     view = memory.read(tid)
     assert view.base is memory.data or view.base is memory.data.base
-    np.testing.assert_array_equal(view, stores["image"].read(tid))
+    np.testing.assert_array_equal(view, npy["image"].read(tid))
     assert memory.length(tid) == len(view)

@@ -1,0 +1,70 @@
+"""The backbones at run time: build or load one, its compute dtype, its
+variables, and the one in-jit input normalisation (uint8 -> float32).
+
+Extraction (frozen backbones), fine-tuning and predict all go through
+these, so a backbone sees the same inputs in every mode.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from divita_jax import video
+from divita_jax.models import backbone
+
+
+def compute_dtype(name: str) -> str:
+  """'auto': bfloat16 on GPU/TPU (frozen backbones), float32 on CPU (XLA's
+  CPU bf16 matmuls are no faster; fp32 is the parity reference)."""
+  if name == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return name
+
+
+def make_backbone(config: ml_collections.ConfigDict, branch: str):
+  """(module, variables, spec) from a converted checkpoint (its spec.json
+  names the kind) or random init of `kind` / `variant`."""
+  b = config.backbones[branch]
+  if b.checkpoint:  # Position embeddings resampled to the clips' size.
+    spec = backbone.read_spec(b.checkpoint)
+    frames = None
+    if not backbone.is_image_model(spec):
+      frames = config.clips.frames_per_clip
+    return backbone.load_backbone(
+      b.checkpoint,
+      dtype=compute_dtype(b.dtype),
+      resolution=b.resolution,
+      num_frames=frames,
+    )
+  return backbone.create_backbone(
+    b.kind,
+    b.variant,
+    resolution=b.resolution,
+    num_frames=config.clips.frames_per_clip,
+    tubelet=config.backbones.video.tubelet,
+    dtype=compute_dtype(b.dtype),
+    seed=config.seed,
+  )
+
+
+def as_variables(params_or_variables) -> dict:
+  """{'params': ...[, 'batch_stats': ...]}; a bare params tree is wrapped."""
+  tree = params_or_variables
+  if isinstance(tree, Mapping) and "params" in tree:
+    return dict(tree)
+  return {"params": tree}
+
+
+def normalize(x, mean, std):
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, inside jit.
+
+  A lookup in the 256 x 3 table that video.normalize computes on the host:
+  the same float32 values bit for bit on every backend (XLA would turn
+  the divisions by constants into multiplications by reciprocals).
+  """
+  table = video.normalize(np.arange(256, dtype=np.uint8)[:, None], mean, std)
+  flat = jnp.asarray(table.reshape(-1))  # [256 * 3]: value * 3 + channel
+  return flat[x.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)]
