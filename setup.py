@@ -34,7 +34,8 @@ TEST_REQUIRES = [
   "pytest-xdist>=3",
   "scikit-learn>=1.4",
   "torch==2.13.0",  # CPU build on disk.
-  # Parity references; a CUDA build: tests/torch_reference.py imports it.
+  # Parity references; a CUDA build: divita_jax/references/torchvision_cpu.py
+  # imports it.
   "torchvision==0.28.0",
   "transformers>=5.0,<6",
   # Real TransNetV2 weights (MIT) + its PyTorch reference and a real video.

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from divita_jax.convert import swin as convert
-from divita_jax.models import swin
+from divita_jax.models import swin, swin_windows
 from divita_jax.references.torchvision_cpu import torchvision
 
 TOL = 1e-4
@@ -202,7 +202,7 @@ def test_hf_swin_parity(tmp_path):
   sd = state_dict(model)
   old = {"swin." + _old_hf_name(k): v for k, v in sd.items()}
   old["classifier.weight"] = np.zeros((5, 128), np.float32)
-  index = swin.relative_position_index((7, 7))
+  index = swin_windows.relative_position_index((7, 7))
   for k in list(old):
     if k.endswith("relative_position_bias_table"):
       old[k.replace("_bias_table", "_index")] = index
@@ -236,7 +236,7 @@ def test_inflated_2d_weights_on_static_clip_equal_2d():
 # Negative controls: each known pitfall must break parity.
 
 
-_INDEX = swin.relative_index_in_graph
+_INDEX = swin_windows.relative_index_in_graph
 
 
 def _transposed_index(window, vol):
@@ -245,7 +245,7 @@ def _transposed_index(window, vol):
 
 def _wrong_merge_order(x):
   """x0, x2, x1, x3 (W varies first): the classic reshape slip."""
-  x = swin.pad_to(x, (x.ndim - 3, x.ndim - 2), (2, 2))
+  x = swin_windows.pad_to(x, (x.ndim - 3, x.ndim - 2), (2, 2))
   *lead, h, w, c = x.shape
   return (
     x.reshape(*lead, h // 2, 2, w // 2, 2, c)
@@ -261,7 +261,7 @@ def _masked_padding(original):
     base = original(grid, padded, window, shift)
     is_pad = np.ones(padded, np.int32)
     is_pad[tuple(map(slice, grid))] = 0
-    is_pad = swin.partition(is_pad[None, ..., None], window)[0, :, :, 0]
+    is_pad = swin_windows.partition(is_pad[None, ..., None], window)[0, :, :, 0]
     return 1000 * is_pad + (0 if base is None else base)
 
   return labels
@@ -282,7 +282,7 @@ def test_negative_controls_fail_parity(bug, monkeypatch):
     monkeypatch.setattr(swin, "merge_patches", _wrong_merge_order)
   else:
     monkeypatch.setattr(
-      swin, "window_labels", _masked_padding(swin.window_labels)
+      swin, "window_labels", _masked_padding(swin_windows.window_labels)
     )
   x = clip(shape)
   diffs = max_diffs(
@@ -345,9 +345,9 @@ def test_read_torch_state_dict(tmp_path, small_sd):
 
 @pytest.mark.parametrize("window", [(7, 7), (8, 7, 7)])
 def test_in_graph_index_is_the_reference_index_sliced(window):
-  full = swin.relative_position_index(window)
+  full = swin_windows.relative_position_index(window)
   for vol in {full.shape[0], min(full.shape[0], 4 * 7 * 7), 16}:
-    got = np.asarray(swin.relative_index_in_graph(window, vol))
+    got = np.asarray(swin_windows.relative_index_in_graph(window, vol))
     np.testing.assert_array_equal(got, full[:vol, :vol])
 
 

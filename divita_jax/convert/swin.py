@@ -25,7 +25,7 @@ from divita_jax.convert.tree import (
   read_torch_state_dict,
   shapes_of,
 )
-from divita_jax.models import swin
+from divita_jax.models import swin, swin_windows
 
 Flat = dict[str, np.ndarray]
 
@@ -60,7 +60,7 @@ def _param_shapes(fields) -> Flat:
 
 def check_index(key, stored, window):
   """A stored relative_position_index must equal the rebuilt one."""
-  rebuilt = swin.relative_position_index(tuple(window))
+  rebuilt = swin_windows.relative_position_index(tuple(window))
   if stored.size != rebuilt.size or not np.array_equal(
     np.asarray(stored).reshape(rebuilt.shape), rebuilt
   ):
