@@ -1,6 +1,7 @@
 r"""Self-attention alone: our blocked attention vs plain and PyTorch SDPA.
 
   python benchmarks/attention.py            # ~1 minute on a 2-core CPU
+  python benchmarks/attention.py --smoke    # two small shapes, 1 round
 
 Per shape (batch, tokens; 12 heads of 64 as in ViT-B): ms per call of
 `divita_jax.models.attention.attention` (cache-blocked), the same math in
@@ -11,16 +12,18 @@ Tokens: 197 (ViT-B/16 at 224), 785 and 3137 (ViViT-B/16x2, 8 and 32 frames).
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
 import torch
 
 from divita_jax.models import attention as attn
 
 SHAPES = ((8, 197), (32, 197), (2, 785), (1, 3137), (2, 3137))
+# One block, and blocks of heads.
+SMOKE_SHAPES = ((2, 197), (1, 785))
 
 
 def candidates(q, k, v):
@@ -44,22 +47,12 @@ def candidates(q, k, v):
   }
 
 
-def best_ms(fns, rounds):
-  for fn in fns.values():
-    fn()  # compile / warm up
-  best = dict.fromkeys(fns, float("inf"))
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      best[name] = min(best[name], 1e3 * (time.perf_counter() - t))
-  return best
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--smoke", action="store_true", help="Tiny run (CI).")
   args = p.parse_args()
+  shapes, rounds = (SMOKE_SHAPES, 1) if args.smoke else (SHAPES, args.rounds)
   names = ("blocked", "one block", "jax.nn.dpa", "torch sdpa")
   print(f"device: {jax.devices()[0].device_kind}; 12 heads x 64; ms per call")
   print(
@@ -67,13 +60,14 @@ def main():
     + "".join(f"{n:>12}" for n in names)
     + f"{'vs torch':>10}"
   )
-  for batch, tokens in SHAPES:
+  for batch, tokens in shapes:
     rs = np.random.RandomState(0)
     q, k, v = (
       jnp.asarray(rs.randn(batch, tokens, 12, 64), jnp.float32)
       for _ in range(3)
     )
-    best = best_ms(candidates(q, k, v), args.rounds)
+    times = timing.round_robin(candidates(q, k, v), rounds)
+    best = {name: 1e3 * t.best for name, t in times.items()}
     heads, queries = attn.block_shape(batch, 12, tokens)
     print(
       f"{batch:>5}{tokens:>7}{f'{heads}h x {queries}q':>11}"

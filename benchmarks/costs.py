@@ -2,6 +2,7 @@ r"""Table 6 costs: parameters, GMACs per clip and CPU clips/s per backbone.
 
   python benchmarks/costs.py           # 24-frame clips (~15 min, 2 cores)
   python benchmarks/costs.py --quick   # 8-frame clips, 1 round, no Swin timing
+  python benchmarks/costs.py --smoke   # small siblings, 32 px, 1 round (CI)
 
 A clip is `--frames` frames at each backbone's resolution: the 2-D nets
 (ShuffleNet-2D, ResNet-50, Swin-2D) run on every frame (batch = frames), the
@@ -25,7 +26,6 @@ A clip is `--frames` frames at each backbone's resolution: the 2-D nets
 import argparse
 import contextlib
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,17 +33,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
 import torch
-from timing import best_times
 from torch.utils.flop_counter import FlopCounterMode
 
 from divita_jax.convert import convnets
-from divita_jax.models import resnet, shufflenet
-
-try:  # Written concurrently; without it the Swin rows are torchvision-only.
-  from divita_jax.models import swin
-except ImportError:
-  swin = None
+from divita_jax.convert import swin as convert_swin
+from divita_jax.models import resnet, shufflenet, swin
+from divita_jax.references.shufflenet3d import shufflenet3d
+from divita_jax.references.torchvision_cpu import torchvision
 
 PAPER = {"params": 11.82, "flops": 0.81}
 
@@ -56,44 +54,18 @@ def head_params(width: int) -> int:
 @dataclass
 class Row:
   name: str
-  module: object  # Flax module, or None (no JAX port importable)
+  module: nn.Module  # ours
   torch_model: torch.nn.Module
   shape: tuple[int, ...]  # our input per clip, channels-last
   width: int
   ref_shape: tuple[int, ...] | None  # torchvision's reference input
   ref_gmacs: float | None  # torchvision's published `_ops`
-  variables: Callable[[], dict] | None = None
+  variables: Callable[[], dict]  # ours, the torch model's weights
 
 
 def torch_shape(shape):
   """Channels-last -> torch NC(T)HW."""
   return (shape[0], shape[-1], *shape[1:-1])
-
-
-def torch_shufflenet3d(tv):
-  """Efficient-3DCNNs' ShuffleNet-V2 1.0x topology (stem stride (1,2,2),
-  pool and stage strides 2 in T) from torchvision's 2-D modules; no
-  package ships it. Timing and FLOP reference only (the parity tests'
-  construction)."""
-  from tests.test_convnets import inflate_layers, shuffle_any_rank  # noqa: PLC0415
-
-  tv.models.shufflenetv2.channel_shuffle = shuffle_any_rank
-  m = tv.models.shufflenet_v2_x1_0()
-  inflate_layers(m)
-  m.conv1[0].stride = (1, 2, 2)
-  body = torch.nn.Sequential(
-    m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5
-  )
-  return _MeanPool(body)
-
-
-class _MeanPool(torch.nn.Module):
-  def __init__(self, body):
-    super().__init__()
-    self.body = body
-
-  def forward(self, x):
-    return self.body(x).mean(dim=tuple(range(2, x.ndim)))
 
 
 def headless(model):
@@ -108,40 +80,100 @@ def torch_params(model) -> int:
   return sum(p.numel() for p in model.parameters())
 
 
-def converted(model, arch):
+def converted(model, arch=None, module=None):
+  """The torch model's weights as our variables: by torchvision arch, or
+  for `module` (3-D, torchvision's names)."""
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  return lambda: convnets.from_torchvision(sd, arch)[0]
+  if arch:
+    return lambda: convnets.from_torchvision(sd, arch)[0]
+  return lambda: convnets.convert(sd, module, 3, convnets.torchvision_name)
+
+
+def swin_converted(model, arch, fields):
+  """The torchvision Swin's weights as our variables."""
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  return lambda: {"params": convert_swin.from_torchvision(sd, arch, fields)[0]}
 
 
 def rows(tv, frames: int, with_swin: bool) -> list[Row]:
   """The Table 6 backbones at one clip of `frames` frames."""
   vid = tv.models.video
-  s2d = tv.models.shufflenet_v2_x1_0()
-  r50 = tv.models.resnet50()
-  r21 = vid.r2plus1d_18()
+  s2d = headless(tv.models.shufflenet_v2_x1_0())
+  s3d = shufflenet3d(tv)
+  r50 = headless(tv.models.resnet50())
+  r21 = headless(vid.r2plus1d_18())
+  ours_s3d = shufflenet.ShuffleNetV2(**shufflenet.decode_variant(1.0, 3))
   out = [
-    Row("ShuffleNet-2D x1.0", shufflenet.ShuffleNetV2(), headless(s2d),
+    Row("ShuffleNet-2D x1.0", shufflenet.ShuffleNetV2(), s2d,
         (frames, 224, 224, 3), 1024, (1, 224, 224, 3), 0.145,
         converted(s2d, "shufflenet_v2_x1_0")),
-    Row("ShuffleNet-3D 1.0x", shufflenet.ShuffleNetV2(
-        **shufflenet.decode_variant(1.0, 3)), torch_shufflenet3d(tv).eval(),
-        (1, frames, 112, 112, 3), 1024, (1, 16, 112, 112, 3), None),
-    Row("ResNet-50", resnet.ResNet(), headless(r50), (frames, 224, 224, 3),
-        2048, (1, 224, 224, 3), 4.089, converted(r50, "resnet50")),
-    Row("R(2+1)D-18", convnets.KINDS["r2plus1d"](), headless(r21),
+    Row("ShuffleNet-3D 1.0x", ours_s3d, s3d, (1, frames, 112, 112, 3), 1024,
+        (1, 16, 112, 112, 3), None, converted(s3d, module=ours_s3d)),
+    Row("ResNet-50", resnet.ResNet(), r50, (frames, 224, 224, 3), 2048,
+        (1, 224, 224, 3), 4.089, converted(r50, "resnet50")),
+    Row("R(2+1)D-18", convnets.KINDS["r2plus1d"](), r21,
         (1, frames, 112, 112, 3), 512, (1, 16, 112, 112, 3), 40.519,
         converted(r21, "r2plus1d_18")),
   ]  # fmt: skip
   if with_swin:
+    t2d, t3d = swin.decode_variant("T"), swin.decode_variant("T", True)
+    w2d, w3d = headless(tv.models.swin_t()), headless(vid.swin3d_t())
     out += [
-      Row("Swin-2D T", swin and swin.Swin(**swin.decode_variant("T")),
-          headless(tv.models.swin_t()), (frames, 224, 224, 3), 768,
-          (1, 224, 224, 3), 4.491),
-      Row("Swin-3D T", swin and swin.Swin3D(**swin.decode_variant("T", True)),
-          headless(vid.swin3d_t()), (1, frames, 224, 224, 3), 768,
-          (1, 16, 224, 224, 3), 43.882),
+      Row("Swin-2D T", swin.Swin(**t2d), w2d, (frames, 224, 224, 3), 768,
+          (1, 224, 224, 3), 4.491, swin_converted(w2d, "swin_t", t2d)),
+      Row("Swin-3D T", swin.Swin3D(**t3d), w3d, (1, frames, 224, 224, 3),
+          768, (1, 16, 224, 224, 3), 43.882,
+          swin_converted(w3d, "swin3d_t", t3d)),
     ]  # fmt: skip
   return out
+
+
+def smoke_rows(tv, frames: int) -> list[Row]:
+  """The smallest sibling of each Table 6 backbone at 32 px, same order
+  (CI: every code path in seconds); reference GMACs by torch's counter,
+  at the clip's own size."""
+  vid = tv.models.video
+  image, clip = (frames, 32, 32, 3), (1, frames, 32, 32, 3)
+  s2d = headless(tv.models.shufflenet_v2_x0_5())
+  s3d = shufflenet3d(tv, "shufflenet_v2_x0_5")
+  r18 = headless(tv.models.resnet18())
+  r21 = headless(vid.resnet.VideoResNet(
+    vid.resnet.BasicBlock, [vid.resnet.Conv2Plus1D] * 4, [1, 1, 1, 1],
+    vid.resnet.R2Plus1dStem,
+  ))  # fmt: skip
+  t2d, t3d = swin.decode_variant("tiny"), swin.decode_variant("tiny", True)
+  w2d, w3d = headless(torch_swin(tv, t2d)), headless(torch_swin(tv, t3d))
+  ours_s3d = shufflenet.ShuffleNetV2(**shufflenet.decode_variant(0.5, 3))
+  ours_r21 = convnets.KINDS["r2plus1d"](depths=(1, 1, 1, 1))
+  return [
+    Row("ShuffleNet-2D x0.5", shufflenet.ShuffleNetV2(
+        **shufflenet.decode_variant(0.5, 2)), s2d, image, 1024, image, None,
+        converted(s2d, "shufflenet_v2_x0_5")),
+    Row("ShuffleNet-3D 0.5x", ours_s3d, s3d, clip, 1024, clip, None,
+        converted(s3d, module=ours_s3d)),
+    Row("ResNet-18", resnet.ResNet(**resnet.decode_variant("resnet18")), r18,
+        image, 512, image, None, converted(r18, "resnet18")),
+    Row("R(2+1)D-10", ours_r21, r21, clip, 512, clip, None,
+        converted(r21, module=ours_r21)),
+    Row("Swin-2D tiny", swin.Swin(**t2d), w2d, image, swin.feature_dim(t2d),
+        image, None, swin_converted(w2d, "swin_t", t2d)),
+    Row("Swin-3D tiny", swin.Swin3D(**t3d), w3d, clip, swin.feature_dim(t3d),
+        clip, None, swin_converted(w3d, "swin3d_t", t3d)),
+  ]  # fmt: skip
+
+
+def torch_swin(tv, fields):
+  """torchvision's Swin (2-D or 3-D by the patch) of our fields."""
+  cls = tv.models.swin_transformer.SwinTransformer
+  if len(fields["patch"]) == 3:
+    cls = tv.models.video.swin_transformer.SwinTransformer3d
+  return cls(
+    patch_size=fields["patch"],
+    embed_dim=fields["embed_dim"],
+    depths=fields["depths"],
+    num_heads=fields["num_heads"],
+    window_size=fields["window"],
+  )
 
 
 def _conv_counting_padding(x, w, strides, pads, depthwise=False):
@@ -170,16 +202,14 @@ def counting():
   resnet.batch_norm = shufflenet.batch_norm = lambda name, dtype: lambda x: x
   resnet.conv = _conv_counting_padding
   nn.gelu = _gelu_one_flop
-  blocked = getattr(swin, "attend_windows", None)
-  if blocked:
-    # XLA counts a loop body once: Swin's attention in one block, no lax.map.
-    swin.attend_windows = lambda *a, block_bytes=0: blocked(*a, 1 << 62)
+  blocked = swin.attend_windows
+  # XLA counts a loop body once: Swin's attention in one block, no lax.map.
+  swin.attend_windows = lambda *a, block_bytes=0: blocked(*a, 1 << 62)
   try:
     yield
   finally:
     resnet.batch_norm, shufflenet.batch_norm, resnet.conv, nn.gelu = saved
-    if blocked:
-      swin.attend_windows = blocked
+    swin.attend_windows = blocked
 
 
 def xla_gmacs(module, shape) -> float:
@@ -215,30 +245,24 @@ def speed(row: Row, iters: int, dtype) -> dict[str, float]:
     with torch.inference_mode():
       row.torch_model(xt)
 
-  fns = {"torch": run_torch}
-  if row.module is not None:
-    module = row.module.clone(dtype=dtype)
-    v = row.variables() if row.variables else init(module, row.shape)
-    f = jax.jit(lambda v, x: module.apply(v, x)[0])
-    xj = jnp.asarray(x)
-    fns["ours"] = lambda: f(v, xj).block_until_ready()
-  return {k: 1 / t for k, t in best_times(fns, iters).items()}
-
-
-def init(module, shape):
-  return jax.jit(module.init)(jax.random.key(0), jnp.zeros(shape))
+  module = row.module.clone(dtype=dtype)
+  v = row.variables()
+  f = jax.jit(lambda v, x: module.apply(v, x)[0])
+  xj = jnp.asarray(x)
+  fns = {"torch": run_torch, "ours": lambda: f(v, xj).block_until_ready()}
+  times = timing.round_robin(fns, iters)
+  return {k: t.per_second(1) for k, t in times.items()}
 
 
 def measure(row: Row, args) -> dict:
   m = {"torch_params": torch_params(row.torch_model)}
   m["torch_gmacs"] = torch_gmacs(row.torch_model, row.shape)
-  if row.module is not None:
-    m["params"] = our_params(row.module, row.shape)
-    m["gmacs"] = xla_gmacs(row.module, row.shape)
-    if row.ref_shape:
-      m["ref_gmacs"] = xla_gmacs(row.module, row.ref_shape)
-  else:  # no JAX port importable: torchvision's figures only
-    m["params"], m["gmacs"] = m["torch_params"], m["torch_gmacs"]
+  m["params"] = our_params(row.module, row.shape)
+  m["gmacs"] = xla_gmacs(row.module, row.shape)
+  if row.ref_shape == row.shape:
+    m["ref_gmacs"] = m["gmacs"]
+  elif row.ref_shape:
+    m["ref_gmacs"] = xla_gmacs(row.module, row.ref_shape)
   if row.ref_shape and row.ref_gmacs is None:  # no published figure
     m["ref_torch"] = torch_gmacs(row.torch_model, row.ref_shape)
   if not args.no_speed and not (args.quick and "Swin" in row.name):
@@ -286,13 +310,14 @@ def print_tables(rows, results, frames):
     )
 
 
-def print_ratios(results, frames):
-  s2, s3 = results["ShuffleNet-2D x1.0"], results["ShuffleNet-3D 1.0x"]
-  sw = results.get("Swin-3D T")
-  if sw is None:
+def print_ratios(rows, results, frames):
+  """rows: the ShuffleNet 2-D and 3-D first, the Swin-3D last (if any)."""
+  if not rows[-1].name.startswith("Swin-3D"):
     return
-  light = s2["params"] + s3["params"] + 2 * head_params(1024)
-  top = sw["params"] + head_params(768)
+  s2, s3, sw = (results[r.name] for r in (rows[0], rows[1], rows[-1]))
+  heads = sum(head_params(r.width) for r in rows[:2])
+  light = s2["params"] + s3["params"] + heads
+  top = sw["params"] + head_params(rows[-1].width)
   every = s2["gmacs"] + s3["gmacs"]
   one = s2["gmacs"] / frames + s3["gmacs"]
   print("\n### Light fusion (ShuffleNet 2-D + 3-D) vs Swin-3D\n")
@@ -306,9 +331,13 @@ def print_ratios(results, frames):
   )
   if "ref_gmacs" in sw:
     ref = s2["ref_gmacs"] + s3["ref_gmacs"]
+    # Frames x side: 2-D 1x224, 3-D 16x112, Swin-3D 16x224 by default.
+    i2, i3, sw3 = (
+      "x".join(map(str, r.ref_shape[-4:-2])) for r in rows[:2] + rows[-1:]
+    )
     print(
-      f"- GMACs at the reference clips (2-D 1x224, 3-D 16x112, Swin-3D "
-      f"16x224): {ref:.3f} / {sw['ref_gmacs']:.2f} = "
+      f"- GMACs at the reference clips (2-D {i2}, 3-D {i3}, Swin-3D {sw3}): "
+      f"{ref:.3f} / {sw['ref_gmacs']:.2f} = "
       f"{100 * ref / sw['ref_gmacs']:.2f}%"
     )
 
@@ -323,25 +352,32 @@ def main(argv=None):
   p.add_argument("--no_speed", action="store_true")
   p.add_argument("--no_swin", action="store_true")
   p.add_argument("--dtype", default="float32", help="our compute dtype")
+  p.add_argument(
+    "--smoke", action="store_true", help="Small siblings, 2 frames, 1 round."
+  )
   args = p.parse_args(argv)
   if args.quick:
     args.frames, args.iters = 8, 1
+  if args.smoke:  # Every table, Swin timing included (CI).
+    args.frames, args.iters = 2, 1
   print(f"load average at start: {os.getloadavg()}")
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch "
-        f"{torch.__version__}, {torch.get_num_threads()} torch threads, "
-        f"swin port: {'yes' if swin else 'no'}")  # fmt: skip
+  print(
+    f"jax {jax.__version__} ({jax.devices()[0].platform}), torch "
+    f"{torch.__version__}, {torch.get_num_threads()} torch threads"
+  )
   torch.manual_seed(0)
-  # The one torchvision import that works on this CPU torch (tests/).
-  sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-  from tests.torch_reference import torchvision  # noqa: PLC0415
-
-  table = rows(torchvision(), args.frames, not args.no_swin)
+  tv = torchvision()
+  table = (
+    smoke_rows(tv, args.frames)
+    if args.smoke
+    else rows(tv, args.frames, not args.no_swin)
+  )
   results = {}
   for r in table:
     results[r.name] = measure(r, args)
     print(f"{r.name}: {results[r.name]}", flush=True)
   print_tables(table, results, args.frames)
-  print_ratios(results, args.frames)
+  print_ratios(table, results, args.frames)
   print(f"\nload average at end: {os.getloadavg()}")
 
 

@@ -5,24 +5,27 @@ the tiny Video Swin (`swin3d tiny`) of `configs/divita.py:finetune`, the
 video branch only (one backbone and the DIViTA head, so that the PyTorch
 side is one backbone too), its synthetic sizes: 16 trailers x 8 clips x 8
 frames x 32 px, float32, no remat:
-  PYTHONPATH=. python benchmarks/finetune.py
+  python benchmarks/finetune.py
 An accelerator (ViViT-B/16x2 and Video Swin-T on 16 x 224 px clips,
 bf16 compute with float32 master weights, remat `dots`, 8 trailers x 4
 clips per step unless --batch / --clips):
-  PYTHONPATH=. python benchmarks/finetune.py --large
+  python benchmarks/finetune.py --large
+Every table on the smallest sizes (2 trailers x 2 clips x 2 frames, one
+round, one data step, 8 synthetic trailers decoded in this process; CI):
+  python benchmarks/finetune.py --smoke
 
 Prints Markdown tables, per backbone:
 - step: the jitted `finetune.programs(...).train_step` on one device, and
   the same step in PyTorch on the same device (torchvision
-  `SwinTransformer3d` / HF `VivitModel` of the same size, the tests'
-  PyTorch DIViTA head `tests.test_divita_head.TorchHead`, uint8 clips
+  `SwinTransformer3d` / HF `VivitModel` of the same size, the PyTorch
+  DIViTA head `divita_jax.references.divita_head.TorchHead`, uint8 clips
   normalised inside the step, the same weighted BCE, AdamW with AMSGrad
   and the head / backbone learning-rate groups; fp32, bf16 autocast on
   GPU). Both run once per round, round-robin, so they see the same load;
   median and best of --iters rounds after a warm-up step. clips/s =
   trailers x clips per trailer / step time; vs torch = JAX clips/s /
   PyTorch clips/s.
-- data: the same step fed by `finetune.fold_data` batches (decoded clips
+- data: the same step fed by `finetune.fold_setup` batches (decoded clips
   of a small synthetic TFDS dataset, built once by `run.ensure_dataset`
   under --data_dir, with the configured decode threads and processes),
   as train.py feeds it: the share of the loop's wall time spent blocked
@@ -43,7 +46,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,23 +53,28 @@ import time
 
 import jax
 import numpy as np
+import timing
 from loadavg import Watch
 
 import tfds_trailers12k
-from divita_jax import (
-  extract,
-  hosts,
-  run,
-  sharding,
-)
+from divita_jax import extract, hosts, run, sharding
 from divita_jax.configs import divita as divita_config
-from divita_jax.models import swin, vit
-from divita_jax.pipelines import reps
+from divita_jax.models import runtime, swin, vit
+from divita_jax.pipelines import common
 from divita_jax.trainers import finetune
-from tfds_trailers12k import genres
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # tests.torch_reference, tests.test_divita_head.
+# --smoke: every table on the smallest sizes.
+SMOKE = dict(
+  batch=2,
+  clips=2,
+  frames=2,
+  resolution=32,
+  iters=1,
+  data_steps=1,
+  data_warmup=0,
+  trailers=8,
+  decode_processes=0,
+)
 # kind -> (tiny variant, large variant).
 VARIANTS = {"vivit": ("tiny/8", "B/16x2"), "swin3d": ("tiny", "T")}
 NAMES = {"vivit": "ViViT", "swin3d": "Swin-3D"}
@@ -95,7 +102,7 @@ def make_config(kind: str, args):
     c.finetune.decode_threads = args.decode_threads
   if args.decode_processes is not None:
     c.finetune.decode_processes = args.decode_processes
-  # Resolved here for the table; fold_data resolves -1 the same way.
+  # Resolved here for the table; fold_setup resolves -1 the same way.
   c.finetune.decode_processes = extract.auto_processes(
     c.finetune.decode_processes
   )
@@ -118,21 +125,7 @@ def random_batch(c, seed: int = 0) -> dict:
 
 
 def compute_dtype(c) -> str:
-  return finetune.compute_dtype(c.finetune.dtype)
-
-
-def round_robin(fns: dict, iters: int) -> dict:
-  """{name: [seconds per round]}: as timing.best_times (every candidate
-  once per round, the same load for all), keeping every round."""
-  for fn in fns.values():
-    fn()  # Compile / warm up.
-  times = {name: [] for name in fns}
-  for _ in range(iters):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return times
+  return runtime.compute_dtype(c.finetune.dtype)
 
 
 # ------------------------------------------------------------------- JAX
@@ -199,7 +192,7 @@ def torch_backbone(kind: str, c):
   """(module: clips [N, T, H, W, 3] float -> features [N, D], D)."""
   import torch
 
-  from tests.torch_reference import torchvision
+  from divita_jax.references.torchvision_cpu import torchvision
 
   tv = torchvision()  # Before transformers imports torchvision.
   variant = c.backbones.video.variant
@@ -242,7 +235,7 @@ def torch_step(kind: str, c, stats, device):
   """The same training step in PyTorch: a zero-argument callable."""
   import torch
 
-  from tests.test_divita_head import TorchHead
+  from divita_jax.references.divita_head import TorchHead
 
   torch.manual_seed(0)
   net, layout, dim = torch_backbone(kind, c)
@@ -295,8 +288,8 @@ def torch_step(kind: str, c, stats, device):
 
 
 def dataset(c, data_dir: str):
-  """(source, ids, labels, subsets of fold 0) of the synthetic dataset,
-  built once in data_dir."""
+  """(source, common.FoldData of fold 0) of the synthetic dataset, built
+  once in data_dir."""
   os.makedirs(data_dir, exist_ok=True)
   t = time.perf_counter()
   builder, index = run.ensure_dataset(c, data_dir)
@@ -305,20 +298,18 @@ def dataset(c, data_dir: str):
     f"({time.perf_counter() - t:.0f} s to build or open)",
     flush=True,
   )
-  split = index["split_assignment"]
-  subsets = {
-    n: tfds_trailers12k.subset_indices(split, 0, n) for n in genres.SUBSETS
-  }
-  source = tfds_trailers12k.data_source(builder)
-  return source, list(index["ids"]), np.asarray(index["labels"]), subsets
+  fold = common.FoldData.from_split(
+    index["ids"], index["labels"], index["split_assignment"], 0
+  )
+  return tfds_trailers12k.data_source(builder), fold
 
 
 def data_wait(c, step: JaxStep, data, args) -> dict:
-  """The step fed by fold_data as train.py feeds it: wait share, step
-  time with input; then the input pipeline alone (clips/s)."""
-  train, _ = finetune.fold_data(c, *data)
+  """The step fed by fold_setup's batches as the fold loop feeds it: wait
+  share, step time with input; then the input pipeline alone (clips/s)."""
+  train = finetune.fold_setup(c, step.mesh, *data).train
   clips = c.train.batch_size * c.finetune.clips_per_trailer
-  it = reps.iterate(train.dataset)
+  it = common.iterate(train)
   for _ in range(args.data_warmup):  # Start-up, prefetch buffer at rest.
     step(hosts.global_batch(next(it), step.mesh))
   wait, start = 0.0, time.perf_counter()
@@ -331,12 +322,9 @@ def data_wait(c, step: JaxStep, data, args) -> dict:
   total = time.perf_counter() - start
   getattr(it, "close", lambda: None)()
   del it
-  it = reps.iterate(train.dataset)  # Alone: nothing beside it.
-  next(it)
-  t = time.perf_counter()
-  for _ in range(args.data_steps):
-    next(it)
-  alone = clips * args.data_steps / (time.perf_counter() - t)
+  it = common.iterate(train)  # Alone: nothing beside it.
+  times = timing.round_robin({"next": lambda: next(it)}, args.data_steps)
+  alone = clips * args.data_steps / times["next"].total
   getattr(it, "close", lambda: None)()
   return {"wait": wait / total, "step": total / args.data_steps, "alone": alone}
 
@@ -399,7 +387,7 @@ def bench(kind: str, args, data) -> dict:
   if device is not None:
     stats = step.programs.model.stats["video"]
     fns["torch"] = torch_step(kind, c, stats, device)
-  out["times"] = round_robin(fns, args.iters)
+  out["times"] = timing.round_robin(fns, args.iters)
   out["seconds"]["step"] = time.perf_counter() - t
   if data is not None:
     t = time.perf_counter()
@@ -436,7 +424,7 @@ def report(results: list, args, load: Watch):
     c = res["config"]
     clips = c.train.batch_size * c.finetune.clips_per_trailer
     name = f"{NAMES[res['kind']]} {c.backbones.video.variant}"
-    med = {k: statistics.median(v) for k, v in res["times"].items()}
+    med = {k: t.median for k, t in res["times"].items()}
     rate = {k: clips / v for k, v in med.items()}
     dtype = compute_dtype(c)
     for impl, times in res["times"].items():
@@ -445,7 +433,7 @@ def report(results: list, args, load: Watch):
       if impl == "torch":
         dtype = "float32" if dtype == "float32" else "bf16 autocast"
       print(
-        f"| {name} | {impl} | {dtype} | {med[impl]:.3f} ({min(times):.3f}) "
+        f"| {name} | {impl} | {dtype} | {med[impl]:.3f} ({times.best:.3f}) "
         f"| {rate[impl]:.1f} | {vs} |"
       )
     if "torch" not in rate:
@@ -460,7 +448,7 @@ def report(results: list, args, load: Watch):
     print("|---|---|---|---|---|---|")
     for res in results:
       c, d = res["config"], res["data"]
-      alone = statistics.median(res["times"]["jax"])
+      alone = res["times"]["jax"].median
       print(
         f"| {NAMES[res['kind']]} | {c.finetune.decode_threads} / "
         f"{c.finetune.decode_processes} | {d['step']:.3f} | "
@@ -519,7 +507,10 @@ def parse(argv=None):
   p.add_argument("--no_data", action="store_true")
   p.add_argument("--no_memory", action="store_true")
   p.add_argument("--memory_child", help=argparse.SUPPRESS)
+  p.add_argument("--smoke", action="store_true", help="Tiny run (CI).")
   args = p.parse_args(argv)
+  if args.smoke:
+    vars(args).update(SMOKE)
   for name, tiny, large in (
     ("batch", 16, 8),
     ("clips", 8, 4),

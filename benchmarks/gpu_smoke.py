@@ -1,7 +1,8 @@
 r"""Smoke test and timings on an accelerator (also runs on CPU with --tiny).
 
   python benchmarks/gpu_smoke.py            # full-size backbones, a GPU
-  python benchmarks/gpu_smoke.py --tiny     # tiny backbones: CPU, CI
+  python benchmarks/gpu_smoke.py --tiny     # tiny backbones: CPU
+  python benchmarks/gpu_smoke.py --smoke    # --tiny, 1 round: CI
 
 Prints Markdown tables: the backend and devices; every backbone of
 BACKBONES through the real extraction feature function
@@ -23,62 +24,26 @@ import time
 
 import jax
 import numpy as np
+import timing
 from jax.experimental import multihost_utils
 
 from divita_jax import extract, hosts, sharding
 from divita_jax.configs import divita
 from divita_jax.models import attention, backbone
-from divita_jax.pipelines import stores
-from divita_jax.trainers import loop
+from divita_jax.pipelines import common, stores
+from divita_jax.trainers import frozen, loop
 
-# (name, factory(dtype, tiny) -> (module, variables, spec, kind, batch)).
-# The lead adds Swin and the ConvNets here as they land.
-
-
-def _vit(dtype, tiny):
-  variant, res = ("tiny/8", 32) if tiny else ("B/16", 224)
-  m, p, spec = backbone.create_backbone(
-    "vit", variant, resolution=res, dtype=dtype
-  )
-  p = p["params"]
-  return m, {"params": p}, spec, "vit", 8 if tiny else 64
-
-
-def _vivit(dtype, tiny):
-  variant, res = ("tiny/8", 32) if tiny else ("B/16x2", 224)
-  m, p, spec = backbone.create_backbone(
-    "vivit", variant, resolution=res, num_frames=_frames(tiny), dtype=dtype
-  )
-  p = p["params"]
-  return m, {"params": p}, spec, "vivit", 8 if tiny else 16
-
-
-def _other(kind, variant, tiny_variant, res, tiny_res, batch):
-  """Factory of a backbone without attention.py paths (Swin, ConvNets)."""
-
-  def make(dtype, tiny):
-    m, v, spec = backbone.create_backbone(
-      kind,
-      tiny_variant if tiny else variant,
-      resolution=tiny_res if tiny else res,
-      num_frames=_frames(tiny),
-      dtype=dtype,
-    )
-    return m, v, spec, kind, batch
-
-  return make
-
-
-BACKBONES = [
-  ("ViT", _vit),
-  ("ViViT", _vivit),
-  ("Swin", _other("swin", "T", "tiny", 224, 32, 64)),
-  ("Swin3D", _other("swin3d", "T", "tiny", 224, 32, 8)),
-  ("ShuffleNet", _other("shufflenet", "1.0", "0.5", 224, 32, 64)),
-  ("ShuffleNet3D", _other("shufflenet3d", "1.0", "0.25", 112, 32, 64)),
-  ("ResNet", _other("resnet", "resnet50", "resnet18", 224, 32, 64)),
-  ("R(2+1)D", _other("r2plus1d", "r2plus1d_18", "r2plus1d_18", 112, 32, 16)),
-]
+# name -> (kind, (variant, px, batch), tiny (variant, px, batch)).
+BACKBONES = {
+  "ViT": ("vit", ("B/16", 224, 64), ("tiny/8", 32, 8)),
+  "ViViT": ("vivit", ("B/16x2", 224, 16), ("tiny/8", 32, 8)),
+  "Swin": ("swin", ("T", 224, 64), ("tiny", 32, 64)),
+  "Swin3D": ("swin3d", ("T", 224, 8), ("tiny", 32, 8)),
+  "ShuffleNet": ("shufflenet", ("1.0", 224, 64), ("0.5", 32, 64)),
+  "ShuffleNet3D": ("shufflenet3d", ("1.0", 112, 64), ("0.25", 32, 64)),
+  "ResNet": ("resnet", ("resnet50", 224, 64), ("resnet18", 32, 64)),
+  "R(2+1)D": ("r2plus1d", ("r2plus1d_18", 112, 16), ("r2plus1d_18", 32, 16)),
+}
 # Backbones whose attention goes through models/attention.py.
 ATTENTION_KINDS = ("vit", "vivit")
 DTYPES = ("float32", "bfloat16")
@@ -99,36 +64,33 @@ def _peak_mib() -> str:
   return f"{stats['peak_bytes_in_use'] / 2**20:.0f}"
 
 
-def _timed(fn, repeats: int) -> float:
-  fn()  # Compile and warm up.
-  start = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  return (time.perf_counter() - start) / repeats
-
-
 def backbone_rows(tiny: bool, repeats: int, names) -> list[str]:
   rows = []
-  for name, factory in BACKBONES:
-    if name not in names:
-      continue
+  for name in names:
+    kind, full, small = BACKBONES[name]
+    variant, res, batch = small if tiny else full
+    frames = _frames(tiny)
+    # One init per backbone: both dtypes run the same float32 weights.
+    _, variables, spec = backbone.create_backbone(
+      kind, variant, resolution=res, num_frames=frames
+    )
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, (4 * batch, frames, res, res, 3), np.uint8)
+    stats = backbone.input_stats(spec)
+    impls = attention.IMPLEMENTATIONS
+    if kind not in ATTENTION_KINDS:
+      impls = ("blocked",)  # Its own attention (Swin) or none.
     for dtype in DTYPES:
-      module, variables, spec, kind, batch = factory(dtype, tiny)
-      res, frames = spec["resolution"], _frames(tiny)
-      rng = np.random.default_rng(0)
-      clips = rng.integers(0, 256, (4 * batch, frames, res, res, 3), np.uint8)
-      stats = backbone.input_stats(spec)
-      impls = attention.IMPLEMENTATIONS
-      if kind not in ATTENTION_KINDS:
-        impls = ("blocked",)  # Its own attention (Swin) or none.
+      module = backbone.module_from_spec(spec, dtype)
       for impl in impls:
         with attention.use(impl):  # Traced inside: this implementation.
           fn = extract.make_feature_fn(module, variables, kind, stats)
           x = jax.device_put(clips[:batch], fn.sharding)
-          device = _timed(
-            lambda: fn.device_fn(fn.variables, x).block_until_ready(), repeats
-          )
-          end_to_end = _timed(lambda: fn(clips, batch), repeats) / 4
+          device = lambda: fn.device_fn(fn.variables, x).block_until_ready()
+          fns = {"device": device, "end_to_end": lambda: fn(clips, batch)}
+          times = timing.round_robin(fns, repeats)
+        device = times["device"].median
+        end_to_end = times["end_to_end"].median / 4  # 4 batches a call.
         rows.append(
           f"| {name} | {dtype} | {impl} | {batch} x {frames} x {res}^2 "
           f"| {batch / end_to_end:.1f} | {batch / device:.1f} "
@@ -138,7 +100,8 @@ def backbone_rows(tiny: bool, repeats: int, names) -> list[str]:
 
 
 def _write_problem(root: str, n: int = 40, d: int = 16) -> tuple:
-  """Random clip representations with learnable labels; 3-way split."""
+  """Random clip representations with learnable labels; fold 0 of a
+  3-way split -> (readers, common.FoldData)."""
   rng = np.random.default_rng(0)
   labels = (rng.uniform(size=(n, 10)) < 0.3).astype(np.int32)
   means = rng.normal(size=(10, d))
@@ -148,7 +111,7 @@ def _write_problem(root: str, n: int = 40, d: int = 16) -> tuple:
     for store in readers.values():
       store.write(tid, labels[i] @ means + rng.normal(size=(8, d)))
   split = np.tile((np.arange(n) % 5 // 3 + (np.arange(n) % 5 == 4))[:, None], 3)
-  return readers, ids, labels, split
+  return readers, common.FoldData.from_split(ids, labels, split, 0)
 
 
 def head_compiles() -> tuple[int, int, float]:
@@ -159,15 +122,13 @@ def head_compiles() -> tuple[int, int, float]:
   config.train.batch_size = config.train.eval_batch_size = 8
   config.train.max_epochs = 2
   with tempfile.TemporaryDirectory() as root:
-    readers, ids, labels, split = _write_problem(os.path.join(root, "reps"))
+    readers, data = _write_problem(os.path.join(root, "reps"))
     start = time.perf_counter()
-    loop.train_fold(
-      config, os.path.join(root, "fold0"), readers, ids, labels, split, 0
-    )
+    loop.train_fold(config, os.path.join(root, "fold0"), readers, data)
     seconds = time.perf_counter() - start
     num_features = {b: r.num_features for b, r in readers.items()}
   mesh = sharding.make_mesh(config.mesh)
-  p = loop.programs(config, mesh, num_features)  # The cached programs.
+  p = frozen.programs(config, mesh, num_features)  # The cached programs.
   return p.train_step._cache_size(), p.eval_step._cache_size(), seconds
 
 
@@ -190,10 +151,13 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=0, help="0: 2 tiny, 5 full.")
   p.add_argument(
     "--backbones",
-    default=",".join(n for n, _ in BACKBONES),
+    default=",".join(BACKBONES),
     help="Comma-separated names of BACKBONES to run.",
   )
+  p.add_argument("--smoke", action="store_true", help="Tiny run (CI).")
   args = p.parse_args()
+  if args.smoke:
+    args.tiny, args.repeats = True, 1
   repeats = args.repeats or (2 if args.tiny else 5)
   devices = jax.devices()
   print(

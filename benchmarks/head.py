@@ -25,6 +25,7 @@ extrapolated to the epoch).
 
   python benchmarks/head.py                    # 3,000 trailers (~1.8 GB)
   python benchmarks/head.py --trailers=12000   # full scale (~7 GB)
+  python benchmarks/head.py --smoke            # 64 tiny trailers (CI)
 """
 
 import argparse
@@ -36,11 +37,23 @@ import tempfile
 import time
 
 import numpy as np
+import timing
 
 from divita_jax.pipelines import stores
 
 BRANCHES = ("image", "video")
 MODES = ("preload", "stream", "threads", "zarr-api")
+# --smoke: every mode and the reference on the smallest sizes.
+SMOKE = dict(
+  trailers=64,
+  clips=48,  # Mean clips; the reference needs 30 (windows unpadded).
+  features=16,
+  build_trailers=64,
+  workers=1,
+  reference=True,
+  ref_workers=0,  # No fork beside JAX's threads (in-process runs).
+  ref_steps=2,
+)
 
 
 def _status_kb(key: str, pid: int | str = "self") -> int:
@@ -106,15 +119,16 @@ def measure(args) -> dict:
 
   from divita_jax import hosts, sharding
   from divita_jax.configs import divita as divita_config
-  from divita_jax.pipelines import reps
-  from divita_jax.trainers import loop
+  from divita_jax.pipelines import common, reps
+  from divita_jax.trainers import frozen
 
   config = divita_config.get_config()
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   ids = _ids(args.trailers)
   labels = np.random.default_rng(1).random((len(ids), 10)) < 0.3
-  p = loop.programs(config, mesh, {b: args.features for b in BRANCHES})
+  fold = common.FoldData(ids, labels, {"train": np.arange(len(ids))})
+  p = frozen.programs(config, mesh, {b: args.features for b in BRANCHES})
   state = p.init(jax.random.PRNGKey(0))
   lr = np.float32(1e-4)
   shape = (tc.batch_size, tc.num_clips)
@@ -123,8 +137,8 @@ def measure(args) -> dict:
     mask=np.ones(shape, bool), labels=np.zeros((shape[0], 10), np.float32)
   )
   for _ in range(2):  # Compiles outside the timings and the base RSS.
-    state, loss = p.train_step(state, hosts.global_batch(dummy, mesh), lr)
-  loss.block_until_ready()
+    state, out = p.train_step(state, hosts.global_batch(dummy, mesh), lr)
+  jax.block_until_ready(out)
   store = ZarrApi if args.child == "zarr-api" else stores.ZarrStore
   readers = {b: store(_group(args.dir, b)) for b in BRANCHES}
   base_kb = _status_kb("VmRSS")  # Before any representation is loaded.
@@ -132,23 +146,18 @@ def measure(args) -> dict:
   if args.child == "preload":
     readers = reps.preload(readers, ids)
   load_s = time.perf_counter() - start
-  workers = args.workers if args.child == "stream" else 0
   data = reps.train_data(
     readers,
-    ids,
-    labels,
-    np.arange(len(ids)),
-    num_clips=tc.num_clips,
-    global_batch_size=tc.batch_size,
-    seed=0,
-    num_epochs=1,
-    num_workers=workers,
+    fold,
+    common.Batching(tc.num_clips, tc.batch_size),
+    common.Epochs(seed=0, count=1),
+    # stream: None = reps.default_workers() unless --workers.
+    num_workers=args.workers if args.child == "stream" else 0,
   )
   epoch_s, waits, workers_kb = _epoch(p, mesh, data, state, args.threads)
-  used = reps._WORKERS.get(data.dataset, 0)
   return dict(
     mode=args.child,
-    workers=used,
+    workers=data.num_workers,
     load_s=load_s,
     base_gb=base_kb / 2**20,
     peak_gb=_status_kb("VmHWM") / 2**20,
@@ -164,19 +173,21 @@ def measure(args) -> dict:
 def _epoch(p, mesh, data, state, threads):
   """(epoch s, [wait s per step], workers' peak RSS kB); every step
   synchronised."""
+  import jax
+
   from divita_jax import hosts
-  from divita_jax.pipelines import reps
+  from divita_jax.pipelines import common
 
   lr = np.float32(1e-4)
   waits, workers_kb = [], 0
   start = time.perf_counter()
-  it = reps.iterate(data.dataset, num_threads=threads)
+  it = common.iterate(data, num_threads=threads)
   for step in range(data.steps_per_epoch):
     t = time.perf_counter()
     batch = next(it)
     waits.append(time.perf_counter() - t)
-    state, loss = p.train_step(state, hosts.global_batch(batch, mesh), lr)
-    loss.block_until_ready()
+    state, out = p.train_step(state, hosts.global_batch(batch, mesh), lr)
+    jax.block_until_ready(out)
     if step % 10 == 5:  # Workers exit at the end of their share: sample.
       kb = sum(_status_kb("VmHWM", pid) for pid in _children())
       workers_kb = max(workers_kb, kb)
@@ -188,25 +199,41 @@ def _epoch(p, mesh, data, state, threads):
 
 def pipeline_alone(data, threads: int, steps: int = 30) -> float:
   """Examples/s of the input alone (after its first batch)."""
-  from divita_jax.pipelines import reps
+  from divita_jax.pipelines import common
 
   steps = min(steps, data.steps_per_epoch - 1)
-  it = reps.iterate(data.dataset, num_threads=threads)
-  next(it)
-  start = time.perf_counter()
-  for _ in range(steps):
-    batch = next(it)
-  ex_s = steps * len(batch["mask"]) / (time.perf_counter() - start)
+  it = common.iterate(data, num_threads=threads)
+  batch = {}
+  fetch = lambda: batch.update(next(it))
+  times = timing.round_robin({"next": fetch}, rounds=steps)  # 1 warm-up.
+  ex_s = steps * len(batch["mask"]) / times["next"].total
   if hasattr(it, "close"):
     it.close()  # Worker processes and their shared memory.
   return ex_s
 
 
-class ZarrApi(stores.ZarrStore):
-  """Every read through zarr-python (the path before the direct decode)."""
+class ZarrApi:
+  """Every read through zarr-python's API (the path before the direct
+  chunk decode); ids, lengths and width from the store."""
 
-  def _read_chunk(self, trailer_id):
-    return None
+  def __init__(self, path: str):
+    import zarr
+
+    self.store = stores.ZarrStore(path)
+    self.group = zarr.open_group(path, mode="r")
+    self.tag, self.num_features = self.store.tag, self.store.num_features
+
+  def has(self, trailer_id: str) -> bool:
+    return self.store.has(trailer_id)
+
+  def ids(self) -> list[str]:
+    return self.store.ids()
+
+  def length(self, trailer_id: str) -> int:
+    return self.store.length(trailer_id)
+
+  def read(self, trailer_id: str) -> np.ndarray:
+    return np.asarray(self.group[trailer_id][...], np.float32)
 
 
 def _children() -> list[int]:
@@ -288,25 +315,24 @@ def reference_epoch(root, ids, dim, num_clips, batch_size, workers, steps):
     drop_last=True,
   )
   it = iter(loader)
-  next(it)
-  start = time.perf_counter()
-  for _ in range(steps - 1):
-    next(it)
-  loader_ex_s = (steps - 1) * batch_size / (time.perf_counter() - start)
+  # The first batch of each (worker start-up) is the untimed warm-up.
+  times = timing.round_robin({"loader": lambda: next(it)}, rounds=steps - 1)
+  loader_ex_s = (steps - 1) * batch_size / times["loader"].total
 
   model = _reference_head(dim)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, amsgrad=True)
   loss_fn = torch.nn.BCEWithLogitsLoss()
   labels = (torch.rand(batch_size, 10) < 0.3).float()
   it = iter(loader)
-  for i in range(steps):
-    if i == 1:  # First step (worker start-up) untimed.
-      start = time.perf_counter()
+
+  def step():
     xs = next(it)
     opt.zero_grad()
     loss_fn(model(xs), labels).backward()
     opt.step()
-  train_ex_s = (steps - 1) * batch_size / (time.perf_counter() - start)
+
+  times = timing.round_robin({"train": step}, rounds=steps - 1)
+  train_ex_s = (steps - 1) * batch_size / times["train"].total
   return loader_ex_s, train_ex_s
 
 
@@ -324,7 +350,10 @@ def main():
   ap.add_argument("--ref_steps", type=int, default=20, help="Timed steps.")
   ap.add_argument("--dir", default="/tmp/head_bench", help="zarr groups.")
   ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+  ap.add_argument("--smoke", action="store_true", help="Tiny run (CI).")
   args = ap.parse_args()
+  if args.smoke:
+    vars(args).update(SMOKE)
   if args.child:
     print("RESULT " + json.dumps(measure(args)), flush=True)
     return
@@ -335,11 +364,18 @@ def main():
   gen_s = time.perf_counter() - t
   size_gb = int(clips.sum()) * args.features * 4 * len(BRANCHES) / 2**30
   build_s = reps_build_seconds(args.build_trailers)
-  rows = [_child(args, mode) for mode in args.modes.split(",")]
+  # --smoke: every mode in this process (one import and compile; the
+  # memory peaks mix), else each in a fresh one.
+  run = _in_process if args.smoke else _child
+  rows = [run(args, mode) for mode in args.modes.split(",")]
   ref = None
   if args.reference:
     ref = _reference(args)
   _print(args, rows, size_gb, gen_s, build_s, ref, load_start)
+
+
+def _in_process(args, mode: str) -> dict:
+  return measure(argparse.Namespace(**{**vars(args), "child": mode}))
 
 
 def _child(args, mode: str) -> dict:

@@ -17,6 +17,7 @@ taken under load are marked (rule in benchmarks/loadavg.py).
 
   python benchmarks/shots.py                      # 1080p, 32 s (~2-3 min)
   python benchmarks/shots.py --height=360 --breakdown
+  python benchmarks/shots.py --smoke   # 144p, 3 s, 1 round, breakdown (CI)
 """
 
 import argparse
@@ -25,12 +26,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import av
 import cv2
 import loadavg  # benchmarks/loadavg.py, beside this script.
 import numpy as np
+import timing
 from scenedetect.common import FrameTimecode
 from scenedetect.detectors import ContentDetector
 from scenedetect.detectors.content_detector import _mean_pixel_distance
@@ -182,14 +183,15 @@ def breakdown(path: str, n: int, t_dec: float, cpu_dec: float, count=150):
     frames = [f for _, f in zip(range(count), c.decode(stream))]
   w, h = shots.downscale_size(frames[0].width, frames[0].height, 0)
   stages = _stages(frames, w, h)
-  best = {name: [float("inf")] * 2 for name in stages}
-  for _ in range(7):
-    for name, fns in stages.items():
-      for i, fn in enumerate(fns):
-        start = time.process_time()  # All threads: swscale may use some.
-        fn()
-        best[name][i] = min(best[name][i], time.process_time() - start)
-  ms = {k: [1e3 * t / len(frames) for t in v] for k, v in best.items()}
+  fns = {
+    (name, i): fn for name, pair in stages.items() for i, fn in enumerate(pair)
+  }
+  # CPU time of all threads: swscale may use some.
+  times = timing.round_robin(fns, rounds=7, warmup=0)
+  ms = {
+    name: [1e3 * times[(name, i)].best_cpu / len(frames) for i in (0, 1)]
+    for name in stages
+  }
   _, (hsv, _), score, det = ms.values()  # In _stages' order.
   rest = [d - hsv - s for d, s in zip(det, score)]  # Python, bookkeeping.
   print(
@@ -212,18 +214,6 @@ def agreement(a: np.ndarray, b: np.ndarray, tol: int = 1) -> str:
   return f"{matched}/{len(a)} vs {len(b)}"
 
 
-def _cpu() -> float:
-  """CPU seconds of this process's threads and its finished children."""
-  t = os.times()
-  return t.user + t.system + t.children_user + t.children_system
-
-
-def timed(fn, *args):
-  start, cpu = time.perf_counter(), _cpu()
-  out = fn(*args)
-  return out, time.perf_counter() - start, _cpu() - cpu
-
-
 def run_methods(path: str, repeats: int):
   """Best (wall, CPU) seconds per method, our cuts, the CLI's, the load."""
   methods = {
@@ -231,21 +221,18 @@ def run_methods(path: str, repeats: int):
     OURS: shots.detect_shots,
     "before: PyAV + ContentDetector per frame": pyscenedetect_fed,
   }
-  best = {name: (float("inf"), 0.0) for name in methods}
+  out = {}
+  keep = lambda name, fn: lambda: out.__setitem__(name, fn(path))
   with loadavg.Watch() as load:
     # Interleaved repeats (best of each): the machine is shared, so load
-    # drifts; alternating keeps the ratios fair.
-    for _ in range(repeats):
-      for name, fn in methods.items():
-        out, t, cpu = timed(fn, path)
-        best[name] = min(best[name], (t, cpu))
-        if name == DECODE:
-          n = out
-        elif name == OURS:
-          ours = shots.cuts_from_shots(out)
-    cli, t_cli, cpu_cli = timed(cli_cuts, path)
-  best[CLI] = (t_cli, cpu_cli)
-  return n, best, ours, cli, load
+    # drifts; alternating keeps the ratios fair. CPU: the process's
+    # threads and its finished children (the CLI).
+    fns = {name: keep(name, fn) for name, fn in methods.items()}
+    times = timing.round_robin(fns, repeats, warmup=0)
+    cli = timing.round_robin({CLI: keep(CLI, cli_cuts)}, 1, warmup=0)
+  best = {k: (t.best, t.cpu_of_best) for k, t in {**times, **cli}.items()}
+  ours = shots.cuts_from_shots(out[OURS])
+  return out[DECODE], best, ours, out[CLI], load
 
 
 def print_table(n: int, best: dict, notes: dict, load) -> None:
@@ -272,7 +259,10 @@ def main():
   p.add_argument("--video", default="")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--breakdown", action="store_true")
+  p.add_argument("--smoke", action="store_true", help="Tiny run (CI).")
   args = p.parse_args()
+  if args.smoke:
+    args.seconds, args.height, args.repeats, args.breakdown = 3.0, 144, 1, True
   path = args.video or os.path.join(
     tempfile.gettempdir(), f"shots_bench_{args.height}p_{args.seconds:g}s.mp4"
   )
