@@ -6,7 +6,7 @@ r"""Smoke test and timings on an accelerator (also runs on CPU with --tiny).
 
 Prints Markdown tables: the backend and devices; every backbone of
 BACKBONES through the real extraction feature function
-(`extract.make_feature_fn`: uint8 in, normalised inside, batches
+(`extract.FeatureFn`: uint8 in, normalised inside, batches
 streamed) end to end from host clips and device-only (a uint8 batch
 already on the device), in float32 and bfloat16, with each attention
 implementation (blocked, one block, jax.nn.dot_product_attention), and
@@ -84,7 +84,7 @@ def backbone_rows(tiny: bool, repeats: int, names) -> list[str]:
       module = backbone.module_from_spec(spec, dtype)
       for impl in impls:
         with attention.use(impl):  # Traced inside: this implementation.
-          fn = extract.make_feature_fn(module, variables, kind, stats)
+          fn = extract.FeatureFn(module, variables, kind, stats)
           x = jax.device_put(clips[:batch], fn.sharding)
           device = lambda: fn.device_fn(fn.variables, x).block_until_ready()
           fns = {"device": device, "end_to_end": lambda: fn(clips, batch)}

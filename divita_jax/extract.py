@@ -83,6 +83,11 @@ class FeatureFn:
   `dispatch`. 2-D (image) kinds see every frame alone and average the
   pooled features over T (`frame_pooling='mean'`), or see only the centre
   frame T // 2 (`'center'`: the loader may then decode that frame alone).
+
+  variables: {'params': ...} (and 'batch_stats' for BatchNorm backbones),
+  or a bare params tree. mean_std: the input convention
+  (backbone.input_stats). kind: the backbone's spec (or its kind name):
+  2-D backbones (backbone.is_image_model) see frames.
   """
 
   def __init__(
@@ -134,19 +139,6 @@ class FeatureFn:
     batcher = Batcher(self, batch_size)
     done = dict(batcher.add(0, clips) + batcher.flush())
     return done[0]
-
-
-def make_feature_fn(
-  module, variables, kind: str, mean_std, frame_pooling: str = "mean"
-) -> FeatureFn:
-  """uint8 clips [n, T, H, W, 3] -> float32 features [n, D], jitted.
-
-  variables: {'params': ...} (and 'batch_stats' for BatchNorm backbones),
-  or a bare params tree. mean_std: the input convention
-  (backbone.input_stats). kind: the backbone's spec (or its kind name):
-  2-D backbones (backbone.is_image_model) see frames.
-  """
-  return FeatureFn(module, variables, kind, mean_std, frame_pooling)
 
 
 class Batcher:
@@ -235,7 +227,7 @@ def branch_feature_fn(
   module, start, spec = runtime.make_backbone(config, branch)
   variables = start if variables is None else variables
   b = config.backbones[branch]
-  return make_feature_fn(
+  return FeatureFn(
     module,
     variables,
     spec,
@@ -286,14 +278,10 @@ def extract(
   for b in branches:
     by_resolution.setdefault(config.backbones[b].resolution, []).append(b)
   for resolution, group in by_resolution.items():
-    group_todo = [
-      i for i in todo if not all(out[b].has(ids[i]) for b in group)
-    ]
+    group_todo = [i for i in todo if not all(out[b].has(ids[i]) for b in group)]
     if group_todo:
       fns = {b: feature_fns[b] for b in group}
-      skipped = _extract_group(
-        config, source, group_todo, resolution, fns, out
-      )
+      skipped = _extract_group(config, source, group_todo, resolution, fns, out)
       if skipped:
         _record_skipped(store_root, skipped)
   return out

@@ -35,6 +35,7 @@ def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
     min_shot_len=d.min_shot_len,
     downscale=d.downscale,
     max_flash_len=d.max_flash_len,
+    checkpoint=d.checkpoint,
   )
   if d.config == "synthetic":
     return dict(num_trailers=d.num_trailers, seed=config.seed, **shots)

@@ -46,6 +46,7 @@ FREE_FIELDS = (
 ADDED_FIELDS = {
   "train.mode": "frozen",
   "train.grad_clip_norm": 0.0,
+  "dataset.checkpoint": "",
   "finetune.lr_mults": [],
   "finetune.wd_mults": [],
 }

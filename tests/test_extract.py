@@ -107,7 +107,7 @@ def test_checkpoint_resampled_to_the_clip_size(tmp_path):
   module, params, spec = runtime.make_backbone(config, "video")
   assert spec["resolution"] == 32 and spec["num_frames"] == 4
   stats = backbone.input_stats(spec)
-  fn = extract.make_feature_fn(module, params, "vivit", stats)
+  fn = extract.FeatureFn(module, params, "vivit", stats)
   clips = np.zeros((3, 4, 32, 32, 3), np.uint8)
   assert fn(clips, batch_size=8).shape == (3, 64)
 
@@ -188,11 +188,11 @@ def test_image_kinds_with_batch_stats_mean_or_centre_frame():
   clips = _clips(3, frames=5)
   frames = video.normalize(clips, *stats)  # [3, 5, 32, 32, 3]
   per_frame = net.apply(variables, frames.reshape(15, 32, 32, 3))[0]
-  mean = extract.make_feature_fn(net, variables, "resnet", stats)
+  mean = extract.FeatureFn(net, variables, "resnet", stats)
   np.testing.assert_allclose(
     mean(clips, 4), per_frame.reshape(3, 5, 8).mean(1), atol=1e-6
   )
-  center = extract.make_feature_fn(net, variables, "resnet", stats, "center")
+  center = extract.FeatureFn(net, variables, "resnet", stats, "center")
   want = per_frame.reshape(3, 5, 8)[:, 2]  # Frame T // 2.
   np.testing.assert_allclose(center(clips, 4), want, atol=1e-6)
   # The loader may decode the centre frame alone: the same features.
@@ -259,8 +259,6 @@ def test_light_pair_extracts_clip_features(tmp_path):
   for branch, dim in (("image", 1024), ("video", 1024)):
     module, variables, spec = runtime.make_backbone(config, branch)
     assert "batch_stats" in variables and spec["feature_dim"] == dim
-    fn = extract.make_feature_fn(
-      module, variables, spec, backbone.input_stats(spec)
-    )
+    fn = extract.FeatureFn(module, variables, spec, backbone.input_stats(spec))
     feats = fn(clips, batch_size=8)
     assert feats.shape == (3, dim) and np.all(np.isfinite(feats))

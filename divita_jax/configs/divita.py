@@ -73,11 +73,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.manual_dir = ""  # raw / reps: mtgc.csv + videos/ or zarr groups.
   c.dataset.num_trailers = 96  # synthetic only: trailers to make (>= 10).
   # Shot detection at build time (tfds_trailers12k/shots.py), synthetic and raw.
-  c.dataset.detector = "content"  # content | adaptive (PySceneDetect).
-  c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0).
+  # content | adaptive (PySceneDetect's, exact) | transnetv2 (learned).
+  c.dataset.detector = "content"
+  c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0 / 0.5).
   # Frames; shorter shots merge into neighbours.
   c.dataset.min_shot_len = shots.DEFAULT_MIN_SHOT_LEN
   c.dataset.downscale = 0  # Frame shrink factor; 0 = auto (~256 px wide).
+  # transnetv2: the converted weights (python -m divita_jax.convert
+  # --source transnetv2 --output DIR); part of the dataset's config name.
+  c.dataset.checkpoint = ""
   # Flashes this short (frames) are not cuts.
   c.dataset.max_flash_len = shots.DEFAULT_MAX_FLASH_LEN
   c.dataset.reencode_height = 0  # raw: re-encode to this height (0 = keep).
