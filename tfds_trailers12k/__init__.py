@@ -15,6 +15,7 @@ import hashlib
 import os
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -37,6 +38,14 @@ __all__ = [
   "subset_indices",
 ]
 _INDEX_FILE = "index.npz"
+# `python -m tfds_trailers12k.shots` runs shots.py as __main__ after this
+# package (whose builder imports it) has loaded it: harmless here, but runpy
+# warns about it on every run.
+warnings.filterwarnings(
+  "ignore",
+  message="'tfds_trailers12k.shots' found in sys.modules",
+  category=RuntimeWarning,
+)
 
 
 def make_config(config: str, **config_kwargs) -> Trailers12kConfig:
@@ -63,13 +72,28 @@ def make_config(config: str, **config_kwargs) -> Trailers12kConfig:
   }
   if not changed:
     return base[config]  # TFDS wants the registered instance itself.
-  digest = hashlib.sha1(repr(changed).encode()).hexdigest()[:8]
+  key, prefix = repr(changed), config
+  if changed.get("detector") == "transnetv2":
+    # Shots from other weights under the same path must not share a cache.
+    path = changed.get("checkpoint", "")
+    changed["checkpoint"] = os.path.abspath(path) if path else ""
+    key = f"{changed} {_checkpoint_id(changed['checkpoint'])}"
+    prefix = f"{config}_transnetv2"
+  digest = hashlib.sha1(key.encode()).hexdigest()[:8]
   return dataclasses.replace(
     base[config],
     **changed,
-    name=f"{config}_{digest}",
+    name=f"{prefix}_{digest}",
     description=f"{base[config].description} Overrides: {changed}.",
   )
+
+
+def _checkpoint_id(checkpoint: str) -> str:
+  """Hash of a checkpoint's weights, after checking it loads (a bad one
+  fails here, not in every build worker). JAX is imported only here."""
+  from tfds_trailers12k import transnetv2  # noqa: PLC0415
+
+  return transnetv2.checkpoint_id(checkpoint)
 
 
 def _summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:

@@ -17,6 +17,15 @@ decoder. The detector's raw cuts are then cleaned by two rules of ours:
 * Minimum shot length: a cut closer than `min_shot_len` frames to the
   previously kept cut is dropped.
 
+`detector="transnetv2"` is the learned detector instead (tfds_trailers12k/
+transnetv2.py, a converted checkpoint directory in `checkpoint`): frames
+shrunk to 48x27 RGB by libavfilter's `scale=48:27:flags=bicubic` (the
+filter that `ffmpeg -s 48x27` inserts) in the decoding thread, the
+network run over 100-frame windows beside it, a new shot where the
+reference's `predictions_to_scenes` starts a scene (transition frames stay
+with the shot before), then the same two rules (flash frames compared in
+HSV at 48x27).
+
 Shots are int32 [S, 2] rows (start frame, end frame exclusive) that cover
 [0, num_frames) in order. Defaults (chosen on the synthetic Trailers12k,
 where they give hard-cut F1 ~1.0 at +-2 frames and ignore flashes):
@@ -27,11 +36,16 @@ are shrunk by an integer factor to about 256 px wide, as PySceneDetect
 does), `max_flash_len=2` frames.
 """
 
+import argparse
+import array
 import collections
 import concurrent.futures
 import dataclasses
 import io
+import json
+import multiprocessing
 import os
+import sys
 
 import av
 import cv2
@@ -42,8 +56,14 @@ from av.video.reformatter import Interpolation, VideoReformatter
 # One error type for unusable videos across decoding, sampling and detection.
 
 # Default threshold per detector: ContentDetector's `threshold` (mean HSV
-# change) and AdaptiveDetector's `adaptive_threshold` (score / local mean).
-DEFAULT_THRESHOLDS = {"content": 27.0, "adaptive": 3.0}
+# change), AdaptiveDetector's `adaptive_threshold` (score / local mean) and
+# TransNetV2's on its single-frame probability.
+DEFAULT_THRESHOLDS = {"content": 27.0, "adaptive": 3.0, "transnetv2": 0.5}
+DETECTORS = tuple(DEFAULT_THRESHOLDS)
+# TransNetV2 windows per network call (fixed shape; a video's last call is
+# padded). On 2 CPU cores 2 was fastest (1, 4 and 8 were 15-30% slower)
+# and pads short videos least; accelerators want more.
+DEFAULT_NET_BATCH = 2
 DEFAULT_MIN_SHOT_LEN = 6
 DEFAULT_MAX_FLASH_LEN = 2
 # Auto downscale targets about this width, like PySceneDetect's CLI.
@@ -81,6 +101,9 @@ class VideoShots:
   fps: float
   height: int
   width: int
+  # [num_frames]: the value the detector thresholds per frame (content
+  # score, adaptive ratio: float64; TransNetV2 probability: float32).
+  scores: np.ndarray | None = None
 
 
 def _hsv_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -136,19 +159,12 @@ class ShotDetector:
     fps: float = 24.0,  # Unused: cuts are frame indices. Kept for callers.
   ):
     del fps
-    if detector not in DEFAULT_THRESHOLDS:
+    if detector not in ("content", "adaptive"):
       raise ValueError(
         f"Unknown shot detector {detector!r}; use one of "
-        f"{sorted(DEFAULT_THRESHOLDS)}."
+        f"{sorted(DEFAULT_THRESHOLDS)} (transnetv2: TransNetV2Detector)."
       )
-    if threshold is None:
-      threshold = DEFAULT_THRESHOLDS[detector]
-    if threshold <= 0 or min_shot_len < 1 or max_flash_len < 0:
-      raise ValueError(
-        f"Bad shot detector settings: threshold={threshold} (> 0), "
-        f"min_shot_len={min_shot_len} (>= 1), max_flash_len="
-        f"{max_flash_len} (>= 0)."
-      )
+    threshold = check_settings(detector, threshold, min_shot_len, max_flash_len)
     self._adaptive = detector == "adaptive"
     self._threshold = threshold
     self._min_shot_len = min_shot_len
@@ -164,6 +180,7 @@ class ShotDetector:
     self._ring: list[np.ndarray] = []
     self._scratch = None
     self._cuts: list[tuple[int, np.ndarray, np.ndarray]] = []
+    self._scores = array.array("d")  # Content score or adaptive ratio.
     self.num_frames = 0
 
   def process(self, frame_bgr: np.ndarray) -> None:
@@ -183,16 +200,16 @@ class ShotDetector:
     # The first frame scores 0.0, as in PySceneDetect.
     score = 0.0 if prev is None else content_score(prev, hsv, self._scratch)
     if not self._adaptive:
+      self._scores.append(score)
       if score >= self._threshold:
         self._add_cut(index)
       return
     self._window.append(score)
     if len(self._window) == self._window.maxlen:
       middle = self._window[_ADAPTIVE_WINDOW]
-      if (
-        adaptive_ratio(self._window) >= self._threshold
-        and middle >= _ADAPTIVE_MIN_SCORE
-      ):
+      ratio = adaptive_ratio(self._window)
+      self._scores.append(ratio)
+      if ratio >= self._threshold and middle >= _ADAPTIVE_MIN_SCORE:
         self._add_cut(index - _ADAPTIVE_WINDOW)
 
   def _add_cut(self, c: int) -> None:
@@ -201,33 +218,64 @@ class ShotDetector:
       before, at = self._recent[c - 1].copy(), self._recent[c].copy()
       self._cuts.append((c, before, at))
 
-  def _drop_flashes(self) -> list[int]:
-    cuts, kept, i = self._cuts, [], 0
-    while i < len(cuts):
-      c1, before, first = cuts[i]
-      if i + 1 < len(cuts):
-        c2, last, after = cuts[i + 1]
-        jump = min(_hsv_distance(before, first), _hsv_distance(last, after))
-        if (
-          c2 - c1 <= self._max_flash_len
-          and _hsv_distance(before, after) < _FLASH_SIMILARITY * jump
-        ):
-          i += 2  # The scene came back: a flash, not two cuts.
-          continue
-      kept.append(c1)
-      i += 1
-    return kept
-
   def shots(self) -> np.ndarray:
     """Shots of everything fed so far: int32 [S, 2]."""
     if self.num_frames == 0:
       raise ValueError("No frames were fed to the shot detector.")
-    starts = [0]
-    for c in self._drop_flashes():
-      if c - starts[-1] >= self._min_shot_len and c < self.num_frames:
-        starts.append(c)
-    ends = starts[1:] + [self.num_frames]
-    return np.stack([starts, ends], axis=1).astype(np.int32)  # [S, 2]
+    cuts = drop_flashes(self._cuts, self._max_flash_len)
+    return shots_from_cuts(cuts, self.num_frames, self._min_shot_len)
+
+  def scores(self) -> np.ndarray:
+    """float64 [num_frames]: the value thresholded per frame, exactly (the
+    adaptive ratio is 0 on the first and last `_ADAPTIVE_WINDOW` frames)."""
+    out = np.zeros(self.num_frames, np.float64)
+    start = _ADAPTIVE_WINDOW if self._adaptive else 0
+    out[start : start + len(self._scores)] = self._scores
+    return out
+
+
+def check_settings(detector, threshold, min_shot_len, max_flash_len) -> float:
+  """The threshold to use (None: the detector's default); bad ones raise."""
+  if threshold is None:
+    threshold = DEFAULT_THRESHOLDS[detector]
+  if threshold <= 0 or min_shot_len < 1 or max_flash_len < 0:
+    raise ValueError(
+      f"Bad shot detector settings: threshold={threshold} (> 0), "
+      f"min_shot_len={min_shot_len} (>= 1), max_flash_len="
+      f"{max_flash_len} (>= 0)."
+    )
+  return threshold
+
+
+def drop_flashes(cuts, max_flash_len: int) -> list[int]:
+  """Cut frames without the flashes: `cuts` is [(cut, HSV frame before,
+  HSV frame at)] in order; see the module docstring for the rule."""
+  kept, i = [], 0
+  while i < len(cuts):
+    c1, before, first = cuts[i]
+    if i + 1 < len(cuts):
+      c2, last, after = cuts[i + 1]
+      jump = min(_hsv_distance(before, first), _hsv_distance(last, after))
+      if (
+        c2 - c1 <= max_flash_len
+        and _hsv_distance(before, after) < _FLASH_SIMILARITY * jump
+      ):
+        i += 2  # The scene came back: a flash, not two cuts.
+        continue
+    kept.append(c1)
+    i += 1
+  return kept
+
+
+def shots_from_cuts(cuts, num_frames: int, min_shot_len: int) -> np.ndarray:
+  """int32 [S, 2] rows covering [0, num_frames), cuts closer than
+  `min_shot_len` to the last kept one dropped."""
+  starts = [0]
+  for c in cuts:
+    if c - starts[-1] >= min_shot_len and c < num_frames:
+      starts.append(c)
+  ends = starts[1:] + [num_frames]
+  return np.stack([starts, ends], axis=1).astype(np.int32)  # [S, 2]
 
 
 def downscale_size(width: int, height: int, downscale: int) -> tuple[int, int]:
@@ -303,17 +351,69 @@ class _Shrinker:
     ).to_ndarray()
 
 
-def _detect(container, stream, det: ShotDetector, shrink, name: str) -> int:
+class NetShrinker:
+  """Decoded frame -> uint8 [27, 48, 3] RGB, as TransNetV2's reference
+  decodes (`ffmpeg -i VIDEO -f rawvideo -pix_fmt rgb24 -s 48x27`).
+
+  Runs the filters that command inserts: libavfilter's
+  `scale=48:27:flags=bicubic`, then `format=rgb24`. Not VideoReformatter:
+  its bicubic swscale call equals this filter only with
+  `in_chroma_loc=left`; the filter's own default sites the package
+  video's chroma at the centre (pixels up to 7 levels apart). threads=1
+  as in _Shrinker; the graph is rebuilt if the stream changes size or
+  format.
+  """
+
+  def __init__(self):
+    self._graph = None
+    self._key = None
+    self.source = (0, 0)  # The first frame's (width, height).
+
+  def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+    key = (frame.width, frame.height, frame.format.name)
+    if key != self._key:
+      if self._key is None:
+        self.source = key[:2]
+      self._graph, self._key = _scale_graph(frame), key
+    self._graph.vpush(frame)
+    return self._graph.vpull().to_ndarray()
+
+
+def _scale_graph(frame: av.VideoFrame) -> av.filter.Graph:
+  graph = av.filter.Graph()
+  graph.threads = 1
+  source = graph.add(
+    "buffer",
+    video_size=f"{frame.width}x{frame.height}",
+    pix_fmt=str(int(frame.format)),
+    time_base=str(frame.time_base or "1/1000"),
+    pixel_aspect="1/1",
+    # The frames' own tags, so that the source does not warn of a change.
+    colorspace=str(int(frame.colorspace)),
+    range=str(int(frame.color_range)),
+  )
+  graph.link_nodes(
+    source,
+    graph.add("scale", "48:27:flags=bicubic"),
+    graph.add("format", "pix_fmts=rgb24"),
+    graph.add("buffersink"),
+  ).configure()
+  return graph
+
+
+def _detect(container, stream, det, shrink, name: str, early=False) -> int:
   """Decodes every frame into `det`; returns the number decoded.
 
   The decoder runs here; shrinking and scoring run on one worker thread,
-  in order, on batches of frames (PyAV, swscale and OpenCV release the
-  GIL), so they overlap with decoding when a core is free.
+  in order, on batches of frames (PyAV, swscale, OpenCV and XLA release
+  the GIL), so they overlap with decoding when a core is free. `early`:
+  shrink here instead (cheap 48x27 frames for TransNetV2, whose network
+  then has the worker thread to itself).
   """
 
   def score(frames):
     for frame in frames:
-      det.process(shrink(frame))
+      det.process(frame if early else shrink(frame))
 
   decoded = 0
   with concurrent.futures.ThreadPoolExecutor(1) as worker:
@@ -322,7 +422,7 @@ def _detect(container, stream, det: ShotDetector, shrink, name: str) -> int:
     try:
       for frame in container.decode(stream):
         decoded += 1
-        batch.append(frame)
+        batch.append(shrink(frame) if early else frame)
         if len(batch) == _BATCH:
           queued.append(worker.submit(score, batch))
           batch = []
@@ -336,6 +436,49 @@ def _detect(container, stream, det: ShotDetector, shrink, name: str) -> int:
   return decoded
 
 
+def _transnetv2(device: str):
+  """tfds_trailers12k.transnetv2, imported on first use: JAX costs seconds
+  to import in every build worker, and most builds never need it.
+
+  In a worker process asked for the CPU, JAX is kept off any accelerator
+  (set before JAX is imported), so that workers do not each claim one.
+  """
+  in_worker = multiprocessing.parent_process() is not None
+  if device == "cpu" and in_worker and "jax" not in sys.modules:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from tfds_trailers12k import transnetv2  # noqa: PLC0415
+
+  return transnetv2
+
+
+def make_detector(
+  detector: str = "content",
+  threshold: float | None = None,
+  min_shot_len: int = DEFAULT_MIN_SHOT_LEN,
+  max_flash_len: int = DEFAULT_MAX_FLASH_LEN,
+  checkpoint: str = "",
+  device: str = "cpu",
+):
+  """A ShotDetector (frames: _Shrinker's BGR) or, for "transnetv2", a
+  TransNetV2Detector (frames: NetShrinker's RGB) of `checkpoint`.
+
+  device: TransNetV2's JAX platform ("cpu", "gpu", "tpu"; "" = JAX's
+  default). Bad settings or checkpoints raise ValueError.
+  """
+  if detector != "transnetv2":
+    return ShotDetector(detector, threshold, min_shot_len, max_flash_len)
+  if not checkpoint:
+    raise ValueError(
+      "The transnetv2 shot detector needs a checkpoint directory; make one "
+      "with `python -m divita_jax.convert --source transnetv2 --output DIR`."
+    )
+  net = _transnetv2(device)
+  predictor = net.cached_predictor(checkpoint, DEFAULT_NET_BATCH, device)
+  return net.TransNetV2Detector(
+    predictor, threshold, min_shot_len, max_flash_len
+  )
+
+
 def analyze(
   video: bytes | str,
   *,
@@ -344,25 +487,32 @@ def analyze(
   min_shot_len: int = DEFAULT_MIN_SHOT_LEN,
   downscale: int = 0,
   max_flash_len: int = DEFAULT_MAX_FLASH_LEN,
+  checkpoint: str = "",
+  device: str = "cpu",
   name: str = "",
 ) -> VideoShots:
-  """Decodes `video` once and returns its shots and stream facts.
+  """Decodes `video` once and returns its shots, scores and stream facts.
 
   Raises VideoError (with `.reason`) for missing, empty, unreadable,
-  audio-only, undecodable or frameless input.
+  audio-only, undecodable or frameless input; ValueError for bad settings
+  or a bad TransNetV2 checkpoint (see `make_detector`).
   """
   name = name or (video if isinstance(video, str) else "<bytes>")
+  det = make_detector(
+    detector, threshold, min_shot_len, max_flash_len, checkpoint, device
+  )
+  net = detector == "transnetv2"
+  shrink = NetShrinker() if net else _Shrinker(downscale)
   with open_video(video, name) as container:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # Frame + slice threads.
     fps = stream_fps(stream)
-    det = ShotDetector(detector, threshold, min_shot_len, max_flash_len, fps)
-    shrink = _Shrinker(downscale)
-    _detect(container, stream, det, shrink, name)
+    _detect(container, stream, det, shrink, name, early=net)
   if det.num_frames == 0:
     raise VideoError(name, "no decodable frames")
   width, height = shrink.source
-  return VideoShots(det.shots(), det.num_frames, fps, height, width)
+  shots = det.shots()
+  return VideoShots(shots, det.num_frames, fps, height, width, det.scores())
 
 
 def detect_shots(
@@ -373,6 +523,7 @@ def detect_shots(
   min_shot_len: int = DEFAULT_MIN_SHOT_LEN,
   downscale: int = 0,
   max_flash_len: int = DEFAULT_MAX_FLASH_LEN,
+  checkpoint: str = "",
 ) -> np.ndarray:
   """Shots of an encoded video (bytes or path): int32 [S, 2].
 
@@ -386,9 +537,89 @@ def detect_shots(
     min_shot_len=min_shot_len,
     downscale=downscale,
     max_flash_len=max_flash_len,
+    checkpoint=checkpoint,
   ).shots
 
 
 def cuts_from_shots(shots: np.ndarray) -> np.ndarray:
   """Frame indices where a new shot starts (all starts but the first)."""
   return np.asarray(shots, np.int32)[1:, 0]
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+    prog="python -m tfds_trailers12k.shots",
+    description="Prints the shots of each video (one line per video).",
+  )
+  p.add_argument("videos", nargs="+", metavar="VIDEO")
+  p.add_argument("--detector", choices=DETECTORS, default="content")
+  p.add_argument(
+    "--checkpoint", default="", help="transnetv2: a converted checkpoint DIR."
+  )
+  p.add_argument("--threshold", type=float, help="Default: the detector's own.")
+  p.add_argument("--min_shot_len", type=int, default=DEFAULT_MIN_SHOT_LEN)
+  p.add_argument("--max_flash_len", type=int, default=DEFAULT_MAX_FLASH_LEN)
+  p.add_argument("--downscale", type=int, default=0, help="content/adaptive.")
+  p.add_argument(
+    "--device", default="", help="transnetv2: cpu|gpu|tpu (default: JAX's)."
+  )
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help='One object per line: {"path", "num_frames", "fps", "shots", '
+    '"scores"} (scores: the per-frame value the detector thresholds).',
+  )
+  return p, p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  """Shots of each VIDEO; a bad file gets its line and exit status 1."""
+  parser, a = parse_args(argv)
+  settings = dict(
+    detector=a.detector,
+    threshold=a.threshold,
+    min_shot_len=a.min_shot_len,
+    max_flash_len=a.max_flash_len,
+  )
+  try:  # Settings and checkpoint once, before any video.
+    make_detector(**settings, checkpoint=a.checkpoint, device=a.device)
+  except ValueError as e:
+    parser.error(str(e))
+  failed = 0
+  for path in a.videos:
+    try:
+      r = analyze(
+        path,
+        **settings,
+        downscale=a.downscale,
+        checkpoint=a.checkpoint,
+        device=a.device,
+      )
+    except VideoError as e:
+      failed += 1
+      if a.json:
+        print(json.dumps({"path": path, "error": e.reason}), flush=True)
+      else:
+        print(f"{path}: error: {e.reason}", file=sys.stderr, flush=True)
+      continue
+    if a.json:
+      out = dict(
+        path=path,
+        num_frames=r.num_frames,
+        fps=r.fps,
+        shots=r.shots.tolist(),
+        scores=[float(x) for x in r.scores],
+      )
+      print(json.dumps(out), flush=True)
+    else:
+      rows = " ".join(f"[{s}, {e})" for s, e in r.shots.tolist())
+      print(
+        f"{path}: {r.num_frames} frames, {r.fps:g} fps, {len(r.shots)} "
+        f"shots: {rows}",
+        flush=True,
+      )
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

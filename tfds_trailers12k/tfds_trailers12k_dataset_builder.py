@@ -38,14 +38,17 @@ class Trailers12kConfig(tfds.core.BuilderConfig):
   # synthetic: trailers to generate and the generator's seed.
   num_trailers: int = 96
   seed: int = 0
-  # synthetic / raw: shot detection (divita_jax/shots.py; threshold 0 =
-  # the detector's default: 27 for content, 3.0 for adaptive).
-  # Defaults: divita_jax/shots.py's, the one place they are set.
-  detector: str = "content"
+  # synthetic / raw: shot detection (tfds_trailers12k/shots.py; threshold
+  # 0 = the detector's default: 27 for content, 3.0 for adaptive, 0.5 for
+  # transnetv2). Defaults: shots.py's, the one place they are set.
+  detector: str = "content"  # content | adaptive | transnetv2.
   threshold: float = 0.0
   min_shot_len: int = shots.DEFAULT_MIN_SHOT_LEN
-  downscale: int = 0  # 0 = auto, about 256 px wide.
+  downscale: int = 0  # content / adaptive: 0 = auto, about 256 px wide.
   max_flash_len: int = shots.DEFAULT_MAX_FLASH_LEN
+  # transnetv2: a checkpoint directory (python -m divita_jax.convert
+  # --source transnetv2); its weights' hash is part of the config name.
+  checkpoint: str = ""
   # raw: re-encode to this height / fps (0 = keep the source's).
   reencode_height: int = 0
   reencode_fps: float = 0.0
@@ -57,6 +60,7 @@ class Trailers12kConfig(tfds.core.BuilderConfig):
       min_shot_len=self.min_shot_len,
       downscale=self.downscale,
       max_flash_len=self.max_flash_len,
+      checkpoint=self.checkpoint,
     )
 
 

