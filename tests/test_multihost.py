@@ -128,7 +128,7 @@ def _first_checkpoint(workdir: str, proc, timeout: float = 600) -> None:
 def test_kill_9_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
   store, one = uninterrupted
   workdir, out = str(tmp_path / "killed"), str(tmp_path / "k.npz")
-  (proc,) = _launch(store, workdir, out, 1, 4)
+  (proc,) = _launch(store, workdir, out, 1, 4, {"DIVITA_TEST_LOG_STEPS": "1"})
   kill_at.kill_at_step(proc, seed=1)  # A seeded step of epoch 2.
   assert not os.path.exists(out), "The run finished before it was killed."
   _wait(_launch(store, workdir, out, 1, 4))  # Restart in the same workdir.
