@@ -272,8 +272,8 @@ def test_converter_is_strict():
     "params/SDDCNN_1/DDCNN_0/Conv3D_4/layers_1/kernel"
   )
   bad = {
-    "missing": {k: v for k, v in sd.items() if k != key},
-    "unexpected source keys": {**sd, "head.weight": sd["fc1.weight"]},
+    "missing keys": {k: v for k, v in sd.items() if k != key},
+    "unexpected keys": {**sd, "head.weight": sd["fc1.weight"]},
     "shape mismatches": {**sd, key: sd[key][:, :1]},
   }
   for what, d in bad.items():

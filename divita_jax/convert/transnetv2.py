@@ -21,9 +21,9 @@ import numpy as np
 
 from divita_jax import atomic
 from divita_jax.convert.tree import (
-  ConversionError,
-  natural_key,
+  check_keys,
   read_torch_state_dict,
+  shapes_of,
 )
 from tfds_trailers12k import transnetv2
 
@@ -84,23 +84,9 @@ def from_state_dict(sd: dict, fields: dict = FIELDS) -> dict:
       unknown.append(key)
       continue
     flat[name] = np.asarray(to_flax(value), np.float32)
-  missing = [k for k in target if k not in flat]
-  shapes = [
-    f"{k}: {flat[k].shape} vs model {target[k].shape}"
-    for k in flat
-    if flat[k].shape != target[k].shape
-  ]
-  errors = []
-  if missing:
-    errors.append(f"missing {sorted(missing, key=natural_key)}")
-  if unknown:
-    errors.append(f"unexpected source keys {sorted(unknown, key=natural_key)}")
-  if shapes:
-    errors.append(f"shape mismatches {shapes}")
-  if errors:
-    raise ConversionError(
-      "State dict does not fit TransNetV2: " + "; ".join(errors)
-    )
+  check_keys(
+    shapes_of(flat), shapes_of(target), unused=unknown, model="TransNetV2"
+  )
   return flat
 
 
