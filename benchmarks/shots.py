@@ -36,7 +36,7 @@ from scenedetect.common import FrameTimecode
 from scenedetect.detectors import ContentDetector
 from scenedetect.detectors.content_detector import _mean_pixel_distance
 
-from tfds_trailers12k import shots, synthetic
+from tfds_trailers12k import cut_rules, shots, synthetic
 
 DECODE = "decode only (PyAV, threaded)"
 OURS = "ours: detect_shots (content)"
@@ -66,7 +66,7 @@ def make_video(path: str, seconds: float, height: int, fps: int) -> np.ndarray:
       big = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
       out.mux(stream.encode(av.VideoFrame.from_ndarray(big, format="rgb24")))
     out.mux(stream.encode(None))
-  return shots.cuts_from_shots(true_shots)
+  return cut_rules.cuts_from_shots(true_shots)
 
 
 def decode_only(path: str) -> int:
@@ -131,7 +131,7 @@ def _pyscenedetect_score(prev: tuple, hsv: tuple) -> float:
 
 def _stages(frames: list, w: int, h: int) -> dict:
   """name -> (before, after): callables that run one stage on all frames."""
-  bgr = [shots._Shrinker(0)(f) for f in frames]
+  bgr = [shots.Shrinker(0)(f) for f in frames]
   hsv = [cv2.cvtColor(b, cv2.COLOR_BGR2HSV) for b in bgr]
 
   def old_sws():
@@ -139,7 +139,7 @@ def _stages(frames: list, w: int, h: int) -> dict:
       f.to_ndarray(width=w, height=h, format="bgr24", interpolation="POINT")
 
   def new_sws():
-    shrink = shots._Shrinker(0)
+    shrink = shots.Shrinker(0)
     for f in frames:
       shrink(f)
 
@@ -156,7 +156,7 @@ def _stages(frames: list, w: int, h: int) -> dict:
       d.process_frame(FrameTimecode(i, 24.0), b)
 
   def new_det():
-    d = shots.ShotDetector()
+    d = cut_rules.ShotDetector()
     for b in bgr:
       d.process(b)
 
@@ -165,7 +165,7 @@ def _stages(frames: list, w: int, h: int) -> dict:
     "BGR->HSV (cv2.cvtColor)": (to_hsv, to_hsv),
     "score of a frame pair": (
       score(_pyscenedetect_score, [cv2.split(x) for x in hsv]),
-      score(shots.content_score, hsv),
+      score(cut_rules.content_score, hsv),
     ),
     "detector, all in (HSV + score + rest)": (old_det, new_det),
   }
@@ -231,7 +231,7 @@ def run_methods(path: str, repeats: int):
     times = timing.round_robin(fns, repeats, warmup=0)
     cli = timing.round_robin({CLI: keep(CLI, cli_cuts)}, 1, warmup=0)
   best = {k: (t.best, t.cpu_of_best) for k, t in {**times, **cli}.items()}
-  ours = shots.cuts_from_shots(out[OURS])
+  ours = cut_rules.cuts_from_shots(out[OURS])
   return out[DECODE], best, ours, out[CLI], load
 
 
@@ -272,7 +272,7 @@ def main():
     np.save(truth_path, make_video(path, args.seconds, args.height, args.fps))
   truth = np.load(truth_path) if os.path.exists(truth_path) else None
   n, best, ours, cli, load = run_methods(path, args.repeats)
-  raw = shots.cuts_from_shots(
+  raw = cut_rules.cuts_from_shots(
     shots.detect_shots(path, max_flash_len=0, min_shot_len=1)
   )
   print(f"\n{path}: {n} frames, {args.height}p, {os.cpu_count()} cores")

@@ -15,7 +15,7 @@ from scenedetect.common import FrameTimecode
 from scenedetect.detectors import AdaptiveDetector, ContentDetector
 from scenedetect.stats_manager import StatsManager
 
-from tfds_trailers12k import dummy_data, shots, synthetic
+from tfds_trailers12k import cut_rules, dummy_data, shots, synthetic
 
 # Small frames and many hard cases (dissolves, fades, flashes) per trailer.
 HARD = dataclasses.replace(
@@ -111,14 +111,14 @@ def test_fast_path_scores_equal_pyscenedetect(noisy_video, downscale):
   want_frames, want_scores, want_cuts = _pyscenedetect(
     noisy_video, "content", downscale
   )
-  shrink = shots._Shrinker(downscale)
+  shrink = shots.Shrinker(downscale)
   with av.open(io.BytesIO(noisy_video)) as c:
     frames = [shrink(f) for f in c.decode(video=0)]
   assert len(frames) == len(want_frames)
   for got, want in zip(frames, want_frames):
     np.testing.assert_array_equal(got, want)  # Same swscale arithmetic.
   hsv = [cv2.cvtColor(b, cv2.COLOR_BGR2HSV) for b in frames]
-  scores = [0.0] + [shots.content_score(a, b) for a, b in zip(hsv, hsv[1:])]
+  scores = [0.0] + [cut_rules.content_score(a, b) for a, b in zip(hsv, hsv[1:])]
   assert scores == want_scores  # Bit for bit, not approximately.
   # The test has teeth: cuts, and many scores neither ~0 nor above 27.
   assert len(want_cuts) >= 4
@@ -126,7 +126,7 @@ def test_fast_path_scores_equal_pyscenedetect(noisy_video, downscale):
   raw = shots.detect_shots(
     noisy_video, downscale=downscale, max_flash_len=0, min_shot_len=1
   )
-  assert shots.cuts_from_shots(raw).tolist() == want_cuts
+  assert cut_rules.cuts_from_shots(raw).tolist() == want_cuts
 
 
 @pytest.mark.parametrize("detector", ["content", "adaptive"])
@@ -140,13 +140,13 @@ def test_raw_cuts_equal_pyscenedetect(
     raw = shots.detect_shots(
       video, detector=detector, max_flash_len=0, min_shot_len=1
     )
-    assert shots.cuts_from_shots(raw).tolist() == want
+    assert cut_rules.cuts_from_shots(raw).tolist() == want
     assert len(want) >= 3
 
 
 def _hard_cut_scores(trailer, detected, tol=2):
   """(tp, fp, fn) for hard cuts; cuts inside gradual transitions are ok."""
-  true = shots.cuts_from_shots(trailer["true_shots"])
+  true = cut_rules.cuts_from_shots(trailer["true_shots"])
   kinds = np.array(trailer["kinds"])
   hard, soft = true[kinds == "hard"], true[kinds != "hard"]
   unmatched = list(hard)
@@ -167,7 +167,7 @@ def _hard_cut_scores(trailer, detected, tol=2):
 def test_hard_cut_f1_and_flashes(trailers, detector, downscale):
   tp = fp = fn = num_flashes = flash_cuts = 0
   for t in trailers:
-    cuts = shots.cuts_from_shots(
+    cuts = cut_rules.cuts_from_shots(
       shots.detect_shots(t["video"], detector=detector, downscale=downscale)
     )
     a, b, c = _hard_cut_scores(t, cuts)
@@ -185,7 +185,7 @@ def test_flash_would_cut_without_suppression(trailers):
   # Guards the flash test above: the raw detector does fire on flashes.
   flash_cuts = 0
   for t in trailers:
-    cuts = shots.cuts_from_shots(
+    cuts = cut_rules.cuts_from_shots(
       shots.detect_shots(t["video"], max_flash_len=0)
     )
     flash_cuts += sum(any(abs(c - f) <= 1 for c in cuts) for f in t["flashes"])
@@ -238,9 +238,9 @@ def test_missing_file_and_bad_settings(tmp_path):
   with pytest.raises(shots.VideoError, match="missing file"):
     shots.detect_shots(str(tmp_path / "nope.mp4"))
   with pytest.raises(ValueError, match="Unknown shot detector"):
-    shots.ShotDetector("histogram")
+    cut_rules.ShotDetector("histogram")
   with pytest.raises(ValueError, match="min_shot_len"):
-    shots.ShotDetector(min_shot_len=0)
+    cut_rules.ShotDetector(min_shot_len=0)
 
 
 @pytest.mark.parametrize("detector", ["content", "adaptive"])
@@ -250,8 +250,8 @@ def test_scores_are_what_the_detector_thresholds(noisy_video, detector):
     noisy_video, detector=detector, min_shot_len=1, max_flash_len=0
   )
   assert r.scores.shape == (r.num_frames,)
-  cuts = shots.cuts_from_shots(raw.shots)
-  above = np.flatnonzero(r.scores >= shots.DEFAULT_THRESHOLDS[detector])
+  cuts = cut_rules.cuts_from_shots(raw.shots)
+  above = np.flatnonzero(r.scores >= cut_rules.DEFAULT_THRESHOLDS[detector])
   if detector == "content":
     _, want, _ = _pyscenedetect(noisy_video, "content", 0)
     assert r.scores.tolist() == want  # PySceneDetect's content_val, exactly.

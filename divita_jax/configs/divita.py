@@ -33,7 +33,7 @@ value is checked before any work (divita_jax/configs/checks.py).
 
 import ml_collections
 
-from tfds_trailers12k import genres, shots
+from tfds_trailers12k import cut_rules, genres
 
 
 def parse_variants(arg: str | None) -> set[str]:
@@ -77,13 +77,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.detector = "content"
   c.dataset.threshold = 0.0  # 0 = the detector's default (27 / 3.0 / 0.5).
   # Frames; shorter shots merge into neighbours.
-  c.dataset.min_shot_len = shots.DEFAULT_MIN_SHOT_LEN
+  c.dataset.min_shot_len = cut_rules.DEFAULT_MIN_SHOT_LEN
   c.dataset.downscale = 0  # Frame shrink factor; 0 = auto (~256 px wide).
   # transnetv2: the converted weights (python -m divita_jax.convert
   # --source transnetv2 --output DIR); part of the dataset's config name.
   c.dataset.checkpoint = ""
   # Flashes this short (frames) are not cuts.
-  c.dataset.max_flash_len = shots.DEFAULT_MAX_FLASH_LEN
+  c.dataset.max_flash_len = cut_rules.DEFAULT_MAX_FLASH_LEN
   c.dataset.reencode_height = 0  # raw: re-encode to this height (0 = keep).
   c.dataset.reencode_fps = 0.0  # raw: re-encode to this fps (0 = keep).
   c.dataset.num_workers = 0  # Build processes; 0 = all cores.
