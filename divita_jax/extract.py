@@ -99,6 +99,7 @@ class FeatureFn:
       )
     spec = kind if isinstance(kind, Mapping) else {"kind": kind, "model": {}}
     self.image = backbone.is_image_model(spec)
+    self._spec = spec
     self.center_frame = self.image and frame_pooling == "center"
     self.devices = jax.local_devices()
     mesh = Mesh(np.array(self.devices), ("data",))
@@ -112,6 +113,9 @@ class FeatureFn:
   def _features(self, variables, x):
     if self.center_frame:  # Host already cut it to 1 frame: index 0.
       x = video.center_frame(x)[:, 0]
+    frames = None if self.image else runtime.clip_frames(self._spec, x.shape[1])
+    if frames is not None:  # The clip model's own frame count.
+      x = x[:, frames]
     x = runtime.normalize(x, *self._mean_std)
     if self.center_frame or not self.image:  # [n, H, W, 3] | [n, T, ...]
       pooled, _ = self._module.apply(variables, x)

@@ -24,6 +24,17 @@ BENCHMARKS = os.path.join(
 # memory table (Swin-3D and memory would add ~100 s on 2 cores).
 SMOKES = {
   "attention.py": ((), {"    2    197": 1, "    1    785": 1}, ()),
+  "audio.py": (
+    (),
+    {
+      "| AST front end |": 1,
+      "| Whisper 80 front end |": 1,
+      "| Whisper 128 front end |": 1,
+      "| AST 64x32 |": 1,
+      "| Whisper enc 100x16 |": 1,
+    },
+    (),
+  ),
   "backbones.py": (
     (),
     {
@@ -32,6 +43,11 @@ SMOKES = {
       "Swin-tiny ": 2,
       "VSwin-tiny/4 ": 2,
     },
+    (),
+  ),
+  "clip_encoders.py": (
+    (),
+    {"| V-JEPA 2 tiny/8": 1, "| VideoPrism tiny/8": 1},
     (),
   ),
   "clips.py": (
@@ -53,6 +69,11 @@ SMOKES = {
       )
     },
     ("- params, backbones + one DIViTA head each:",),
+  ),
+  "frame_encoders.py": (
+    (),
+    {"| SigLIP tiny/8 |": 2, "| DINOv2 tiny/8 |": 2, "| DINOv3 tiny/8 |": 2},
+    (),
   ),
   "finetune.py": (
     ("--kinds=vivit", "--no_memory"),

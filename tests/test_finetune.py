@@ -34,7 +34,11 @@ from tfds_trailers12k import genres
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (kind, variant, resolution): tiny clip backbones.
-VIDEO = {"vivit": ("vivit", "tiny/8", 16), "swin3d": ("swin3d", "tiny", 32)}
+VIDEO = {
+  "vivit": ("vivit", "tiny/8", 16),
+  "swin3d": ("swin3d", "tiny", 32),
+  "videoprism": ("videoprism", "tiny/8", 16),  # Factorised space / time.
+}
 
 
 def _config(kind="vivit", shape=(-1, 1, 1), batch=8, **finetune_kw):
@@ -81,7 +85,7 @@ def _assert_close(a: dict, b: dict, atol: float):
     np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
 
 
-@pytest.mark.parametrize("kind", ["vivit", "swin3d"])
+@pytest.mark.parametrize("kind", sorted(VIDEO))
 def test_sharded_step_equals_one_device(kind):
   lr = np.float32(1e-3)
   out = {}

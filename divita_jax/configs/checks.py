@@ -12,13 +12,18 @@ import re
 
 from divita_jax import sharding, video
 from divita_jax.models import (
+  dinov2,
+  dinov3,
   divita,
   r2plus1d,
   remat,
   resnet,
   shufflenet,
+  siglip,
   swin,
+  videoprism,
   vit,
+  vjepa2,
 )
 from divita_jax.trainers import param_groups
 from tfds_trailers12k import cut_rules, genres
@@ -36,7 +41,15 @@ KINDS = (
   "shufflenet",
   "shufflenet3d",
   "r2plus1d",
+  "siglip",
+  "dinov2",
+  "dinov3",
+  "vjepa2",
+  "videoprism",
 )
+# Patch-based kinds past the paper: the resolution is a multiple of the
+# patch size (their position tables or rotary grids follow the input).
+PATCH_KINDS = ("siglip", "dinov2", "dinov3", "vjepa2", "videoprism")
 DTYPES = ("float32", "bfloat16", "auto")
 FUSIONS = ("late", "early")
 SCHEDULES = ("plateau", "cosine")
@@ -211,6 +224,15 @@ def model_fields(kind: str, variant: str) -> dict:
     return resnet.decode_variant(variant)
   if kind == "r2plus1d":
     return r2plus1d.decode_variant(variant)
+  if kind in PATCH_KINDS:
+    family = {
+      "siglip": siglip,
+      "dinov2": dinov2,
+      "dinov3": dinov3,
+      "vjepa2": vjepa2,
+      "videoprism": videoprism,
+    }[kind]
+    return family.decode_variant(variant)
   try:  # shufflenet, shufflenet3d: the width multiplier.
     width = float(variant)
   except ValueError:
@@ -231,7 +253,8 @@ def _check_variant(config, branch: str) -> None:
     raise ConfigError(f"config.{name}.variant={b.variant!r}: {e}") from None
   if b.kind == "vit" and "tubelet" in model:
     _fail(f"{name}.variant", b.variant, "SIZE/PATCH: a ViT has no tubelet")
-  if b.kind in ("vit", "vivit") and b.resolution % model["patch_size"]:
+  patched = b.kind in ("vit", "vivit", *PATCH_KINDS)
+  if patched and b.resolution % model["patch_size"]:
     _fail(
       f"{name}.resolution",
       b.resolution,
@@ -240,7 +263,7 @@ def _check_variant(config, branch: str) -> None:
     )
   tubelet = model.get("tubelet", config.backbones.video.tubelet)
   frames = config.clips.frames_per_clip
-  if b.kind == "vivit" and frames % tubelet:
+  if b.kind in ("vivit", "vjepa2") and frames % tubelet:
     _fail(
       "clips.frames_per_clip",
       frames,

@@ -50,6 +50,8 @@ def parse_variants(arg: str | None) -> set[str]:
     "shufflenet",
     "resnet",
     "finetune",
+    "modern",
+    *SINGLE,
   }
   variants = {v for v in (arg or "").split(",") if v}
   unknown = variants - known
@@ -311,6 +313,12 @@ TABLE6 = {
     ("resnet", "checkpoints/resnet50_in1k", 224),
     ("r2plus1d", "checkpoints/r2plus1d_18_k400", 112),
   ),
+  # Past the paper (README, "Backbones past the paper"): SigLIP B/16 frames
+  # + VideoPrism-B clips (16 frames at 288 px), both frozen-probe leaders.
+  "modern": (
+    ("siglip", "checkpoints/siglip_base_patch16_224", 224),
+    ("videoprism", "checkpoints/videoprism_base_f16r288", 288),
+  ),
 }
 
 
@@ -320,15 +328,40 @@ TINY = {
   "swin": (("swin", "tiny"), ("swin3d", "tiny")),
   "shufflenet": (("shufflenet", "0.5"), ("shufflenet3d", "0.25")),
   "resnet": (("resnet", "resnet18"), ("r2plus1d", "r2plus1d_18")),
+  "modern": (("siglip", "tiny/8"), ("videoprism", "tiny/8")),
+}
+
+# One backbone past the paper alone, its branch only: name -> (branch, kind,
+# converted checkpoint dir and resolution with `trailers12k`, tiny variant).
+SINGLE = {
+  "siglip": ("image", "siglip", "checkpoints/siglip_base_patch16_224", 224),
+  "dinov2": ("image", "dinov2", "checkpoints/dinov2_base", 224),
+  "dinov3": ("image", "dinov3", "checkpoints/dinov3_vitb16", 224),
+  "vjepa2": ("video", "vjepa2", "checkpoints/vjepa2_vitl_fpc16_256", 256),
+  "videoprism": (
+    "video",
+    "videoprism",
+    "checkpoints/videoprism_base_f16r288",
+    288,
+  ),
 }
 
 
 def _backbone_pair(c, variants: set[str]) -> None:
-  """The named backbone pair: converted checkpoints with `trailers12k`,
-  tiny random-init variants on the synthetic data."""
-  pairs = sorted(variants & set(TABLE6))
+  """The named backbone pair (or one SINGLE backbone alone): converted
+  checkpoints with `trailers12k`, tiny random-init variants on the
+  synthetic data."""
+  pairs = sorted(variants & (set(TABLE6) | set(SINGLE)))
   if len(pairs) > 1:
-    raise ValueError(f"Pick one backbone pair, got {pairs}.")
+    raise ValueError(f"Pick one backbone pair or backbone, got {pairs}.")
+  if pairs and pairs[0] in SINGLE:
+    branch, kind, checkpoint, resolution = SINGLE[pairs[0]]
+    b = c.backbones[branch]
+    b.kind, b.variant = kind, "tiny/8"
+    if "trailers12k" in variants:
+      b.checkpoint, b.resolution = checkpoint, resolution
+    c.model.branches = (branch,)
+    return
   name = pairs[0] if pairs else "vit"
   for i, branch in enumerate(("image", "video")):
     b = c.backbones[branch]

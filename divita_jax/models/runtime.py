@@ -13,7 +13,11 @@ import ml_collections
 import numpy as np
 
 from divita_jax import video
-from divita_jax.models import backbone
+from divita_jax.models import backbone, clip_time
+
+# Clip kinds that take their own frame count (spec.json num_frames): our
+# clips are resampled in time to it (clip_time.resample_time).
+OWN_FRAMES_KINDS = ("vjepa2", "videoprism")
 
 
 def compute_dtype(name: str) -> str:
@@ -31,7 +35,8 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
   if b.checkpoint:  # Position embeddings resampled to the clips' size.
     spec = backbone.read_spec(b.checkpoint)
     frames = None
-    if not backbone.is_image_model(spec):
+    own = spec["kind"] in OWN_FRAMES_KINDS
+    if not backbone.is_image_model(spec) and not own:
       frames = config.clips.frames_per_clip
     return backbone.load_backbone(
       b.checkpoint,
@@ -48,6 +53,16 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
     dtype=compute_dtype(b.dtype),
     seed=config.seed,
   )
+
+
+def clip_frames(spec, frames: int) -> np.ndarray | None:
+  """Indices resampling a `frames`-frame clip in time to the frames a clip
+  model of OWN_FRAMES_KINDS takes; None: the clip goes in as it is."""
+  if spec.get("kind") not in OWN_FRAMES_KINDS:
+    return None
+  if spec["num_frames"] == frames:
+    return None
+  return clip_time.resample_time(frames, spec["num_frames"])
 
 
 def as_variables(params_or_variables) -> dict:

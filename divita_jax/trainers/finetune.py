@@ -60,6 +60,7 @@ class Model:
   head: nn.Module
   backbones: dict  # branch -> backbone module (remat, compute dtype set)
   per_frame: dict  # branch -> 2-D backbone: frames alone, mean over T
+  frames: dict  # branch -> runtime.clip_frames indices (or None)
   stats: dict  # branch -> (mean, std) of the input convention
   frozen: frozenset  # parameter names without gradients
   microbatches: int
@@ -75,6 +76,8 @@ class Model:
     out = {}
     for b in self.branches:
       x = batch[b]
+      if self.frames[b] is not None:  # The clip model's own frame count.
+        x = x[:, :, self.frames[b]]
       lead = x.shape[:3] if self.per_frame[b] else x.shape[:2]
       x = runtime.normalize(
         x.reshape(-1, *x.shape[len(lead) :]), *self.stats[b]
@@ -295,6 +298,10 @@ def _build(config, mesh) -> st.Programs:
     backbones={b: m for b, (m, _, _) in loaded.items()},
     per_frame={
       b: backbone.is_image_model(s) for b, (_, _, s) in loaded.items()
+    },
+    frames={
+      b: runtime.clip_frames(s, config.clips.frames_per_clip)
+      for b, (_, _, s) in loaded.items()
     },
     stats={
       b: backbone.input_stats(s, config.backbones[b].normalization or None)
