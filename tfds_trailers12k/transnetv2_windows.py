@@ -28,6 +28,16 @@ from tfds_trailers12k.transnetv2 import (
   load,
 )
 
+# XLA:CPU options of the network's program: its convolutions by XLA's own
+# (Eigen) kernels, not YNNPACK's, which ran these shapes 10-15% slower on
+# 2 cores (benchmarks/shot_accuracy.py); dots and reductions stay on
+# YNNPACK. Same sums up to float rounding (1.9e-6 on the logits).
+CPU_COMPILER_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": (
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  )
+}
+
 
 class Predictor:
   """Probabilities of `batch` consecutive windows per call, one program.
@@ -43,7 +53,11 @@ class Predictor:
     dev = jax.devices(device)[0] if device else jax.devices()[0]
     self._variables = jax.device_put(variables, dev)
     self._device = dev
-    self._run = jax.jit(functools.partial(_predict_block, module, batch))
+    options = CPU_COMPILER_OPTIONS if dev.platform == "cpu" else None
+    self._run = jax.jit(
+      functools.partial(_predict_block, module, batch),
+      compiler_options=options,
+    )
 
   def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if block.shape != (self.block, HEIGHT, WIDTH, 3):
