@@ -20,14 +20,12 @@ import os
 import re
 
 import numpy as np
-from flax import traverse_util
 
 from divita_jax.convert.hf import read_weights
 from divita_jax.convert.tree import (
   ConversionError,
-  check_keys,
+  build_params,
   drop_keys,
-  shapes_of,
 )
 from divita_jax.models import ast, backbone
 
@@ -225,12 +223,7 @@ def read(path: str, drop=()) -> tuple[dict, dict]:
     front_end=front_end,
     source={"type": "hf_ast", "path": os.path.abspath(path)},
   )
-  module = backbone.module_from_spec(spec)
-  want = traverse_util.flatten_dict(
-    backbone.abstract_params(module, spec), sep="/"
-  )
-  check_keys(shapes_of(flat), shapes_of(want), model="the AST model")
-  return traverse_util.unflatten_dict(flat, sep="/"), spec
+  return build_params(flat, spec), spec
 
 
 def convert(path: str, output: str, *, drop=()) -> dict:

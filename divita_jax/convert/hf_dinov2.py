@@ -12,13 +12,13 @@ import json
 import os
 import re
 
-import flax.linen as nn
-import jax
 import numpy as np
-from flax import traverse_util
 
 from divita_jax.convert.hf import read_weights
-from divita_jax.convert.tree import ConversionError, check_keys, shapes_of
+from divita_jax.convert.tree import (
+  ConversionError,
+  build_params,
+)
 from divita_jax.models import backbone
 
 _PIL = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -101,18 +101,7 @@ def build(kind, fields, mapped, unknown, resolution):
   """Strict check of mapped against the module's tree -> params."""
   spec = {"kind": kind, "model": fields, "resolution": resolution}
   spec["num_frames"] = 1
-  module = backbone.module_from_spec(spec)
-  tree = jax.eval_shape(
-    module.init, jax.random.key(0), backbone.dummy_input(spec)
-  )
-  want = traverse_util.flatten_dict(nn.meta.unbox(tree["params"]), sep="/")
-  check_keys(
-    shapes_of(mapped),
-    shapes_of(want),
-    unused=unknown,
-    model=f"the {kind} model",
-  )
-  return traverse_util.unflatten_dict(mapped, sep="/")
+  return build_params(mapped, spec, unused=unknown)
 
 
 def preprocessing(folder, *, size, resize, crop, interpolation, mean, std):

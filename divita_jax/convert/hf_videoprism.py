@@ -27,14 +27,12 @@ import os
 import re
 
 import numpy as np
-from flax import traverse_util
 
 from divita_jax.convert.hf import read_weights
 from divita_jax.convert.tree import (
   ConversionError,
-  check_keys,
+  build_params,
   drop_keys,
-  shapes_of,
 )
 from divita_jax.models import backbone
 
@@ -228,11 +226,6 @@ def convert(
     preprocessing=pre,
     source={"type": "hf_videoprism", "path": os.path.abspath(input_dir)},
   )
-  module = backbone.module_from_spec(spec)
-  want = traverse_util.flatten_dict(
-    backbone.abstract_params(module, spec), sep="/"
-  )
-  check_keys(shapes_of(flat), shapes_of(want), model="the videoprism encoder")
-  params = traverse_util.unflatten_dict(flat, sep="/")
+  params = build_params(flat, spec)
   backbone.save_backbone(output_dir, {"params": params}, spec)
   return spec

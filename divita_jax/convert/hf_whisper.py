@@ -17,15 +17,13 @@ import os
 import re
 
 import numpy as np
-from flax import traverse_util
 
 from divita_jax.convert.hf import read_weights
 from divita_jax.convert.hf_ast import read_preprocessor
 from divita_jax.convert.tree import (
   ConversionError,
-  check_keys,
+  build_params,
   drop_keys,
-  shapes_of,
 )
 from divita_jax.models import backbone, whisper
 
@@ -184,12 +182,7 @@ def read(path: str, drop=()) -> tuple[dict, dict]:
     front_end=front_end,
     source={"type": "hf_whisper", "path": os.path.abspath(path)},
   )
-  module = backbone.module_from_spec(spec)
-  want = traverse_util.flatten_dict(
-    backbone.abstract_params(module, spec), sep="/"
-  )
-  check_keys(shapes_of(flat), shapes_of(want), model="the Whisper encoder")
-  return traverse_util.unflatten_dict(flat, sep="/"), spec
+  return build_params(flat, spec), spec
 
 
 def convert(path: str, output: str, *, drop=()) -> dict:

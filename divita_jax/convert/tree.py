@@ -180,12 +180,17 @@ def fill_fresh(variables: dict, spec: dict, seed: int = 0) -> dict:
 
 
 def build_params(
-  flat: Flat, spec: dict, dont_load: Sequence[str] = (), seed: int = 0
+  flat: Flat,
+  spec: dict,
+  dont_load: Sequence[str] = (),
+  seed: int = 0,
+  unused: Sequence[str] = (),
 ):
   """Checks flat against the model's tree key by key -> params tree.
 
   Keys matching dont_load are re-initialised: their source values (if
   any) are discarded and the model's random init is written instead.
+  unused: source keys that mapped to no model key (errors, by name).
   """
   module = backbone.module_from_spec(spec)
   target = traverse_util.flatten_dict(
@@ -193,7 +198,9 @@ def build_params(
   )
   loaded = drop_keys(flat, dont_load)
   want = shapes_of(drop_keys(target, dont_load, "dont_load"))
-  check_keys(shapes_of(loaded), want, model=f"the {spec['kind']} model")
+  check_keys(
+    shapes_of(loaded), want, unused=unused, model=f"the {spec['kind']} model"
+  )
   params = traverse_util.unflatten_dict(loaded, sep="/")
   if len(loaded) < len(target):
     params = fill_fresh({"params": params}, spec, seed)["params"]
