@@ -19,7 +19,6 @@ import numpy as np
 
 from divita_jax.models import dinov2, vit
 from divita_jax.models.attention import attention
-from divita_jax.models.axes import logical
 from divita_jax.models.remat import remat_block
 
 _KERNEL = nn.initializers.xavier_uniform()
@@ -72,27 +71,15 @@ class RopeAttention(nn.Module):
     head_dim = width // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def proj(name, bias=True):
-      return nn.DenseGeneral(
-        (self.num_heads, head_dim),
-        use_bias=bias,
-        kernel_init=logical(_KERNEL, "embed", "heads", "kv"),
-        bias_init=logical(nn.initializers.zeros, "heads", "kv"),
-        name=name,
-        **kw,
-      )(x)  # [B, N, heads, head_dim]
+    def proj(name, bias=True):  # [B, N, heads, head_dim]
+      return vit.head_dense(
+        self.num_heads, head_dim, name, _KERNEL, use_bias=bias, **kw
+      )(x)
 
     q, k, v = proj("query"), proj("key", self.key_bias), proj("value")
     cos, sin = rope_tables(self.grid, head_dim, self.rope_theta, self.rope_axes)
     q, k = (rotate(a, cos, sin, self.prefix) for a in (q, k))
-    return nn.DenseGeneral(
-      width,
-      axis=(-2, -1),
-      kernel_init=logical(_KERNEL, "heads", "kv", "embed"),
-      bias_init=logical(nn.initializers.zeros, "embed"),
-      name="out",
-      **kw,
-    )(attention(q, k, v))
+    return vit.out_dense(width, _KERNEL, **kw)(attention(q, k, v))
 
 
 class Block(nn.Module):

@@ -71,24 +71,11 @@ class CrossAttention(nn.Module):
     hd = width // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def proj(name, y):
-      return nn.DenseGeneral(
-        (self.num_heads, hd),
-        kernel_init=logical(_KERNEL, "embed", "heads", "kv"),
-        bias_init=logical(nn.initializers.zeros, "heads", "kv"),
-        name=name,
-        **kw,
-      )(y)  # [B, tokens, heads, hd]
+    def proj(name, y):  # [B, tokens, heads, hd]
+      return vit.head_dense(self.num_heads, hd, name, _KERNEL, **kw)(y)
 
     y = attention(proj("query", probe), proj("key", x), proj("value", x))
-    return nn.DenseGeneral(
-      width,
-      axis=(-2, -1),
-      kernel_init=logical(_KERNEL, "heads", "kv", "embed"),
-      bias_init=logical(nn.initializers.zeros, "embed"),
-      name="out",
-      **kw,
-    )(y)  # [B, 1, D]
+    return vit.out_dense(width, _KERNEL, **kw)(y)  # [B, 1, D]
 
 
 class SigLIP(nn.Module):

@@ -76,25 +76,13 @@ class CappedSelfAttention(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = [
-      nn.DenseGeneral(
-        (self.num_heads, width // self.num_heads),
-        kernel_init=logical(_KERNEL, "embed", "heads", "kv"),
-        bias_init=logical(nn.initializers.zeros, "heads", "kv"),
-        name=name,
-        **kw,
-      )(x)  # [B, N, heads, head_dim]
+    hd = width // self.num_heads
+    qkv = [  # [B, N, heads, head_dim]
+      vit.head_dense(self.num_heads, hd, name, _KERNEL, **kw)(x)
       for name in ("query", "key", "value")
     ]
     y = capped_attention(*qkv, self.softcap)
-    return nn.DenseGeneral(
-      width,
-      axis=(-2, -1),
-      kernel_init=logical(_KERNEL, "heads", "kv", "embed"),
-      bias_init=logical(nn.initializers.zeros, "embed"),
-      name="out",
-      **kw,
-    )(y)
+    return vit.out_dense(width, _KERNEL, **kw)(y)
 
 
 class Block(nn.Module):

@@ -95,6 +95,31 @@ class MlpBlock(nn.Module):
     )(x)
 
 
+def head_dense(num_heads, head_dim, name, kernel_init=_DEFAULT_KERNEL, **kw):
+  """D -> [heads, head_dim]: a query / key / value projection in flax
+  MHDPA's layout with its logical axes (call inside a compact module).
+  kw: DenseGeneral's (dtype, param_dtype, use_bias)."""
+  return nn.DenseGeneral(
+    (num_heads, head_dim),
+    kernel_init=logical(kernel_init, "embed", "heads", "kv"),
+    bias_init=logical(_ZEROS, "heads", "kv"),
+    name=name,
+    **kw,
+  )
+
+
+def out_dense(width, kernel_init=_DEFAULT_KERNEL, **kw):
+  """[heads, head_dim] -> D: the attention's `out` projection."""
+  return nn.DenseGeneral(
+    width,
+    axis=(-2, -1),
+    kernel_init=logical(kernel_init, "heads", "kv", "embed"),
+    bias_init=logical(_ZEROS, "embed"),
+    name="out",
+    **kw,
+  )
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with flax MHDPA's parameter layout.
 
@@ -113,25 +138,11 @@ class SelfAttention(nn.Module):
       raise ValueError(f"width {width} not divisible by {self.num_heads}.")
     head_dim = width // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = [
-      nn.DenseGeneral(
-        (self.num_heads, head_dim),
-        kernel_init=logical(_DEFAULT_KERNEL, "embed", "heads", "kv"),
-        bias_init=logical(_ZEROS, "heads", "kv"),
-        name=name,
-        **kw,
-      )(x)  # [B, N, heads, head_dim]
+    qkv = [  # [B, N, heads, head_dim]
+      head_dense(self.num_heads, head_dim, name, **kw)(x)
       for name in ("query", "key", "value")
     ]
-    y = attention(*qkv)  # [B, N, heads, head_dim]
-    return nn.DenseGeneral(
-      width,
-      axis=(-2, -1),
-      kernel_init=logical(_DEFAULT_KERNEL, "heads", "kv", "embed"),
-      bias_init=logical(_ZEROS, "embed"),
-      name="out",
-      **kw,
-    )(y)
+    return out_dense(width, **kw)(attention(*qkv))
 
 
 class Encoder1DBlock(nn.Module):

@@ -86,26 +86,13 @@ class RopeSelfAttention(nn.Module):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q, k, v = [
-      nn.DenseGeneral(
-        (self.num_heads, head_dim),
-        kernel_init=logical(_KERNEL, "embed", "heads", "kv"),
-        bias_init=logical(nn.initializers.zeros, "heads", "kv"),
-        name=name,
-        **kw,
-      )(x)  # [B, N, heads, head_dim]
+    q, k, v = [  # [B, N, heads, head_dim]
+      vit.head_dense(self.num_heads, head_dim, name, _KERNEL, **kw)(x)
       for name in ("query", "key", "value")
     ]
     cos, sin = rope_tables(self.grid, head_dim, self.rope_axes)
     y = attention(rotate(q, cos, sin), rotate(k, cos, sin), v)
-    return nn.DenseGeneral(
-      width,
-      axis=(-2, -1),
-      kernel_init=logical(_KERNEL, "heads", "kv", "embed"),
-      bias_init=logical(nn.initializers.zeros, "embed"),
-      name="out",
-      **kw,
-    )(y)
+    return vit.out_dense(width, _KERNEL, **kw)(y)
 
 
 class Block(nn.Module):
