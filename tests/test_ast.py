@@ -20,6 +20,7 @@ from divita_jax.convert import hf_ast
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import ast, backbone
 from divita_jax.trainers import param_groups
+from tests.parity import rel_err
 
 TOL = 1e-4  # relative: max |ours - ref| / max |ref|
 # Two sizes: (config fields, frames, bins).
@@ -111,18 +112,14 @@ def ours(ckpt, x, params=None):
   return np.asarray(pooled), np.asarray(out["encoded"])
 
 
-def rel(a, b):
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def test_parity_pooled_and_hidden(case):
   size, model, _, ckpt = case
   x = features(size)
   ref_pooled, ref_hidden = reference(model, x)
   pooled, hidden = ours(ckpt, x)
   assert pooled.shape == ref_pooled.shape and hidden.shape == ref_hidden.shape
-  assert rel(pooled, ref_pooled) < TOL
-  assert rel(hidden, ref_hidden) < TOL
+  assert rel_err(pooled, ref_pooled) < TOL
+  assert rel_err(hidden, ref_hidden) < TOL
 
 
 def test_spec_and_layers(case):
@@ -174,7 +171,9 @@ def test_negative_controls_fail(small_folder, bug, monkeypatch):
     params = jax.tree.map(np.array, variables["params"])
     params["Transformer"]["posembed_input"]["pos_embedding"][:, 1] = 0
   pooled, hidden = ours(ckpt, x, params)
-  assert max(rel(pooled, ref_pooled), rel(hidden, ref_hidden)) > 100 * TOL
+  assert (
+    max(rel_err(pooled, ref_pooled), rel_err(hidden, ref_hidden)) > 100 * TOL
+  )
 
 
 def test_saved_names_are_the_hubs(case):
@@ -204,8 +203,8 @@ def test_new_naming_and_classifier(tmp_path):
   with torch.inference_mode():
     out = model.audio_spectrogram_transformer(torch.from_numpy(x))
   pooled, hidden = ours(str(tmp_path / "out"), x)
-  assert rel(pooled, out.pooler_output.numpy()) < TOL
-  assert rel(hidden, out.last_hidden_state.numpy()) < TOL
+  assert rel_err(pooled, out.pooler_output.numpy()) < TOL
+  assert rel_err(hidden, out.last_hidden_state.numpy()) < TOL
 
 
 def _edit(folder, tmp_path, weights=None, config=None, pre=None):

@@ -16,6 +16,7 @@ from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone, dinov2
 from divita_jax.references import torchvision_cpu
 from divita_jax.trainers import param_groups
+from tests.parity import rel_err, run
 
 torchvision_cpu.torchvision()
 
@@ -54,14 +55,6 @@ def reference(model, x):
   return o.pooler_output.numpy(), o.last_hidden_state.numpy()
 
 
-def rel(a, b):
-  return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
-
-
-def run(module, variables, x):
-  return jax.jit(module.apply)(variables, jnp.asarray(x))
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   """{name: (torch model, converted dir)}: plain, SwiGLU, registers."""
@@ -91,8 +84,8 @@ def test_parity(converted, name, size):
   x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
   pooled, out = run(module, variables, x)
   want_pooled, want_tokens = reference(model, x)
-  assert rel(pooled, want_pooled) < 1e-4
-  assert rel(out["encoded"], want_tokens) < 1e-4
+  assert rel_err(pooled, want_pooled) < 1e-4
+  assert rel_err(out["encoded"], want_tokens) < 1e-4
 
 
 def test_controls_fail(converted):
@@ -101,20 +94,20 @@ def test_controls_fail(converted):
   module, variables, _ = backbone.load_backbone(dst)
   x = np.random.RandomState(1).randn(1, 40, 40, 3).astype(np.float32)
   want = reference(model, x)[0]
-  assert rel(run(module, variables, x)[0], want) < 1e-4
+  assert rel_err(run(module, variables, x)[0], want) < 1e-4
   params = jax.tree_util.tree_map_with_path(
     lambda p, v: jnp.ones_like(v) if "LayerScale" in str(p) else v,
     variables["params"],
   )
-  assert rel(run(module, {"params": params}, x)[0], want) > 1e-2
+  assert rel_err(run(module, {"params": params}, x)[0], want) > 1e-2
   bilinear = module.clone(posemb_interpolation="bilinear")
-  assert rel(run(bilinear, variables, x)[0], want) > 1e-3
+  assert rel_err(run(bilinear, variables, x)[0], want) > 1e-3
   # Registers: the antialiased bicubic is what the reference uses there.
   model, dst = converted["registers"]
   module, variables, _ = backbone.load_backbone(dst)
   want = reference(model, x)[0]
   plain = module.clone(posemb_interpolation="bicubic")
-  assert rel(run(plain, variables, x)[0], want) > 1e-4
+  assert rel_err(run(plain, variables, x)[0], want) > 1e-4
 
 
 def test_resize_matrix_matches_torch():
@@ -216,7 +209,7 @@ def test_create_tiny_and_layer_ids():
   assert t["encoder_norm"]["scale"] == 3
   remat = module.clone(remat="full")
   assert (
-    rel(
+    rel_err(
       run(remat, variables, np.ones((1, 28, 28, 3)))[0],
       np.asarray(run(module, variables, np.ones((1, 28, 28, 3)))[0]),
     )

@@ -12,7 +12,8 @@ from divita_jax.convert import hf_dinov3
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone
 from divita_jax.trainers import param_groups
-from tests.test_dinov2 import randomise, reference, rel, run
+from tests.parity import rel_err, run
+from tests.test_dinov2 import randomise, reference
 
 TINY = dict(
   hidden_size=32,
@@ -57,8 +58,8 @@ def test_parity(converted, name, size):
   x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
   pooled, out = run(module, variables, x)
   want_pooled, want_tokens = reference(model, x)
-  assert rel(pooled, want_pooled) < 1e-4
-  assert rel(out["encoded"], want_tokens) < 1e-4
+  assert rel_err(pooled, want_pooled) < 1e-4
+  assert rel_err(out["encoded"], want_tokens) < 1e-4
 
 
 def test_controls_fail(converted):
@@ -67,13 +68,15 @@ def test_controls_fail(converted):
   module, variables, _ = backbone.load_backbone(dst)
   x = np.random.RandomState(1).randn(1, 24, 24, 3).astype(np.float32)
   want = reference(model, x)[0]
-  assert rel(run(module.clone(rope_axes="wh"), variables, x)[0], want) > 1e-3
+  assert (
+    rel_err(run(module.clone(rope_axes="wh"), variables, x)[0], want) > 1e-3
+  )
   params = dict(variables["params"])
   params["Transformer"] = {
     k: v for k, v in params["Transformer"].items() if k != "register_embed"
   }
   no_reg = module.clone(num_registers=0)
-  assert rel(run(no_reg, {"params": params}, x)[0], want) > 1e-3
+  assert rel_err(run(no_reg, {"params": params}, x)[0], want) > 1e-3
 
 
 def test_converter_errors(tmp_path):

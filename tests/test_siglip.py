@@ -12,7 +12,8 @@ from divita_jax.convert import hf_siglip
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone
 from divita_jax.trainers import param_groups
-from tests.test_dinov2 import randomise, rel, run
+from tests.parity import rel_err, run
+from tests.test_dinov2 import randomise
 
 VISION = dict(
   hidden_size=32,
@@ -71,8 +72,8 @@ def test_parity(converted, name, size):
   x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
   pooled, out = run(module, variables, x)
   want_pooled, want_tokens = reference(model, x, size != 24)
-  assert rel(pooled, want_pooled) < 1e-4
-  assert rel(out["encoded"], want_tokens) < 1e-4
+  assert rel_err(pooled, want_pooled) < 1e-4
+  assert rel_err(out["encoded"], want_tokens) < 1e-4
 
 
 def test_controls_fail(converted):
@@ -89,14 +90,14 @@ def test_controls_fail(converted):
       }
     }
     got = run(module.clone(pool=pool), params, x)[0]
-    assert rel(got, want) > 1e-2, pool
+    assert rel_err(got, want) > 1e-2, pool
   x = np.random.RandomState(2).randn(1, 40, 40, 3).astype(np.float32)
   want = reference(model, x, True)[0]
-  assert rel(run(module, variables, x)[0], want) < 1e-4
+  assert rel_err(run(module, variables, x)[0], want) < 1e-4
   probe = dict(variables["params"]["MAPHead_0"])
   probe["probe"] = probe["probe"] * 0.5  # the probe must matter
   params = {"params": {**variables["params"], "MAPHead_0": probe}}
-  assert rel(run(module, params, x)[0], want) > 1e-3
+  assert rel_err(run(module, params, x)[0], want) > 1e-3
 
 
 def test_converter_errors(converted, tmp_path):

@@ -7,23 +7,20 @@ reference initialises its LayerNorm weights to 0 (it computes with
 capping matter at these sizes; the second size keeps the default 50.
 """
 
-import json
 import os
-import shutil
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
 
 from divita_jax.convert import hf_videoprism
 from divita_jax.convert.__main__ import main as convert_main
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone, videoprism
 from divita_jax.trainers import param_groups
+from tests.parity import edit_hf_folder, rel_err, run
 
 TOL = 1e-4
 SMALL = dict(
@@ -73,14 +70,6 @@ def reference(model, x):
     tx = torch.from_numpy(x.transpose(0, 1, 4, 2, 3).copy())  # NTCHW
     out = model(tx, interpolate_pos_encoding=True)
     return out.last_hidden_state.numpy()
-
-
-def rel_err(got, want):
-  return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
-def run(module, variables, x):
-  return jax.jit(module.apply)(variables, x)
 
 
 def test_parity_native_and_resized_tables(small):
@@ -136,21 +125,6 @@ def test_negative_controls_fail(small):
   assert rel_err(out["encoded"], want) > 1e-2
 
 
-def _edit_folder(src, dst, edit_weights=None, edit_config=None):
-  shutil.copytree(src, dst)
-  if edit_weights:
-    path = os.path.join(dst, "model.safetensors")
-    save_file(edit_weights(load_file(path)), path)
-  if edit_config:
-    path = os.path.join(dst, "config.json")
-    with open(path) as f:
-      config = json.load(f)
-    edit_config(config)
-    with open(path, "w") as f:
-      json.dump(config, f)
-  return str(dst)
-
-
 def test_converter_errors_name_the_key(small, tmp_path):
   _, hf, _ = small
 
@@ -178,7 +152,7 @@ def test_converter_errors_name_the_key(small, tmp_path):
     ),
   ]
   for i, (edits, pattern) in enumerate(cases):
-    folder = _edit_folder(hf, tmp_path / f"hf{i}", **edits)
+    folder = edit_hf_folder(hf, tmp_path / f"hf{i}", **edits)
     with pytest.raises(ConversionError, match=pattern):
       hf_videoprism.convert(folder, str(tmp_path / f"out{i}"))
     assert not os.path.exists(tmp_path / f"out{i}")  # nothing written

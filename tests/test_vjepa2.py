@@ -6,7 +6,6 @@ scales near 1, others N(0, 0.3^2)): the default init (zero biases, unit
 norms) would hide mapping errors.
 """
 
-import json
 import os
 import shutil
 
@@ -17,13 +16,13 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
 
 from divita_jax.convert import hf_vjepa2
 from divita_jax.convert.__main__ import main as convert_main
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone, clip_time, vjepa2
 from divita_jax.trainers import param_groups
+from tests.parity import edit_hf_folder, rel_err, run
 
 TOL = 1e-4
 # head_dim 16: three rotary segments of 4 dims and 4 dims not rotated.
@@ -76,14 +75,6 @@ def reference(model, x):
     return model.get_vision_features(tx).numpy()
 
 
-def rel_err(got, want):
-  return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
-def run(module, variables, x):
-  return jax.jit(module.apply)(variables, x)
-
-
 def test_parity_native_and_more_frames(small):
   model, _, ours = small
   module, variables, spec = backbone.load_backbone(ours)
@@ -132,21 +123,6 @@ def test_negative_controls_fail(small):
   assert rel_err(out["encoded"], want) > 1e-2
 
 
-def _edit_folder(src, dst, edit_weights=None, edit_config=None):
-  shutil.copytree(src, dst)
-  if edit_weights:
-    path = os.path.join(dst, "model.safetensors")
-    save_file(edit_weights(load_file(path)), path)
-  if edit_config:
-    path = os.path.join(dst, "config.json")
-    with open(path) as f:
-      config = json.load(f)
-    edit_config(config)
-    with open(path, "w") as f:
-      json.dump(config, f)
-  return str(dst)
-
-
 def test_converter_errors_name_the_key(small, tmp_path):
   _, hf, _ = small
 
@@ -169,7 +145,7 @@ def test_converter_errors_name_the_key(small, tmp_path):
     (dict(edit_config=lambda c: c.update(hidden_act="relu")), "hidden_act"),
   ]
   for i, (edits, pattern) in enumerate(cases):
-    folder = _edit_folder(hf, tmp_path / f"hf{i}", **edits)
+    folder = edit_hf_folder(hf, tmp_path / f"hf{i}", **edits)
     with pytest.raises(ConversionError, match=pattern):
       hf_vjepa2.convert(folder, str(tmp_path / f"out{i}"))
     assert not os.path.exists(tmp_path / f"out{i}")  # nothing written

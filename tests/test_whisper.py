@@ -19,6 +19,7 @@ from divita_jax.convert import hf_whisper
 from divita_jax.convert.tree import ConversionError
 from divita_jax.models import backbone, whisper
 from divita_jax.trainers import param_groups
+from tests.parity import rel_err
 
 TOL = 1e-4  # relative: max |ours - ref| / max |ref|
 # Two sizes: encoder config fields (frames = 2 x max_source_positions).
@@ -119,18 +120,14 @@ def ours(ckpt, x, params=None):
   return np.asarray(pooled), np.asarray(out["encoded"])
 
 
-def rel(a, b):
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def test_parity_pooled_and_frames(case):
   size, model, _, ckpt = case
   x = features(size)
   ref_pooled, ref_frames = reference(model, x)
   pooled, frames = ours(ckpt, x)
   assert frames.shape == ref_frames.shape
-  assert rel(pooled, ref_pooled) < TOL
-  assert rel(frames, ref_frames) < TOL
+  assert rel_err(pooled, ref_pooled) < TOL
+  assert rel_err(frames, ref_frames) < TOL
 
 
 def test_spec_layers_and_span(small):
@@ -174,7 +171,9 @@ def test_negative_controls_fail(small, bug, monkeypatch):
     pe = params["Transformer"]["posembed_input"]["pos_embedding"]
     pe[:] = np.roll(pe, -1, axis=1)
   pooled, frames = ours(ckpt, x, params)
-  assert max(rel(pooled, ref_pooled), rel(frames, ref_frames)) > 100 * TOL
+  assert (
+    max(rel_err(pooled, ref_pooled), rel_err(frames, ref_frames)) > 100 * TOL
+  )
 
 
 def test_conditional_generation_folder(tmp_path):
@@ -192,7 +191,7 @@ def test_conditional_generation_folder(tmp_path):
   x = features("small")
   ref_pooled, ref_frames = reference(model.model, x)
   pooled, frames = ours(str(tmp_path / "out"), x)
-  assert rel(frames, ref_frames) < TOL and rel(pooled, ref_pooled) < TOL
+  assert rel_err(frames, ref_frames) < TOL and rel_err(pooled, ref_pooled) < TOL
 
 
 def _edit(folder, tmp_path, weights=None, config=None, pre=None):
