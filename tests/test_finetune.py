@@ -39,14 +39,17 @@ VIDEO = {
   "swin3d": ("swin3d", "tiny", 32),
   "videoprism": ("videoprism", "tiny/8", 16),  # Factorised space / time.
 }
+# Frame backbones, fine-tuned on every frame of the clip.
+IMAGE = {"dinov3": ("dinov3", "tiny/8", 16)}  # Rotary, registers.
 
 
 def _config(kind="vivit", shape=(-1, 1, 1), batch=8, **finetune_kw):
   c = divita_config.get_config("finetune")
-  c.model.branches = ("video",)
+  branch = "image" if kind in IMAGE else "video"
+  c.model.branches = (branch,)
   c.model.cam = "tsfm_16_2_2_0.0"  # No dropout: steps comparable.
-  b = c.backbones.video
-  b.kind, b.variant, b.resolution = VIDEO[kind]
+  b = c.backbones[branch]
+  b.kind, b.variant, b.resolution = {**VIDEO, **IMAGE}[kind]
   c.clips.frames_per_clip = 4
   c.finetune.clips_per_trailer = 2
   c.mesh.shape = shape
@@ -62,12 +65,13 @@ def _mesh(c, num_devices=None):
 
 def _batch(c, batch=8, seed=0):
   rng = np.random.default_rng(seed)
-  r, t = c.backbones.video.resolution, c.clips.frames_per_clip
+  (branch,) = c.model.branches
+  r, t = c.backbones[branch].resolution, c.clips.frames_per_clip
   n = c.finetune.clips_per_trailer
   mask = np.ones((batch, n), bool)
   mask[::3, -1] = False  # Some padded clips.
   return {
-    "video": rng.integers(0, 256, (batch, n, t, r, r, 3), dtype=np.uint8),
+    branch: rng.integers(0, 256, (batch, n, t, r, r, 3), dtype=np.uint8),
     "mask": mask,
     "labels": (rng.random((batch, 10)) < 0.3).astype(np.float32),
     "weight": np.ones(batch, np.float32),
@@ -85,7 +89,7 @@ def _assert_close(a: dict, b: dict, atol: float):
     np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
 
 
-@pytest.mark.parametrize("kind", sorted(VIDEO))
+@pytest.mark.parametrize("kind", sorted({**VIDEO, **IMAGE}))
 def test_sharded_step_equals_one_device(kind):
   lr = np.float32(1e-3)
   out = {}
