@@ -1,8 +1,11 @@
-"""Test setup: 8 fake CPU devices for sharding tests, CPU-only JAX."""
+"""Test setup: 8 fake CPU devices for sharding tests, CPU-only JAX, and
+one persistent compilation cache for the whole test run."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,6 +15,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+# Many tests (and the subprocesses they start: runs, kills, resumes, the
+# multi-host workers) compile the same programs again; one cache shared by
+# the xdist workers and their children compiles each once per test run.
+# The same executable either way, so results are unchanged. Removed when
+# the run ends.
+# The xdist controller loads this file before it starts the workers, which
+# inherit its environment.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+    prefix="divita_jax_test_jit_cache_"
+  )
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # transformers imports torchvision when it is installed: declare its C-op
 # schemas before any test module imports either.
@@ -51,3 +68,8 @@ def trained_workdir(tmp_path_factory):
   )
   assert proc.returncode == 0, proc.stderr[-5000:]
   return str(workdir)
+
+
+def pytest_sessionfinish(session):
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

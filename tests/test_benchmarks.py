@@ -85,8 +85,8 @@ SMOKES = {
     ("load average (1, 5, 15 min) at start",),
   ),
   "gpu_smoke.py": (
-    ("--backbones=ViT,ViViT,ShuffleNet3D",),
-    {"| ViT |": 6, "| ViViT |": 6, "| ShuffleNet3D |": 2},
+    ("--backbones=ViT,ShuffleNet3D",),
+    {"| ViT |": 6, "| ShuffleNet3D |": 2},
     (
       "| head, 2 epochs: compiled train / eval programs | 1 / 1",
       "| global batch rows in process order | ok |",

@@ -86,6 +86,11 @@ def test_process_shares_then_one_writer(direct, tmp_path):
   )
 
 
+def _saved(folder):
+  """Prepared trailers renamed into place (not a kill's partial temp file)."""
+  return [f for f in os.listdir(folder) if f.endswith(".npz") and f[0] != "."]
+
+
 def test_killed_build_resumes_without_redoing(direct, tmp_path):
   data_dir = str(tmp_path)
   code = (
@@ -103,12 +108,12 @@ def test_killed_build_resumes_without_redoing(direct, tmp_path):
   )._prepared_root
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(folder) and len(os.listdir(folder)) >= 2:
+    if os.path.isdir(folder) and len(_saved(folder)) >= 2:
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  done = len([f for f in os.listdir(folder) if f.endswith(".npz")])
+  done = len(_saved(folder))
   assert 2 <= done < NUM, "killed too late to test a resume"
   builder = tfds_trailers12k.build("synthetic", data_dir, **KW)
   assert builder.prepared_counts == dict(reused=done, computed=NUM - done)

@@ -37,7 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIDEO = {
   "vivit": ("vivit", "tiny/8", 16),
   "swin3d": ("swin3d", "tiny", 32),
-  "videoprism": ("videoprism", "tiny/8", 16),  # Factorised space / time.
 }
 # Frame backbones, fine-tuned on every frame of the clip.
 IMAGE = {"dinov3": ("dinov3", "tiny/8", 16)}  # Rotary, registers.

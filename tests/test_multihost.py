@@ -183,18 +183,6 @@ def _resume_equals(one, store, workdir, out):
     np.testing.assert_array_equal(one[key], resumed[key], err_msg=key)
 
 
-def test_full_disk_is_a_clear_error_and_keeps_checkpoints(
-  uninterrupted, tmp_path
-):
-  store, one = uninterrupted
-  workdir, out = str(tmp_path / "full"), str(tmp_path / "f.npz")
-  steps = _preempted(store, workdir, out, signal.SIGINT)  # Ctrl-C.
-  stderr = _resume_failing(store, workdir, out, _no_bigger_files_than(3000))
-  assert "File too large" in stderr and workdir in stderr
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == steps
-  _resume_equals(one, store, workdir, out)  # Space is back.
-
-
 def _without_root_file_powers():
   """preexec_fn: permission bits apply even to root (drops CAP_DAC_*).
 
@@ -217,13 +205,20 @@ def _without_root_file_powers():
   return drop
 
 
-def test_unwritable_workdir_is_a_clear_error_and_keeps_checkpoints(
+def test_full_disk_or_unwritable_workdir_is_a_clear_error_keeping_checkpoints(
   uninterrupted, tmp_path
 ):
+  """Ctrl-C, then a resume on a full disk, then one in a read-only
+  checkpoint folder: each fails naming the reason and the path, neither
+  loses a checkpoint, and the resume with space and rights back equals
+  the uninterrupted run."""
   store, one = uninterrupted
-  workdir, out = str(tmp_path / "ro"), str(tmp_path / "r.npz")
-  steps = _preempted(store, workdir, out)
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "r.npz")
   ckpts = os.path.join(workdir, "checkpoints")
+  steps = _preempted(store, workdir, out, signal.SIGINT)  # Ctrl-C.
+  stderr = _resume_failing(store, workdir, out, _no_bigger_files_than(3000))
+  assert "File too large" in stderr and workdir in stderr
+  assert sorted(os.listdir(ckpts)) == steps
   os.chmod(ckpts, 0o555)  # Read-only from here on.
   try:
     stderr = _resume_failing(store, workdir, out, _without_root_file_powers())
@@ -231,7 +226,7 @@ def test_unwritable_workdir_is_a_clear_error_and_keeps_checkpoints(
     os.chmod(ckpts, 0o755)
   assert "Permission denied" in stderr and ckpts in stderr
   assert sorted(os.listdir(ckpts)) == steps
-  _resume_equals(one, store, workdir, out)  # Writable again.
+  _resume_equals(one, store, workdir, out)
 
 
 def test_two_processes_split_build_and_extraction(tmp_path):
