@@ -11,10 +11,12 @@ streamed) end to end from host clips and device-only (a uint8 batch
 already on the device), in float32 and bfloat16, with each attention
 implementation (blocked, one block, jax.nn.dot_product_attention), and
 the peak device memory so far (`memory_stats()`, 'n/a' where the backend
-has none, as on CPU); the DIViTA head trained for 2 epochs with its
-number of compiled train and eval programs (must be 1 and 1); and whether
-the mesh's data axis holds the processes in the order the code expects
-(process p's rows at [p*b, (p+1)*b) of each global batch).
+has none, as on CPU); the TransNetV2 shot detector's frames/s at 2 (16,
+64) windows per call (a build is limited by decoding when this is >= 10x
+the decode rate of benchmarks/shots.py); the DIViTA head trained for 2
+epochs with its number of compiled train and eval programs (must be 1 and
+1); and whether the mesh's data axis holds the processes in the order the
+code expects (process p's rows at [p*b, (p+1)*b) of each global batch).
 """
 
 import argparse
@@ -32,6 +34,7 @@ from divita_jax.configs import divita
 from divita_jax.models import attention, backbone
 from divita_jax.pipelines import common, stores
 from divita_jax.trainers import frozen, loop
+from tfds_trailers12k import transnetv2, transnetv2_windows
 
 # name -> (kind, (variant, px, batch), tiny (variant, px, batch)).
 BACKBONES = {
@@ -96,6 +99,23 @@ def backbone_rows(tiny: bool, repeats: int, names) -> list[str]:
           f"| {batch / end_to_end:.1f} | {batch / device:.1f} "
           f"| {_peak_mib()} |"
         )
+  return rows
+
+
+def transnetv2_rows(tiny: bool, repeats: int) -> list[str]:
+  """The shot detector's network (random weights: the same arithmetic as
+  the real ones) from host frames: windows per call, frames/s."""
+  module = transnetv2.TransNetV2()
+  frames = np.zeros((1, transnetv2.WINDOW, 27, 48, 3), np.uint8)
+  variables = module.init(jax.random.key(0), frames)
+  rows = []
+  for batch in (2,) if tiny else (2, 16, 64):
+    predict = transnetv2_windows.Predictor(module, variables, batch)
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 256, (predict.block, 27, 48, 3), np.uint8)
+    times = timing.round_robin({"net": lambda: predict(block)}, repeats)
+    fps = times["net"].per_second(transnetv2.STRIDE * batch)
+    rows.append(f"| TransNetV2 | {batch} windows | {fps:.1f} |")
   return rows
 
 
@@ -171,6 +191,12 @@ def main() -> None:
   )
   print("|---|---|---|---|---|---|---|")
   for row in backbone_rows(args.tiny, repeats, args.backbones.split(",")):
+    print(row, flush=True)
+  print(
+    "\n| shot detector | per call | frames/s (host frames in, "
+    "probabilities out) |\n|---|---|---|"
+  )
+  for row in transnetv2_rows(args.tiny, repeats):
     print(row, flush=True)
   train_programs, eval_programs, seconds = head_compiles()
   order, ok = mesh_order()

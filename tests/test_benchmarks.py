@@ -86,7 +86,7 @@ SMOKES = {
   ),
   "gpu_smoke.py": (
     ("--backbones=ViT,ShuffleNet3D",),
-    {"| ViT |": 6, "| ShuffleNet3D |": 2},
+    {"| ViT |": 6, "| ShuffleNet3D |": 2, "| TransNetV2 |": 1},
     (
       "| head, 2 epochs: compiled train / eval programs | 1 / 1",
       "| global batch rows in process order | ok |",

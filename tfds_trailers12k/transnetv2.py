@@ -226,7 +226,10 @@ class ColorHistograms(nn.Module):
 
 class TransNetV2(nn.Module):
   """uint8 [B, T, 27, 48, 3] RGB -> logits (single frame, many hot), each
-  [B, T]. `hists`: optional precomputed `color_histograms` [B, T, 512]."""
+  [B, T]. `hists`: optional precomputed `color_histograms` [B, T, 512].
+  `keep`: the frames (a slice of T) whose logits are wanted; the per-frame
+  layers after the similarities (fc1 and the heads, a twentieth of the
+  work) run on those alone."""
 
   filters: int = 16
   levels: int = 3
@@ -235,7 +238,7 @@ class TransNetV2(nn.Module):
   dilations: tuple[int, ...] = DILATIONS  # Temporal, per DDCNN block.
 
   @nn.compact
-  def __call__(self, frames, hists=None):
+  def __call__(self, frames, hists=None, keep: slice = slice(None)):
     b, t = frames.shape[:2]
     if hists is None:
       hists = color_histograms(frames.reshape(b * t, *frames.shape[2:]))
@@ -247,14 +250,12 @@ class TransNetV2(nn.Module):
         self.filters * 2**i, self.blocks, self.dilations, name=f"SDDCNN_{i}"
       )(x)
       pooled.append(jnp.mean(x, axis=(2, 3)))
-    x = jnp.concatenate(
-      [
-        ColorHistograms(name="color_hist_layer")(hists),
-        FrameSimilarity(name="frame_sim_layer")(jnp.concatenate(pooled, -1)),
-        x.reshape(b, t, -1),  # [B, T, H * W * C], as the reference.
-      ],
-      axis=-1,
-    )
+    sims = [
+      ColorHistograms(name="color_hist_layer")(hists),
+      FrameSimilarity(name="frame_sim_layer")(jnp.concatenate(pooled, -1)),
+      x.reshape(b, t, -1),  # [B, T, H * W * C], as the reference.
+    ]
+    x = jnp.concatenate([s[:, keep] for s in sims], axis=-1)
     x = nn.relu(nn.Dense(self.dense, name="fc1")(x))
     one_hot = nn.Dense(1, name="cls_layer1")(x)[..., 0]
     many_hot = nn.Dense(1, name="cls_layer2")(x)[..., 0]

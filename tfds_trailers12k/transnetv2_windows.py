@@ -73,11 +73,11 @@ def _predict_block(module, batch, variables, block):
   """uint8 [STRIDE * (batch + 1), H, W, 3] -> kept sigmoids, 2 x [S * b]."""
   hists = color_histograms(block)  # Once per frame, not per window.
   idx = STRIDE * jnp.arange(batch)[:, None] + jnp.arange(WINDOW)[None]
-  one, many = module.apply(variables, block[idx], hists[idx])  # [b, WINDOW]
   keep = slice(PAD, PAD + STRIDE)
+  one, many = module.apply(variables, block[idx], hists[idx], keep)  # [b, S]
   return (
-    jax.nn.sigmoid(one[:, keep]).reshape(-1),
-    jax.nn.sigmoid(many[:, keep]).reshape(-1),
+    jax.nn.sigmoid(one).reshape(-1),
+    jax.nn.sigmoid(many).reshape(-1),
   )
 
 
