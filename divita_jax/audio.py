@@ -180,6 +180,43 @@ def _place(piece, out, offset):
 # Front ends.
 
 
+def clip_windows(
+  times: np.ndarray, frame_indices: np.ndarray, duration: float, seconds: float
+) -> np.ndarray:
+  """Audio span of each clip: float64 [N, 2] (start_s, end_s).
+
+  The window rule: `seconds` of audio centred on the middle of the clip's
+  frames (from its first frame's time to the end of its last), whatever
+  the shot's length, so every clip's audio is the same length; parts
+  outside the soundtrack are zeros (load_audio). seconds <= 0: the clip's
+  own span. times: VideoIndex.times; frame_indices [N, T] (plan_clips).
+  """
+  times = np.asarray(times, np.float64)
+  ends = np.append(times[1:], duration)  # Each frame shows until the next.
+  first = times[frame_indices[:, 0]]
+  last = ends[frame_indices[:, -1]]
+  if seconds <= 0:
+    return np.stack([first, np.maximum(last, first + 1e-3)], axis=1)
+  mid = (first + last) / 2
+  return np.stack([mid - seconds / 2, mid + seconds / 2], axis=1)
+
+
+def clip_log_mels(video, windows: np.ndarray, spec, *, name: str = ""):
+  """float32 [N, frames, bins]: the front end of each window's audio.
+
+  A file without an audio stream gives silence (its features are those of
+  zeros) and `has_audio` False: (features, has_audio).
+  """
+  rate = int(spec["front_end"]["sampling_rate"])
+  try:
+    samples = [load_audio(video, a, b, rate, name=name) for a, b in windows]
+    has_audio = True
+  except NoAudio:
+    samples = [np.zeros(round(b * rate) - round(a * rate)) for a, b in windows]
+    has_audio = False
+  return np.stack([log_mel(x, spec) for x in samples]), has_audio
+
+
 def log_mel(samples, spec) -> np.ndarray:
   """float32 [frames, bins] features of mono samples at the front end's
   sampling rate, as the checkpoint's transformers feature extractor.

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import transformers
 
-from divita_jax import audio
+from divita_jax import audio, video
 from divita_jax.models import ast, whisper
+from tfds_trailers12k import synthetic
 
 RATE = 16000
 
@@ -201,3 +202,64 @@ def test_front_end_sizes_of_a_tiny_spec(clip):
   )["input_values"][0]
   got = audio.log_mel(clip[:RATE], {"front_end": ast.front_end(32, 64)})
   assert got.shape == (64, 32) and np.abs(got - ref).max() < 1e-4
+
+
+# Clip windows on the synthetic soundtrack: each shot sounds a known genre.
+
+
+def _loudest_genre(x: np.ndarray) -> str:
+  """The genre of synthetic.AUDIO_STYLE whose harmonics hold most energy."""
+  power = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
+  freqs = np.fft.rfftfreq(len(x), 1 / RATE)
+
+  def energy(f0):
+    near = [np.abs(freqs - k * f0) < 0.04 * k * f0 for k in (1, 2, 3)]
+    return sum(power[m].mean() for m in near)  # Per Hz: fair to high f0.
+
+  return max(synthetic.AUDIO_STYLE, key=lambda g: energy(_f0(g)))
+
+
+def _f0(genre: str) -> float:
+  return synthetic.AUDIO_STYLE[genre][0]
+
+
+def test_clip_windows_hear_their_shots_genre():
+  cfg = synthetic.SyntheticConfig(num_trailers=4, min_seconds=6, max_seconds=6)
+  labels = synthetic.sample_labels(cfg)
+  hits = total = 0
+  for i in range(2):
+    t = synthetic.make_trailer(i, cfg, labels[i])
+    with video.Video(t["video"]) as v:
+      index = v.index
+    plan = video.plan_clips(index, t["true_shots"], frames_per_clip=4, fps=24)
+    windows = audio.clip_windows(
+      index.times, plan["frame_indices"], index.duration, 0.5
+    )
+    np.testing.assert_allclose(windows[:, 1] - windows[:, 0], 0.5)
+    own = audio.clip_windows(
+      index.times, plan["frame_indices"], index.duration, 0
+    )
+    # Centred on the clip: the same middle as the clip's own span.
+    np.testing.assert_allclose(windows.mean(1), own.mean(1))
+    for (a, b), shot in zip(windows, plan["clip_shots"]):
+      x = audio.load_audio(t["video"], a, b)
+      hits += _loudest_genre(x) == t["audio_genres"][shot]
+      total += 1
+  assert total >= 10 and hits >= 0.9 * total, (hits, total)
+
+
+def test_clip_log_mels_of_a_file_without_audio(tmp_path):
+  spec = {"front_end": ast.front_end(32, 64)}
+  cfg = synthetic.SyntheticConfig(num_trailers=1, min_seconds=2, max_seconds=2)
+  t = synthetic.make_trailer(0, cfg, synthetic.sample_labels(cfg)[0])
+  windows = np.array([[0.0, 0.5], [1.0, 1.5]])
+  feats, has_audio = audio.clip_log_mels(t["video"], windows, spec)
+  assert has_audio and feats.shape == (2, 64, 32)
+  silent = tmp_path / "silent.mp4"
+  silent.write_bytes(
+    synthetic._encode([np.zeros((32, 32, 3), np.uint8)] * 24, 24)
+  )
+  quiet, has_audio = audio.clip_log_mels(str(silent), windows, spec)
+  assert not has_audio and quiet.shape == feats.shape
+  np.testing.assert_array_equal(quiet[0], audio.log_mel(np.zeros(8000), spec))
+  assert np.abs(quiet - feats).max() > 1.0

@@ -82,7 +82,7 @@ def test_cli_build_of_the_folder(tmp_path):
   ]
   subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
   builder = tfds.builder_from_directory(
-    str(tmp_path / "tfds" / "trailers12k" / "raw" / "1.0.0")
+    str(tmp_path / "tfds" / "trailers12k" / "raw" / "1.1.0")
   )
   assert builder.info.splits["trailers"].num_examples == 2
   assert len(builder.as_data_source("all")) == 2

@@ -9,11 +9,21 @@ distribution (action cuts fast, drama lingers, horror is dark). Shots are
 joined mostly by hard cuts, sometimes by dissolves or fades through black;
 some shots carry a single-frame flash that is not a cut. Ground truth
 boundaries (`true_shots`, int32 [S, 2]) put a gradual transition's boundary
-at its middle frame. Everything is a pure function of (seed, index).
+at its middle frame.
+
+The soundtrack (AAC, 16 kHz mono, in the same mp4) changes with the true
+shots: each shot sounds one of the trailer's genres (`AUDIO_STYLE`: the
+pitch of a three-harmonic tone, its pulse rate, the share of noise), drawn
+apart from the shot's look, so audio and frames are two views of the
+genres. In a share of trailers (`UNINFORMATIVE_AUDIO`) every shot sounds
+a genre drawn from all ten: their genres cannot be told from the audio.
+Everything is a pure function of (seed, index); the frames do not depend
+on the soundtrack.
 """
 
 import colorsys
 import dataclasses
+import fractions
 import io
 
 import av
@@ -38,6 +48,21 @@ STYLE = {
   "sci-fi": (0.50, 0.85, 0.60, 7.0, 0.015, 0.60),
   "thriller": (0.56, 0.45, 0.35, 3.0, 0.012, 0.55),
 }
+# Per genre: the tone's fundamental (Hz), pulses per second, noise share.
+AUDIO_STYLE = {
+  "action": (110.0, 4.0, 0.5),
+  "adventure": (196.0, 2.0, 0.2),
+  "comedy": (523.0, 3.0, 0.05),
+  "crime": (147.0, 1.0, 0.3),
+  "drama": (262.0, 0.5, 0.05),
+  "fantasy": (784.0, 1.5, 0.1),
+  "horror": (65.0, 0.25, 0.6),
+  "romance": (392.0, 0.75, 0.02),
+  "sci-fi": (1047.0, 6.0, 0.15),
+  "thriller": (87.0, 2.5, 0.4),
+}
+UNINFORMATIVE_AUDIO = 0.2  # Share of trailers whose audio ignores genre.
+AUDIO_RATE = 16000
 # Relative genre frequencies (Trailers12k-like imbalance).
 GENRE_WEIGHTS = np.array(
   [0.30, 0.20, 0.35, 0.20, 0.50, 0.10, 0.15, 0.15, 0.12, 0.30]
@@ -154,7 +179,33 @@ def _draw_shot(rng, genres, prev_last, cfg) -> dict:
   return p
 
 
-def _encode(frames: list[np.ndarray], fps: int) -> bytes:
+def render_audio(index, cfg, labels, true_shots) -> tuple[np.ndarray, list]:
+  """The soundtrack: float32 [N] at AUDIO_RATE, N covering every frame,
+  and the genre each shot sounds."""
+  rng = np.random.default_rng([cfg.seed, 3, index])
+  own = [GENRES[g] for g in np.flatnonzero(labels)]
+  informative = rng.random() >= UNINFORMATIVE_AUDIO
+  bounds = np.round(true_shots / cfg.fps * AUDIO_RATE).astype(int)
+  pieces, sounded = [], []
+  for start, end in bounds:
+    genre = (
+      own[rng.integers(len(own))]
+      if informative
+      else GENRES[rng.integers(len(GENRES))]
+    )
+    sounded.append(genre)
+    f0, pulse, noise = AUDIO_STYLE[genre]
+    f0 *= rng.uniform(0.97, 1.03)
+    t = np.arange(end - start) / AUDIO_RATE
+    phase = rng.uniform(0, 2 * np.pi)
+    tone = sum(np.sin(2 * np.pi * k * f0 * t + phase) / k for k in (1, 2, 3))
+    beat = (0.5 + 0.5 * np.sin(2 * np.pi * pulse * t)) ** 2
+    hiss = rng.normal(size=t.size)
+    pieces.append(0.15 * (1 - noise) * tone * beat + 0.2 * noise * hiss)
+  return np.concatenate(pieces).astype(np.float32), sounded
+
+
+def _encode(frames: list[np.ndarray], fps: int, audio=None) -> bytes:
   buf = io.BytesIO()
   with av.open(buf, mode="w", format="mp4") as out:
     stream = out.add_stream("libx264", rate=fps)
@@ -169,10 +220,31 @@ def _encode(frames: list[np.ndarray], fps: int) -> bytes:
       # 3x slower encoding, a few % of a synthetic build.
       "x264-params": "asm=0",
     }
+    sound = None if audio is None else _audio_stream(out)
     for img in frames:
       out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
     out.mux(stream.encode(None))
+    if sound is not None:
+      _encode_audio(out, sound, audio)
   return buf.getvalue()
+
+
+def _audio_stream(out):
+  """AAC (FFmpeg's encoder: the same bytes in every run), 32 kbit/s."""
+  stream = out.add_stream("aac", rate=AUDIO_RATE)
+  stream.layout, stream.bit_rate = "mono", 32000
+  return stream
+
+
+def _encode_audio(out, stream, samples: np.ndarray) -> None:
+  for i in range(0, len(samples), 1024):
+    frame = av.AudioFrame.from_ndarray(
+      samples[None, i : i + 1024], format="flt", layout="mono"
+    )
+    frame.sample_rate, frame.pts = AUDIO_RATE, i
+    frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+    out.mux(stream.encode(frame))
+  out.mux(stream.encode(None))
 
 
 def render_frames(index: int, cfg: SyntheticConfig, labels: np.ndarray):
@@ -233,15 +305,17 @@ def render_frames(index: int, cfg: SyntheticConfig, labels: np.ndarray):
 def make_trailer(index: int, cfg: SyntheticConfig, labels: np.ndarray):
   """One trailer: dict with video bytes, true shots and transition kinds.
 
-  Keys: id, video (mp4 bytes), fps, num_frames, height, width, labels
-  (int32 [10]), true_shots (int32 [S, 2]), kinds, flashes (see
-  `render_frames`), title, year.
+  Keys: id, video (mp4 bytes), audio_genres (the genre each true shot
+  sounds), fps, num_frames, height, width, labels (int32 [10]), true_shots
+  (int32 [S, 2]), kinds, flashes (see `render_frames`), title, year.
   """
   frames, true_shots, kinds, flashes = render_frames(index, cfg, labels)
   genres = [GENRES[g] for g in np.flatnonzero(labels)]
+  sound, sounded = render_audio(index, cfg, labels, true_shots)
   return dict(
     id=trailer_id(index),
-    video=_encode(frames, cfg.fps),
+    video=_encode(frames, cfg.fps, sound),
+    audio_genres=sounded,  # Per true shot.
     fps=float(cfg.fps),
     num_frames=len(frames),
     height=cfg.height,

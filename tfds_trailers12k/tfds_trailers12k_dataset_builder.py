@@ -101,8 +101,11 @@ def _features(cfg: Trailers12kConfig) -> tfds.features.FeaturesDict:
 class Trailers12k(tfds.core.GeneratorBasedBuilder):
   """Trailers12k movie trailers with shot boundaries and genre labels."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "Synthetic trailers carry a genre-correlated AAC soundtrack.",
+  }
   BUILDER_CONFIGS = [
     Trailers12kConfig(
       name="synthetic",
