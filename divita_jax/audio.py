@@ -210,11 +210,16 @@ def clip_log_mels(video, windows: np.ndarray, spec, *, name: str = ""):
   rate = int(spec["front_end"]["sampling_rate"])
   try:
     samples = [load_audio(video, a, b, rate, name=name) for a, b in windows]
-    has_audio = True
   except NoAudio:
-    samples = [np.zeros(round(b * rate) - round(a * rate)) for a, b in windows]
-    has_audio = False
-  return np.stack([log_mel(x, spec) for x in samples]), has_audio
+    return silent_log_mels(windows, spec), False
+  return np.stack([log_mel(x, spec) for x in samples]), True
+
+
+def silent_log_mels(windows: np.ndarray, spec) -> np.ndarray:
+  """The front end of silence over each window: [N, frames, bins]."""
+  rate = int(spec["front_end"]["sampling_rate"])
+  sizes = [round(b * rate) - round(a * rate) for a, b in windows]
+  return np.stack([log_mel(np.zeros(n, np.float32), spec) for n in sizes])
 
 
 def log_mel(samples, spec) -> np.ndarray:

@@ -16,6 +16,10 @@ result is fetched, so decoding (grain threads or worker processes), the
 transfer and the compute overlap. Trailers already in the store are
 skipped, so a rerun resumes; trailers whose video fails are recorded in
 `skipped_p<process>.json` beside the store and skipped.
+
+The audio branch (`extract_audio.py`): per clip, the log-mel of a window of
+the soundtrack centred on the clip, through the audio encoder in the same
+batches.
 """
 
 import collections
@@ -32,9 +36,9 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from divita_jax import atomic, hosts, video
+from divita_jax import atomic, extract_audio, hosts, video
 from divita_jax.models import backbone, runtime
-from divita_jax.pipelines import extraction, stores
+from divita_jax.pipelines import common, extraction, stores
 
 FRAME_POOLINGS = ("mean", "center")
 # Batches dispatched and not yet fetched: one computes while the next is
@@ -67,6 +71,13 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
     else (f"random_{b.variant.replace('/', '-')}_seed{config.seed}")
   )
   c = config.clips
+  if branch == "audio":  # Random init: its front end's size too.
+    if not b.checkpoint:
+      name += f"_b{b.mel_bins}x{b.mel_frames}"
+    return (
+      f"audio_{b.kind}_{name}_{c.segmentation}_fps{c.fps:g}"
+      f"_fpc{c.frames_per_clip}_a{c.audio_seconds:g}s"
+    )
   pooling = config.backbones[branch].frame_pooling
   suffix = "_center" if pooling == "center" else ""  # Mean: as before.
   return (
@@ -76,7 +87,8 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
 
 
 class FeatureFn:
-  """uint8 clips [n, T, H, W, 3] -> float32 features [n, D] of one backbone.
+  """uint8 clips [n, T, H, W, 3] -> float32 features [n, D] of one backbone
+  (audio backbones: float32 log-mels [n, frames, bins], mean_std None).
 
   `fn(clips, batch_size)` runs all clips in fixed-size batches (one
   compiled program); `Batcher` streams clips of many trailers through
@@ -99,7 +111,8 @@ class FeatureFn:
       )
     spec = kind if isinstance(kind, Mapping) else {"kind": kind, "model": {}}
     self.image = backbone.is_image_model(spec)
-    self._spec = spec
+    self.audio = backbone.is_audio_model(spec)
+    self._spec = self.spec = spec
     self.center_frame = self.image and frame_pooling == "center"
     self.devices = jax.local_devices()
     mesh = Mesh(np.array(self.devices), ("data",))
@@ -111,6 +124,9 @@ class FeatureFn:
     self._module, self._mean_std = module, mean_std
 
   def _features(self, variables, x):
+    if self.audio:  # Log-mels, normalised by the front end.
+      pooled, _ = self._module.apply(variables, x)
+      return pooled.astype(jnp.float32)
     if self.center_frame:  # Host already cut it to 1 frame: index 0.
       x = video.center_frame(x)[:, 0]
     frames = None if self.image else runtime.clip_frames(self._spec, x.shape[1])
@@ -194,7 +210,8 @@ class Batcher:
         self._queued.popleft()
     self._num_queued -= self.size - need
     if need:  # The last batch: zero rows keep the compiled shape.
-      pieces.append(np.zeros((need,) + pieces[0].shape[1:], np.uint8))
+      pad = np.zeros((need,) + pieces[0].shape[1:], pieces[0].dtype)
+      pieces.append(pad)
     batch = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
     self._in_flight.append((self.fn.dispatch(batch), owners))
     return self._fetch() if len(self._in_flight) > IN_FLIGHT else []
@@ -217,7 +234,7 @@ class Batcher:
     out = jax.eval_shape(
       self.fn.device_fn,
       self.fn.variables,
-      jax.ShapeDtypeStruct(shape, np.uint8),
+      jax.ShapeDtypeStruct(shape, clips.dtype),
     )
     del self._missing[key], self._parts[key]
     return [(key, np.zeros((0, out.shape[1]), np.float32))]
@@ -231,6 +248,8 @@ def branch_feature_fn(
   module, start, spec = runtime.make_backbone(config, branch)
   variables = start if variables is None else variables
   b = config.backbones[branch]
+  if branch == "audio":
+    return FeatureFn(module, variables, spec, None)
   return FeatureFn(
     module,
     variables,
@@ -277,9 +296,15 @@ def extract(
   logging.info(
     "Extraction: %d of %d trailers left for this process.", len(todo), len(ids)
   )
+  if "audio" in branches:
+    audio_todo = [i for i in todo if not out["audio"].has(ids[i])]
+    fn, store = feature_fns["audio"], out["audio"]
+    skipped = _extract_audio(config, source, audio_todo, fn, store)
+    if skipped:
+      _record_skipped(store_root, skipped)
   # Clips are decoded once per resolution and shared by branches using it.
   by_resolution = {}
-  for b in branches:
+  for b in (b for b in branches if b != "audio"):
     by_resolution.setdefault(config.backbones[b].resolution, []).append(b)
   for resolution, group in by_resolution.items():
     group_todo = [i for i in todo if not all(out[b].has(ids[i]) for b in group)]
@@ -335,6 +360,43 @@ def _extract_group(config, source, todo, resolution, fns, out) -> list:
     num_clips,
     time.time() - start,
     num_clips / max(time.time() - start, 1e-9),
+    len(skipped),
+  )
+  return skipped
+
+
+def _extract_audio(config, source, todo, fn, store) -> list:
+  """The audio branch of trailers `todo`; returns those skipped (video
+  unreadable). Trailers heard as silence are logged and stored."""
+  batcher = Batcher(fn, config.backbones.audio.batch_size)
+  skipped, silent, num_clips, start = [], [], 0, time.time()
+  bar = tqdm(
+    todo, desc="extract audio", disable=jax.process_index() != 0, unit="trailer"
+  )
+  for i in bar:
+    record = source[int(i)]
+    tid = common.as_str(record["id"])
+    try:
+      mels, silence = extract_audio.trailer_log_mels(
+        record, config, fn.spec, tid
+      )
+    except video.VideoError as e:
+      logging.warning("Skipping %s: %s", tid, e)
+      skipped.append({"id": tid, "reason": str(e)})
+      continue
+    if silence:
+      silent.append(tid)
+      logging.warning("%s: audio branch hears silence (%s).", tid, silence)
+    for key, feats in batcher.add(tid, mels):
+      store.write(key, feats)
+    num_clips += len(mels)
+  for key, feats in batcher.flush():
+    store.write(key, feats)
+  logging.info(
+    "Audio: %d clips in %.1fs; %d trailers silent, %d skipped.",
+    num_clips,
+    time.time() - start,
+    len(silent),
     len(skipped),
   )
   return skipped

@@ -75,7 +75,9 @@ CASES = [
   # Head.
   bad("model.branches", ()),
   bad("model.branches", ("image", "image")),
-  bad("model.branches", ("audio",)),
+  bad("model.branches", ("sound",)),
+  bad("backbones.audio.kind", "vit"),
+  bad("backbones.audio.mel_frames", 0),
   bad("model.fusion", "mid"),
   bad("model.cam", "tsfm_x"),
   bad("model.cam", "tsfm_130_4_6_0.1"),  # Heads do not divide.

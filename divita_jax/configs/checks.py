@@ -12,6 +12,7 @@ import re
 
 from divita_jax import sharding, video
 from divita_jax.models import (
+  ast,
   dinov2,
   dinov3,
   divita,
@@ -30,7 +31,8 @@ from tfds_trailers12k import cut_rules, genres
 
 DATASET_CONFIGS = ("synthetic", "raw", "reps")
 DETECTORS = tuple(cut_rules.DEFAULT_THRESHOLDS)  # The detectors shots.py runs.
-BRANCHES = ("image", "video")
+BRANCHES = ("image", "video", "audio")
+AUDIO_KINDS = ("ast",)  # Random-init audio kinds the audio branch runs.
 # Random-init kinds of models/backbone.create_backbone.
 KINDS = (
   "vit",
@@ -204,6 +206,12 @@ def _check_clips(config) -> None:
 
 def _check_backbone(config, branch: str) -> None:
   name = f"backbones.{branch}"
+  if branch == "audio":
+    _one_of(config, f"{name}.kind", AUDIO_KINDS)  # Also names the store.
+    _one_of(config, f"{name}.dtype", DTYPES)
+    _integers(config, 1, f"{name}.mel_bins", f"{name}.mel_frames")
+    _integers(config, 1, f"{name}.batch_size")
+    return
   _one_of(config, f"{name}.kind", KINDS)  # Also names the store.
   _one_of(config, f"{name}.normalization", ("", *NORMALIZATIONS))
   _one_of(config, f"{name}.frame_pooling", FRAME_POOLINGS)
@@ -218,6 +226,8 @@ def model_fields(kind: str, variant: str) -> dict:
   does; ValueError names the variants of the kind."""
   if kind in ("vit", "vivit"):
     return vit.decode_variant(variant)
+  if kind == "ast":
+    return ast.decode_variant(variant)
   if kind in ("swin", "swin3d"):
     return swin.decode_variant(variant, video=kind == "swin3d")
   if kind == "resnet":
@@ -276,7 +286,7 @@ def _check_model(config) -> None:
   branches = tuple(m.branches)
   distinct = len(set(branches)) == len(branches)
   if not branches or not distinct or not set(branches) <= set(BRANCHES):
-    _fail("model.branches", branches, "image and/or video, each once")
+    _fail("model.branches", branches, "image, video and/or audio, each once")
   _one_of(config, "model.fusion", FUSIONS)
   try:
     divita.parse_cam(m.cam)

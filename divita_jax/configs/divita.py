@@ -26,7 +26,9 @@ Variants (comma-separated after the colon): `trailers12k`, `reps`, `vit`,
 `swin`, `shufflenet`, `resnet`, `image_only`, `video_only`, `early_fusion`,
 `fixed_clips`, `runlocal` (even smaller), `finetune` (backbones and head
 trained end to end on decoded clips: `:finetune` on the synthetic data,
-`:trailers12k,swin,finetune` on a pod).
+`:trailers12k,swin,finetune` on a pod), `audio` (the soundtrack as a third
+branch: a tiny random AST on the synthetic data, `backbones.audio.
+checkpoint` for a converted one) and `audio_only`.
 Any field can be overridden, e.g. `--config.model.cam=gru_1_115`; every
 value is checked before any work (divita_jax/configs/checks.py).
 """
@@ -44,6 +46,8 @@ def parse_variants(arg: str | None) -> set[str]:
     "early_fusion",
     "fixed_clips",
     "runlocal",
+    "audio",
+    "audio_only",
     "reps",
     "vit",
     "swin",
@@ -127,6 +131,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     b.dtype = "float32"
     c.backbones[name] = b
   c.backbones.video.tubelet = 2  # Frames per tubelet (random init only).
+  # The soundtrack (model.branches with "audio"): per clip, the log-mel of
+  # clips.audio_seconds of audio centred on the clip (divita_jax/audio.py)
+  # through an audio encoder; silence for a file without audio.
+  a = ml_collections.ConfigDict()
+  a.kind = "ast"  # Random init only (a checkpoint's spec names its own).
+  a.checkpoint = ""  # Converted AST dir (--source hf_ast); "" = random.
+  a.variant = "tiny"  # Random init: 'tiny' | 'B'.
+  a.mel_bins = 32  # Random init: the front end's mel bins ...
+  a.mel_frames = 100  # ... and frames (10 ms each), padded / truncated.
+  a.batch_size = 16  # Clips per extraction step per process.
+  a.dtype = "float32"  # float32 | bfloat16 | auto.
+  c.backbones.audio = a
+  c.clips.audio_seconds = 1.0  # Audio window per clip; <= 0: the clip's span.
 
   # ---- Extraction (divita_jax/extract.py) ----
   c.extract = ml_collections.ConfigDict()
@@ -258,6 +275,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.branches = ("image",)
   if "video_only" in variants:
     c.model.branches = ("video",)
+  if "audio" in variants:  # The soundtrack as a third branch.
+    c.model.branches = (*c.model.branches, "audio")
+  if "audio_only" in variants:
+    c.model.branches = ("audio",)
   if "early_fusion" in variants:
     c.model.fusion = "early"
   if "fixed_clips" in variants:

@@ -32,6 +32,17 @@ def make_backbone(config: ml_collections.ConfigDict, branch: str):
   """(module, variables, spec) from a converted checkpoint (its spec.json
   names the kind) or random init of `kind` / `variant`."""
   b = config.backbones[branch]
+  if branch == "audio":  # Its spec's front end sets the log-mel size.
+    if b.checkpoint:
+      return backbone.load_backbone(b.checkpoint, dtype=compute_dtype(b.dtype))
+    return backbone.create_backbone(
+      b.kind,
+      b.variant,
+      resolution=b.mel_bins,
+      num_frames=b.mel_frames,
+      dtype=compute_dtype(b.dtype),
+      seed=config.seed,
+    )
   if b.checkpoint:  # Position embeddings resampled to the clips' size.
     spec = backbone.read_spec(b.checkpoint)
     frames = None
