@@ -99,6 +99,11 @@ def source_settings(config: ml_collections.ConfigDict) -> dict:
 def load_run(workdir: str, fold: int = 0) -> Run:
   """Config, best head of `fold` and backbones of a trained workdir."""
   config = load_config(workdir)
+  if "audio" in config.model.branches:
+    raise ValueError(
+      f"{workdir} was trained with an audio branch, which predict does not "
+      "run yet (extraction and training do)."
+    )
   fold_dir = os.path.join(workdir, f"fold{fold}")
   if not os.path.isdir(fold_dir):
     trained = sorted(

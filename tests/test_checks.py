@@ -105,6 +105,8 @@ CASES = [
   bad("train.grad_clip_norm", -1.0),
   # Fine-tuning.
   bad("dataset.config", "reps", "finetune"),
+  bad("model.branches", ("video", "audio"), "finetune"),
+  bad("model.branches", ("image", "audio"), "reps", dataset__manual_dir="/r"),
   bad("finetune.remat", "dot", "finetune"),
   bad("finetune.dtype", "half", "finetune"),
   bad("finetune.schedule", "cos", "finetune"),

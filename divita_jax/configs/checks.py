@@ -177,6 +177,13 @@ def _check_dataset(config) -> None:
       "or zarr groups): set --config.dataset.manual_dir=DIR",
     )
   if d.config == "reps":  # The official groups replace the backbones.
+    if "audio" in config.model.branches:
+      _fail(
+        "model.branches",
+        tuple(config.model.branches),
+        "image and/or video with the reps dataset (the official "
+        "representations have no audio)",
+      )
     for b in config.model.branches:
       if not config.reps[f"zarr_{b}"]:
         _fail(f"reps.zarr_{b}", "", "a zarr group (under manual_dir)")
@@ -321,6 +328,13 @@ def _check_train(config) -> None:
 def _check_finetune(config) -> None:
   """Fine-tuning fields (ignored by the frozen protocol)."""
   f = "finetune."
+  if "audio" in config.model.branches:
+    _fail(
+      "model.branches",
+      tuple(config.model.branches),
+      "image and/or video with train.mode='finetune' (the audio branch is "
+      "frozen-only for now)",
+    )
   _one_of(config, f + "remat", tuple(remat.POLICIES))
   _one_of(config, f + "dtype", DTYPES)
   _one_of(config, f + "schedule", SCHEDULES)
