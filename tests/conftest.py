@@ -48,25 +48,25 @@ TINY_RUN_FLAGS = (
 )
 
 
+def run_main(*flags: str, timeout: float = 900) -> None:
+  """`python -m divita_jax.main FLAGS` from the repository root; fails the
+  test with the end of its stderr unless it succeeds."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [sys.executable, "-m", "divita_jax.main", *flags],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert proc.returncode == 0, proc.stderr[-5000:]
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
   """Workdir of `python -m divita_jax.main` on a tiny synthetic config."""
   workdir = tmp_path_factory.mktemp("tiny_run")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "divita_jax.main",
-      *TINY_RUN_FLAGS,
-      f"--workdir={workdir}",
-    ],
-    cwd=root,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == 0, proc.stderr[-5000:]
+  run_main(*TINY_RUN_FLAGS, f"--workdir={workdir}")
   return str(workdir)
 
 

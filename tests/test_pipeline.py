@@ -2,19 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import tfds_trailers12k
 from divita_jax import metrics, report
-from tests.conftest import TINY_RUN_FLAGS
+from tests.conftest import TINY_RUN_FLAGS, run_main
 from tfds_trailers12k import genres
 
 pytestmark = pytest.mark.xdist_group("pipeline")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_main_writes_results(trained_workdir):
@@ -84,22 +81,12 @@ def test_audio_only_learns_the_synthetic_genres(trained_workdir, tmp_path):
   data_dir = os.path.join(trained_workdir, "tfds")
   workdir = str(tmp_path / "audio")
   flags = [f for f in TINY_RUN_FLAGS if not f.startswith("--config=")]
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "divita_jax.main",
-      "--config=configs/divita.py:runlocal,audio_only",
-      *flags,
-      f"--config.dataset.data_dir={data_dir}",
-      f"--workdir={workdir}",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=900,
+  run_main(
+    "--config=configs/divita.py:runlocal,audio_only",
+    *flags,
+    f"--config.dataset.data_dir={data_dir}",
+    f"--workdir={workdir}",
   )
-  assert proc.returncode == 0, proc.stderr[-5000:]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["branches"] == ["audio"]
   model, baseline = _test_uap_and_baseline(workdir, data_dir)

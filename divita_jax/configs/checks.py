@@ -113,6 +113,13 @@ def _one_of(config, name: str, allowed) -> None:
     _fail(name, value, " | ".join(allowed))
 
 
+def _no_audio(config, where: str) -> None:
+  """The audio branch is not built for `where`."""
+  branches = tuple(config.model.branches)
+  if "audio" in branches:
+    _fail("model.branches", branches, f"image and/or video with {where}")
+
+
 def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -177,13 +184,7 @@ def _check_dataset(config) -> None:
       "or zarr groups): set --config.dataset.manual_dir=DIR",
     )
   if d.config == "reps":  # The official groups replace the backbones.
-    if "audio" in config.model.branches:
-      _fail(
-        "model.branches",
-        tuple(config.model.branches),
-        "image and/or video with the reps dataset (the official "
-        "representations have no audio)",
-      )
+    _no_audio(config, "the reps dataset (the official reps have no audio)")
     for b in config.model.branches:
       if not config.reps[f"zarr_{b}"]:
         _fail(f"reps.zarr_{b}", "", "a zarr group (under manual_dir)")
@@ -328,13 +329,7 @@ def _check_train(config) -> None:
 def _check_finetune(config) -> None:
   """Fine-tuning fields (ignored by the frozen protocol)."""
   f = "finetune."
-  if "audio" in config.model.branches:
-    _fail(
-      "model.branches",
-      tuple(config.model.branches),
-      "image and/or video with train.mode='finetune' (the audio branch is "
-      "frozen-only for now)",
-    )
+  _no_audio(config, "train.mode='finetune' (the audio branch is frozen-only)")
   _one_of(config, f + "remat", tuple(remat.POLICIES))
   _one_of(config, f + "dtype", DTYPES)
   _one_of(config, f + "schedule", SCHEDULES)
