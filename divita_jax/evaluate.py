@@ -16,6 +16,7 @@ import numpy as np
 
 from divita_jax import hosts, sharding
 from divita_jax import metrics as metrics_lib
+from divita_jax.models import divita
 from divita_jax.pipelines import common, reps
 
 
@@ -106,6 +107,49 @@ def predict_probs(config, programs, variables, readers: dict, ids):
     p.eval_step, variables, data, mesh, config.model.branches
   )
   return trailer_probs(outputs, len(ids))
+
+
+def branch_probs(config, variables, readers: dict, ids) -> dict:
+  """What each branch of a late-fusion head says alone: {branch:
+  [len(ids), classes]}, the sigmoid of the branch's own logits (the fused
+  logits are their mean) averaged over each trailer's windows."""
+  names = tuple(config.model.branches)
+  model = divita.make_head(config.model)
+  only = lambda m, method: method == "__call__" and m.name in names
+  readers = branch_readers(config, readers)
+
+  @jax.jit
+  def probs(variables, batch):
+    _, state = model.apply(
+      variables,
+      {b: batch[b] for b in names},
+      batch["mask"],
+      False,
+      capture_intermediates=only,
+    )
+    return {
+      b: jax.nn.sigmoid(state["intermediates"][b]["__call__"][0]) for b in names
+    }
+
+  labels = np.zeros((len(ids), config.model.num_classes), np.float32)
+  fold = common.FoldData(ids, labels, {"predict": np.arange(len(ids))})
+  batching = common.Batching(
+    config.train.num_clips, config.train.eval_batch_size
+  )
+  data = reps.eval_data(readers, fold, "predict", batching)
+  it = common.iterate(data)
+  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  out, trailer = {b: [] for b in names}, []
+  for _ in range(data.num_steps):
+    batch = next(it)
+    for b, p in probs(variables, batch).items():
+      out[b].append(np.asarray(p))
+    trailer.append(np.asarray(batch["trailer"]))
+  trailer = np.concatenate(trailer)
+  return {
+    b: metrics_lib.average_windows(np.concatenate(p), trailer, len(ids))
+    for b, p in out.items()
+  }
 
 
 def branch_readers(config, readers: dict) -> dict:

@@ -89,8 +89,10 @@ def plot_prediction(result: dict, out: str | None = None, max_thumbs=12):
   ax.set_xticklabels(
     [f"#{i}\n{shot_list[i, 0] / fps:.1f}s" for i in pick], fontsize=7
   )
+  silence = result.get("silence")
   ax.set_title(
     f"{result['id']}: {len(shot_list)} shots, {result['duration']:.1f} s"
+    + (f" (audio branch: silence, {silence})" if silence else "")
   )
   ax = fig.add_subplot(grid[1])
   spans = [(s / fps, (e - s) / fps) for s, e in shot_list]
@@ -102,10 +104,25 @@ def plot_prediction(result: dict, out: str | None = None, max_thumbs=12):
   ax.set_xlabel("seconds (shots; | = thumbnail)")
   ax = fig.add_subplot(grid[2])
   ranked = sorted(result["genres"].items(), key=lambda kv: kv[1])
-  ax.barh([g for g, _ in ranked], [p for _, p in ranked], color="#dd8452")
+  names = [g for g, _ in ranked]
+  ax.barh(names, [p for _, p in ranked], color="#dd8452", label="head")
+  # Several late-fused branches: what each says alone (predict.classify).
+  alone = result.get("branches", {})
+  for (branch, probs), marker in zip(alone.items(), "o^sD"):
+    ax.plot(
+      [probs[g] for g in names],
+      names,
+      marker,
+      ms=6,
+      mfc="none",
+      color="k",
+      label=f"{branch} alone",
+    )
   ax.axvline(0.5, color="gray", ls="--", lw=1)
   ax.set_xlim(0, 1)
   ax.set_xlabel("probability")
+  if alone:
+    ax.legend(loc="lower right", fontsize=8)
   return _save(fig, out)
 
 

@@ -27,6 +27,7 @@ import tfds_trailers12k
 from divita_jax import (
   evaluate,
   extract,
+  extract_audio,
   sharding,
   video,
 )
@@ -99,11 +100,6 @@ def source_settings(config: ml_collections.ConfigDict) -> dict:
 def load_run(workdir: str, fold: int = 0) -> Run:
   """Config, best head of `fold` and backbones of a trained workdir."""
   config = load_config(workdir)
-  if "audio" in config.model.branches:
-    raise ValueError(
-      f"{workdir} was trained with an audio branch, which predict does not "
-      "run yet (extraction and training do)."
-    )
   fold_dir = os.path.join(workdir, f"fold{fold}")
   if not os.path.isdir(fold_dir):
     trained = sorted(
@@ -151,8 +147,9 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
   """Shots, clips and clip features of one file (see module doc).
 
   Returns 'id' (file stem), 'path', 'video' (the bytes the dataset would
-  store), 'shots' int32 [S, 2], 'fps', 'num_frames', 'duration' (seconds)
-  and 'features' {branch: float32 [num_clips, D]}.
+  store), 'shots' int32 [S, 2], 'fps', 'num_frames', 'duration' (seconds),
+  'features' {branch: float32 [num_clips, D]} and 'silence' (why an audio
+  branch heard silence, e.g. "no audio stream"; "" otherwise).
   """
   trailer_id = os.path.splitext(os.path.basename(path))[0]
   s = run.source
@@ -163,7 +160,8 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
   )
   by_resolution = {}
   for b in run.config.model.branches:
-    by_resolution.setdefault(run.config.backbones[b].resolution, []).append(b)
+    if b != "audio":
+      by_resolution.setdefault(run.config.backbones[b].resolution, []).append(b)
   features, info = {}, {}
   for resolution, branches in by_resolution.items():
     clips, info = video.sample_clips(
@@ -174,6 +172,17 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
     )  # [N, T, H, W, 3]
     for b in branches:
       features[b] = _features(run, b, clips, bar)
+  silence = ""
+  if "audio" in run.config.model.branches:  # The clips' log-mels.
+    record = dict(video=data, shots=found.shots)
+    spec = run.feature_fns["audio"].spec
+    mels, silence = extract_audio.trailer_log_mels(
+      record, run.config, spec, path
+    )
+    features["audio"] = _features(run, "audio", mels, bar)
+    if not info:  # No frame branch: the duration from the video's index.
+      with video.Video(data, path) as v:
+        info = dict(duration=v.index.duration)
   return dict(
     id=trailer_id,
     path=path,
@@ -183,6 +192,7 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
     num_frames=int(found.num_frames),
     duration=float(info["duration"]),
     features=features,
+    silence=silence,
   )
 
 
@@ -197,8 +207,10 @@ def _features(run: Run, branch: str, clips: np.ndarray, bar) -> np.ndarray:
   return np.concatenate(out)  # [N, D]
 
 
-def head_probs(run: Run, items: list[dict]) -> np.ndarray:
-  """The head over every window of every item, averaged: [len, classes]."""
+def head_probs(run: Run, items: list[dict]):
+  """The head over every window of every item, averaged: [len, classes];
+  and, for a late-fusion head of several branches, what each branch says
+  alone ({branch: [len, classes]}, evaluate.branch_probs), else {}."""
   keys = [str(i) for i in range(len(items))]  # File stems may repeat.
   readers = {
     b: stores.MemoryStore({k: it["features"][b] for k, it in zip(keys, items)})
@@ -208,9 +220,14 @@ def head_probs(run: Run, items: list[dict]) -> np.ndarray:
   programs = lambda nf: frozen.programs(
     run.config, sharding.make_mesh(run.config.mesh), nf
   )
-  return evaluate.predict_probs(
+  probs = evaluate.predict_probs(
     run.config, programs, run.variables, readers, keys
   )
+  m = run.config.model
+  if m.fusion != "late" or len(m.branches) < 2:
+    return probs, {}
+  alone = evaluate.branch_probs(run.config, run.variables, readers, keys)
+  return probs, alone
 
 
 def classify(
@@ -220,7 +237,9 @@ def classify(
 
   results: dicts of analyze_file (without 'features', and without 'video'
   unless `keep_video`: plots need it, long lists of files would hold every
-  video in memory) plus 'genres' {name: probability} in GENRES order.
+  video in memory) plus 'genres' {name: probability} in GENRES order and
+  'branches' {branch: {name: probability}}: each branch alone, for a
+  late-fusion head of several branches (else {}).
   errors: {'path', 'error'}.
   """
   items, errors = [], []
@@ -238,13 +257,18 @@ def classify(
       tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
   if not items:
     return [], errors
-  probs = head_probs(run, items)
+  probs, alone = head_probs(run, items)
   results = []
-  for it, p in zip(items, probs):
+  for i, (it, p) in enumerate(zip(items, probs)):
     it = {k: v for k, v in it.items() if k != "features"}
-    it["genres"] = {g: float(x) for g, x in zip(genres.GENRES, p)}
+    it["genres"] = _named(p)
+    it["branches"] = {b: _named(q[i]) for b, q in alone.items()}
     results.append(it)
   return results, errors
+
+
+def _named(probs) -> dict:
+  return {g: float(x) for g, x in zip(genres.GENRES, probs)}
 
 
 def to_json(result: dict) -> dict:
@@ -256,21 +280,32 @@ def to_json(result: dict) -> dict:
     shots=np.asarray(result["shots"]).tolist(),
     fps=result["fps"],
     num_frames=result["num_frames"],
+    branches=result["branches"],
+    silence=result["silence"],
   )
 
 
 def format_table(result: dict, threshold: float = 0.5) -> str:
-  """Genres sorted by probability, with a bar; `*` marks >= threshold."""
+  """Genres sorted by probability, with a bar; `*` marks >= threshold.
+  Several late-fused branches: a column per branch, what it says alone."""
+  alone = result.get("branches", {})
+  silence = result.get("silence", "")
+  head = f"  {'genre':<10} {'prob':>6}" + "".join(f" {b:>6}" for b in alone)
+  note = f"* = prob >= {threshold:g}"
+  if alone:
+    note += "; branch columns: each branch alone (the head averages logits)"
   lines = [
     f"{result['id']}  ({result['path']})",
     f"  {len(result['shots'])} shots, {result['duration']:.1f} s "
-    f"({result['num_frames']} frames at {result['fps']:.2f} fps)",
-    f"  {'genre':<10} {'prob':>6}",
+    f"({result['num_frames']} frames at {result['fps']:.2f} fps)"
+    + (f"; audio branch: silence ({silence})" if silence else ""),
+    f"{head}  ({note})",
   ]
   ranked = sorted(result["genres"].items(), key=lambda kv: -kv[1])
   for name, p in ranked:
     mark = "*" if p >= threshold else " "
-    lines.append(f"{mark} {name:<10} {p:6.3f}  {'#' * round(p * 30)}")
+    cols = "".join(f" {alone[b][name]:6.3f}" for b in alone)
+    lines.append(f"{mark} {name:<10} {p:6.3f}{cols}  {'#' * round(p * 30)}")
   return "\n".join(lines)
 
 

@@ -50,6 +50,12 @@ ADDED_FIELDS = {
   "finetune.lr_mults": [],
   "finetune.wd_mults": [],
 }
+# Fields that only a branch uses, by branch.
+BRANCH_FIELDS = {
+  "image": ("backbones.image.*",),
+  "video": ("backbones.video.*",),
+  "audio": ("backbones.audio.*", "clips.audio_seconds"),
+}
 # What --overwrite moves aside (caches of the dataset and reps stay).
 RESULTS = ("config.json", "results", "fold*")
 
@@ -81,11 +87,13 @@ def config_differences(old: dict, new: dict) -> list[str]:
     _flat(json.loads(json.dumps(new))),
   )
   old = {**ADDED_FIELDS, **old}
-  # Fine-tuning settings change nothing in frozen mode.
+  # Fine-tuning settings change nothing in frozen mode, nor the settings of
+  # a branch that neither run has (e.g. the audio fields added later).
   frozen = old.get("train.mode") == new.get("train.mode") == "frozen"
+  unused = _unused_branch_fields(old, new)
   diffs = []
   for key in sorted(set(old) | set(new)):
-    if any(fnmatch.fnmatchcase(key, p) for p in FREE_FIELDS):
+    if any(fnmatch.fnmatchcase(key, p) for p in FREE_FIELDS + unused):
       continue
     if frozen and key.startswith("finetune."):
       continue
@@ -93,6 +101,16 @@ def config_differences(old: dict, new: dict) -> list[str]:
     if a != b:
       diffs.append(f"{key}: {a!r} -> {b!r}")
   return diffs
+
+
+def _unused_branch_fields(old: dict, new: dict) -> tuple[str, ...]:
+  """Patterns of the fields of branches in neither flat config."""
+  used = {*old.get("model.branches", ()), *new.get("model.branches", ())}
+  unused = ()
+  for branch, fields in BRANCH_FIELDS.items():
+    if branch not in used:
+      unused += fields
+  return unused
 
 
 def check_config(config, workdir: str, overwrite: bool = False) -> None:

@@ -70,6 +70,22 @@ def trained_workdir(tmp_path_factory):
   return str(workdir)
 
 
+@pytest.fixture(scope="session")
+def audio_workdir(trained_workdir, tmp_path_factory):
+  """`audio_only` (a tiny random AST on per-clip log-mels) on the tiny run's
+  dataset (read only)."""
+  workdir = tmp_path_factory.mktemp("audio_run")
+  flags = [f for f in TINY_RUN_FLAGS if not f.startswith("--config=")]
+  data_dir = os.path.join(trained_workdir, "tfds")
+  run_main(
+    "--config=configs/divita.py:runlocal,audio_only",
+    *flags,
+    f"--config.dataset.data_dir={data_dir}",
+    f"--workdir={workdir}",
+  )
+  return str(workdir)
+
+
 def pytest_sessionfinish(session):
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

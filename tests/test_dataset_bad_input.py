@@ -1,5 +1,6 @@
 """Bad input: skipped trailers with reasons, malformed mtgc.csv, NaN reps."""
 
+import io
 import multiprocessing
 import os
 import time
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import tfds_trailers12k
+from divita_jax import audio
 from divita_jax.pipelines import stores
 from tests import worker_fns
 from tfds_trailers12k import dummy_data, mtgc, shots
@@ -151,6 +153,56 @@ def test_raw_other_container_is_stored_as_mp4(tmp_path):
   assert ex["shots"][-1, 1] == ex["num_frames"] > 0
   stored = shots.analyze(ex["video"])
   assert stored.num_frames == ex["num_frames"]
+
+
+def _remux_mkv(mp4, mkv, pcm: bool) -> np.ndarray:
+  """The mp4's H.264 copied into Matroska with its AAC copied too, or
+  (`pcm`) its audio as 16-bit PCM; returns the audio at 16 kHz."""
+  sound = audio.load_audio(str(mp4), 0.0, 8.0)
+  with av.open(str(mp4)) as src, av.open(str(mkv), "w") as dst:
+    video = dst.add_stream_from_template(src.streams.video[0])
+    if pcm:
+      out = dst.add_stream("pcm_s16le", rate=16000)
+      out.layout = "mono"
+    else:
+      out = dst.add_stream_from_template(src.streams.audio[0])
+    streams = src.streams.video[0], src.streams.audio[0]
+    for packet in src.demux(streams[0] if pcm else streams):
+      if packet.dts is not None:
+        packet.stream = video if packet.stream.type == "video" else out
+        dst.mux(packet)
+    if pcm:
+      samples = (sound * 32767).astype(np.int16)[None]
+      frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+      frame.sample_rate, frame.pts = 16000, 0
+      dst.mux(out.encode(frame))
+      dst.mux(out.encode(None))
+  return sound
+
+
+@pytest.mark.parametrize("pcm", [False, True], ids=["aac_copied", "pcm_aac"])
+def test_reencoded_trailer_keeps_its_soundtrack(tmp_path, pcm):
+  """A raw trailer in Matroska is re-encoded to mp4 with its audio: AAC
+  copied packet for packet (the same samples), PCM encoded to AAC."""
+  manual = tmp_path / "manual"
+  dummy_data.write_raw(str(manual), num_good=1)
+  (mp4,) = (manual / "videos").iterdir()
+  mkv = mp4.with_suffix(".mkv")
+  sound = _remux_mkv(mp4, mkv, pcm)
+  mp4.unlink()
+  builder = tfds_trailers12k.build(
+    "raw", str(tmp_path / "tfds"), str(manual), num_workers=1
+  )
+  stored = tfds_trailers12k.data_source(builder)[0]["video"]
+  with av.open(io.BytesIO(stored)) as c:
+    assert c.format.name.startswith("mov") and c.streams.audio
+    assert c.streams.audio[0].codec_context.name == "aac"
+  kept = audio.load_audio(stored, 0.0, 8.0)
+  assert np.abs(sound).max() > 0.05  # The synthetic soundtrack is heard.
+  if pcm:  # Lossy: the same sound, within AAC's error at 32 kbit/s.
+    assert np.corrcoef(sound, kept)[0, 1] > 0.95
+  else:
+    np.testing.assert_allclose(kept, sound, atol=1e-6)
 
 
 def _pool_gone(before: set, timeout: float = 120.0):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import av
 import matplotlib.image
 import numpy as np
 import pytest
@@ -88,8 +89,17 @@ def test_cli_equals_evaluation_with_a_corrupt_file(
   assert np.abs(a - b).max() > 1e-3
   assert [o["path"] for o in out] == good  # The others still classified.
   for o in out:
-    assert set(o) == {"id", "path", "genres", "shots", "fps", "num_frames"}
+    assert set(o) == {
+      *("id", "path", "genres", "shots", "fps", "num_frames"),
+      *("branches", "silence"),
+    }
     assert list(o["genres"]) == list(genres.GENRES)
+    assert list(o["branches"]) == ["image", "video"] and o["silence"] == ""
+    # The fused logits are the mean of the branches' logits.
+    for g in genres.GENRES:
+      logit = lambda p: np.log(p / (1 - p))
+      alone = [logit(o["branches"][b][g]) for b in ("image", "video")]
+      assert logit(o["genres"][g]) == pytest.approx(np.mean(alone), abs=1e-2)
     ex = records[o["id"]]
     assert o["shots"] == ex["shots"].tolist()
     assert o["num_frames"] == int(ex["num_frames"])
@@ -120,6 +130,8 @@ def test_table_and_plot(trained_workdir, trailers, tmp_path, capsys):
   assert sorted(r[0] for r in rows) == sorted(genres.GENRES)
   probs = [float(r[1]) for r in rows]
   assert probs == sorted(probs, reverse=True)
+  assert lines[2].split()[:4] == ["genre", "prob", "image", "video"]
+  assert all(0 <= float(r[k]) <= 1 for r in rows for k in (2, 3))
   # '*' marks genres at or above 0.5.
   assert [line[0] == "*" for line in lines[3:]] == [p >= 0.5 for p in probs]
   image = matplotlib.image.imread(png)
@@ -141,3 +153,36 @@ def test_empty_folder_fails_before_loading(tmp_path, capsys):
   assert predict.main([str(tmp_path), "--workdir=/nonexistent"]) == 2
   err = capsys.readouterr().err
   assert f"Folder {tmp_path} holds no video files" in err
+
+
+def test_audio_run_predicts_files_with_and_without_sound(
+  audio_workdir, trained_workdir, trailers, tmp_path, capsys
+):
+  """An audio_only run hears the file's soundtrack (probabilities equal
+  those its evaluation wrote) and, for the same video without an audio
+  stream, silence: other probabilities, and the table says so."""
+  folder, records = trailers
+  trailer_id = sorted(records)[0]
+  sound = os.path.join(folder, f"{trailer_id}.mp4")
+  mute = str(tmp_path / f"{trailer_id}_mute.mp4")
+  with av.open(sound) as src, av.open(mute, "w") as dst:
+    out = dst.add_stream_from_template(src.streams.video[0])
+    for packet in src.demux(src.streams.video[0]):
+      if packet.dts is not None:
+        packet.stream = out
+        dst.mux(packet)
+  args = [f"--workdir={audio_workdir}", "--no_progress"]
+  assert predict.main([sound, mute, *args, "--json"]) == 0
+  heard, silent = json.loads(capsys.readouterr().out)
+  path = os.path.join(audio_workdir, "results", "fold0_test_probs.csv")
+  evaluated = dict(zip(*report.read_predictions(path)))
+  probs = [heard["genres"][g] for g in genres.GENRES]
+  np.testing.assert_allclose(probs, evaluated[trailer_id], atol=1e-5, rtol=0)
+  assert heard["silence"] == "" and heard["branches"] == {}
+  assert silent["silence"] == "no audio stream"
+  assert silent["shots"] == heard["shots"]
+  other = [silent["genres"][g] for g in genres.GENRES]
+  assert np.abs(np.subtract(other, probs)).max() > 1e-3
+  assert predict.main([mute, *args]) == 0
+  table = capsys.readouterr().out
+  assert "audio branch: silence (no audio stream)" in table.splitlines()[1]

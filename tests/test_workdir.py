@@ -27,6 +27,29 @@ def test_config_differences_ignore_fields_that_cannot_change_results():
   ]
 
 
+def test_a_branch_in_neither_run_is_ignored_and_adding_audio_differs():
+  """A config.json written before the audio fields existed still matches
+  a two-branch run; adding the audio branch to it is a difference."""
+  old = divita.get_config().to_dict()
+  del old["backbones"]["audio"], old["clips"]["audio_seconds"]
+  assert workdir.config_differences(old, divita.get_config()) == []
+  audio = divita.get_config("audio")
+  diffs = workdir.config_differences(old, audio)
+  assert (
+    "model.branches: ['image', 'video'] -> ['image', 'video', 'audio']"
+    in (diffs)
+  )
+  assert "backbones.audio.kind: '<absent>' -> 'ast'" in diffs
+  image_only = divita.get_config("image_only")
+  image_only.backbones.video.variant = "B/16"  # Not used by the run.
+  assert (
+    workdir.config_differences(
+      divita.get_config("image_only").to_dict(), image_only
+    )
+    == []
+  )
+
+
 def test_other_config_is_an_error_and_overwrite_moves_results_aside(tmp_path):
   config = divita.get_config()
   work = str(tmp_path / "work")

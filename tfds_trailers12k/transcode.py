@@ -4,17 +4,24 @@ Runs in the builder's worker processes. Without re-encoding, an mp4/mov
 file is stored as is and only analysed (shots, fps, size); other
 containers, or a requested working height / fps, are re-encoded to H.264
 mp4 while the very same output frames feed the shot detector, so `shots`
-index the stored video's frames.
+index the stored video's frames. The re-encoded mp4 keeps the first audio
+stream: its packets copied when mp4 can hold the codec (AAC, MP3, Opus,
+...), else re-encoded to AAC; an audio stream that fails to decode is cut
+where it fails, never the video.
 """
 
 import fractions
 import io
+import logging
 
 import av
 import numpy as np
 from etils import epath
 
 from tfds_trailers12k import shots as shots_lib
+
+# Audio codecs that the mp4 muxer stores as they are (copied, not decoded).
+MP4_AUDIO = ("aac", "mp3", "ac3", "eac3", "alac", "opus", "flac")
 
 
 def _even(x: float) -> int:
@@ -42,6 +49,7 @@ def _reencode(path: str, name: str, height: int, fps: float, s: dict):
       shots_lib.NetShrinker() if s["detector"] == "transnetv2" else None
     )
     out = av.open(buf, mode="w", format="mp4")
+    sound = _audio_stream(src, out)
     enc = None
     try:
       for i, frame in enumerate(src.decode(stream)):
@@ -77,10 +85,58 @@ def _reencode(path: str, name: str, height: int, fps: float, s: dict):
       out.close()
       raise shots_lib.VideoError(name, "no decodable frames")
     out.mux(enc.encode(None))
+    if sound is not None:
+      _carry_audio(path, name, out, *sound)
     out.close()
   return buf.getvalue(), shots_lib.VideoShots(
     det.shots(), det.num_frames, float(out_fps), h, w
   )
+
+
+def _audio_stream(src, out):
+  """(output stream, copy) for `src`'s first audio stream, None without
+  one: a copy of it when mp4 holds its codec (copy True), else AAC."""
+  if not src.streams.audio:
+    return None
+  audio = src.streams.audio[0]
+  # MPEG-TS carries AAC with ADTS headers, which mp4 cannot copy as is.
+  adts = "mpegts" in src.format.name.split(",")
+  if audio.codec_context.name in MP4_AUDIO and not adts:
+    return out.add_stream_from_template(audio), True
+  rate = audio.codec_context.sample_rate or 48000
+  stream = out.add_stream("aac", rate=rate)
+  stream.layout = "stereo" if audio.codec_context.channels > 1 else "mono"
+  return stream, False
+
+
+def _carry_audio(path: str, name: str, out, sound, copy: bool) -> None:
+  """Copies (`copy`) or re-encodes to AAC the source's first audio stream
+  into `out`'s stream `sound`, after the video (mp4 needs no interleaving).
+  Times are shifted so that the first video frame, the output's frame 0,
+  stays where it was in the sound. A decoding failure ends the audio there
+  (logged); the video is kept."""
+  with shots_lib.open_video(path, name) as src:
+    audio = src.streams.audio[0]
+    video = src.streams.video[0]
+    origin = (video.start_time or 0) * video.time_base  # Seconds.
+    try:
+      for packet in src.demux(audio):
+        if packet.dts is None:
+          continue
+        if copy:
+          shift = round(origin / packet.time_base)
+          packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+          packet.stream = sound
+          out.mux(packet)
+          continue
+        for frame in packet.decode():
+          frame.pts = round((frame.time - origin) * frame.sample_rate)
+          frame.time_base = fractions.Fraction(1, frame.sample_rate)
+          out.mux(sound.encode(frame))
+      if not copy:
+        out.mux(sound.encode(None))
+    except (av.error.FFmpegError, ValueError) as e:
+      logging.warning("%s: audio cut where it failed to decode (%s).", name, e)
 
 
 def process(path: str, name: str, height: int, fps: float, s: dict):
