@@ -208,11 +208,18 @@ def clip_log_mels(video, windows: np.ndarray, spec, *, name: str = ""):
   zeros) and `has_audio` False: (features, has_audio).
   """
   rate = int(spec["front_end"]["sampling_rate"])
+  windows = np.asarray(windows, np.float64)
+  # One decoding pass over the span of all windows, then each window's
+  # slice: the samples load_audio gives for the window alone (the output
+  # grid is absolute), without a seek and a resampler per clip.
+  lo, hi = windows[:, 0].min(), windows[:, 1].max()
   try:
-    samples = [load_audio(video, a, b, rate, name=name) for a, b in windows]
+    whole = load_audio(video, lo, hi, rate, name=name)
   except NoAudio:
     return silent_log_mels(windows, spec), False
-  return np.stack([log_mel(x, spec) for x in samples]), True
+  first = round(lo * rate)
+  cut = [(round(a * rate) - first, round(b * rate) - first) for a, b in windows]
+  return np.stack([log_mel(whole[i:j], spec) for i, j in cut]), True
 
 
 def silent_log_mels(windows: np.ndarray, spec) -> np.ndarray:
@@ -232,7 +239,7 @@ def log_mel(samples, spec) -> np.ndarray:
   encode a trailer chunk by chunk).
   """
   fe = spec["front_end"]
-  x = np.asarray(samples, np.float32).reshape(-1).astype(np.float64)
+  x = np.asarray(samples, np.float32).reshape(-1)
   if fe["type"] == "kaldi_fbank":
     return kaldi_fbank(x, fe)
   if fe["type"] == "whisper_log_mel":
@@ -326,17 +333,22 @@ def kaldi_fbank(x, fe) -> np.ndarray:
   Frames of frame_length every hop_length samples (snip edges), minus
   their mean, pre-emphasis (the first sample against itself), window,
   |rfft(fft_length)|^2, mel filters, log with mel_floor; zero frames pad
-  to num_frames, then (x - mean) / (2 std).
+  to num_frames, then (x - mean) / (2 std). In float32, as the extractor
+  (torchaudio) computes it.
   """
-  frames = _frames(x, fe["frame_length"], fe["hop_length"])
+  n = fe["num_frames"]  # Frames past num_frames are dropped anyway.
+  length, hop = fe["frame_length"], fe["hop_length"]
+  x = np.asarray(x, np.float32)[: (n - 1) * hop + length]
+  frames = _frames(x, length, hop).astype(np.float32)  # A copy.
   if fe["remove_dc_offset"]:
-    frames = frames - frames.mean(axis=1, keepdims=True)
+    frames -= frames.mean(axis=1, keepdims=True)
   k = fe["preemphasis"]
   if k:
-    prev = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
-    frames = frames - k * prev
-  frames = frames * window(fe["window"], fe["frame_length"])
-  power = np.abs(np.fft.rfft(frames, n=fe["fft_length"])) ** 2
+    frames[:, 1:] -= k * frames[:, :-1].copy()
+    frames[:, 0] *= 1 - k
+  frames *= _window32(fe["window"], length)
+  spec = np.fft.rfft(frames, n=fe["fft_length"])
+  power = np.square(spec.real) + np.square(spec.imag)
   bank = mel_filters(
     fe["fft_length"] // 2 + 1,
     fe["num_mel_bins"],
@@ -346,14 +358,18 @@ def kaldi_fbank(x, fe) -> np.ndarray:
     fe["mel_scale"],
     None,
     in_mel_space=True,
-  )
-  feats = np.log(np.maximum(power @ bank, fe["mel_floor"]))
-  out = np.zeros((fe["num_frames"], fe["num_mel_bins"]))
-  n = min(len(feats), fe["num_frames"])
-  out[:n] = feats[:n]
+  ).astype(np.float32)
+  feats = np.log(np.maximum(power @ bank, np.float32(fe["mel_floor"])))
+  out = np.zeros((n, fe["num_mel_bins"]), np.float32)
+  out[: len(feats)] = feats
   if fe["do_normalize"]:
-    out = (out - fe["mean"]) / (2 * fe["std"])
-  return out.astype(np.float32)
+    out = (out - np.float32(fe["mean"])) / np.float32(2 * fe["std"])
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _window32(name: str, length: int) -> np.ndarray:
+  return window(name, length).astype(np.float32)
 
 
 def whisper_log_mel(x, fe) -> np.ndarray:
@@ -361,13 +377,16 @@ def whisper_log_mel(x, fe) -> np.ndarray:
 
   Zero-pad / truncate to n_samples, centred STFT (reflect padding, n_fft,
   hop_length, periodic Hann) without its last frame, power, Slaney mel,
-  log10 with floor, clamp to (max - dynamic_range), (x + 4) / 4.
+  log10 with floor, clamp to (max - dynamic_range), (x + 4) / 4. In
+  float32, as the extractor (torch.stft) computes it.
   """
   n, n_fft = fe["n_samples"], fe["n_fft"]
+  x = np.asarray(x, np.float32)
   x = np.pad(x[:n], (0, max(0, n - len(x))))
   x = np.pad(x, n_fft // 2, mode="reflect")
   frames = _frames(x, n_fft, fe["hop_length"])[: n // fe["hop_length"]]
-  power = np.abs(np.fft.rfft(frames * window(fe["window"], n_fft))) ** 2
+  spec = np.fft.rfft(frames * _window32(fe["window"], n_fft))
+  power = np.square(spec.real) + np.square(spec.imag)
   bank = mel_filters(
     n_fft // 2 + 1,
     fe["num_mel_bins"],
@@ -377,7 +396,7 @@ def whisper_log_mel(x, fe) -> np.ndarray:
     fe["mel_scale"],
     fe["mel_norm"],
     in_mel_space=False,
-  )
-  log = np.log10(np.maximum(power @ bank, fe["log_floor"]))
-  log = np.maximum(log, log.max() - fe["dynamic_range"])
-  return ((log + 4.0) / 4.0).astype(np.float32)
+  ).astype(np.float32)
+  log = np.log10(np.maximum(power @ bank, np.float32(fe["log_floor"])))
+  log = np.maximum(log, log.max() - np.float32(fe["dynamic_range"]))
+  return (log + np.float32(4.0)) / np.float32(4.0)

@@ -263,3 +263,19 @@ def test_clip_log_mels_of_a_file_without_audio(tmp_path):
   assert not has_audio and quiet.shape == feats.shape
   np.testing.assert_array_equal(quiet[0], audio.log_mel(np.zeros(8000), spec))
   assert np.abs(quiet - feats).max() > 1.0
+
+
+def test_clip_log_mels_equal_each_window_decoded_alone(no_pns):
+  """One decoding pass over all windows, sliced: the same features as each
+  window's own (seeking) load_audio, windows overlapping or not, inside and
+  past the stream (zeros)."""
+  spec = {"front_end": ast.front_end(32, 64)}
+  windows = np.array([[-0.3, 0.7], [3.2, 4.2], [3.7, 4.7], [17.31, 18.31]])
+  windows = np.concatenate([windows, [[24.6, 25.6]]])  # Past the end.
+  feats, has_audio = audio.clip_log_mels(no_pns, windows, spec)
+  alone = [
+    audio.log_mel(audio.load_audio(no_pns, a, b), spec) for a, b in windows
+  ]
+  assert has_audio
+  np.testing.assert_array_equal(feats, np.stack(alone))
+  assert np.abs(feats[1] - feats[2]).max() > 0.1  # Windows differ.
