@@ -222,6 +222,34 @@ def clip_log_mels(video, windows: np.ndarray, spec, *, name: str = ""):
   return np.stack([log_mel(whole[i:j], spec) for i, j in cut]), True
 
 
+def num_chunks(end_s: float, spec) -> int:
+  """Front-end inputs (Whisper: 30-s chunks) covering [0, end_s)."""
+  fe = spec["front_end"]
+  samples = round(end_s * int(fe["sampling_rate"]))
+  return max(1, math.ceil(samples / int(fe["n_samples"])))
+
+
+def chunk_log_mels(video, end_s: float, spec, *, name: str = ""):
+  """The soundtrack from 0 to `end_s` in consecutive front-end inputs
+  (Whisper: 30-s chunks, the last zero-padded): float32 [C, frames, bins]
+  with C = num_chunks(end_s), and has_audio (False: silence)."""
+  fe = spec["front_end"]
+  rate, size = int(fe["sampling_rate"]), int(fe["n_samples"])
+  count = num_chunks(end_s, spec)
+  try:
+    whole = load_audio(video, 0.0, count * size / rate, rate, name=name)
+  except NoAudio:
+    return silent_chunk_log_mels(count, spec), False
+  chunks = whole.reshape(count, size)
+  return np.stack([log_mel(x, spec) for x in chunks]), True
+
+
+def silent_chunk_log_mels(count: int, spec) -> np.ndarray:
+  """`count` chunks of silence: [count, frames, bins]."""
+  size = int(spec["front_end"]["n_samples"])
+  return np.repeat(log_mel(np.zeros(size, np.float32), spec)[None], count, 0)
+
+
 def silent_log_mels(windows: np.ndarray, spec) -> np.ndarray:
   """The front end of silence over each window: [N, frames, bins]."""
   rate = int(spec["front_end"]["sampling_rate"])

@@ -74,9 +74,10 @@ def backbone_tag(config: ml_collections.ConfigDict, branch: str) -> str:
   if branch == "audio":  # Random init: its front end's size too.
     if not b.checkpoint:
       name += f"_b{b.mel_bins}x{b.mel_frames}"
+    chunks = "_chunks" if b.pooling == "chunks" else ""  # Window: as before.
     return (
       f"audio_{b.kind}_{name}_{c.segmentation}_fps{c.fps:g}"
-      f"_fpc{c.frames_per_clip}_a{c.audio_seconds:g}s"
+      f"_fpc{c.frames_per_clip}_a{c.audio_seconds:g}s{chunks}"
     )
   pooling = config.backbones[branch].frame_pooling
   suffix = "_center" if pooling == "center" else ""  # Mean: as before.
@@ -103,7 +104,13 @@ class FeatureFn:
   """
 
   def __init__(
-    self, module, variables, kind: str, mean_std, frame_pooling="mean"
+    self,
+    module,
+    variables,
+    kind: str,
+    mean_std,
+    frame_pooling="mean",
+    encoded: bool = False,
   ):
     if frame_pooling not in FRAME_POOLINGS:
       raise ValueError(
@@ -112,6 +119,7 @@ class FeatureFn:
     spec = kind if isinstance(kind, Mapping) else {"kind": kind, "model": {}}
     self.image = backbone.is_image_model(spec)
     self.audio = backbone.is_audio_model(spec)
+    self.encoded = encoded  # Audio: the encoder frames [n, N, D], unpooled.
     self._spec = self.spec = spec
     self.center_frame = self.image and frame_pooling == "center"
     self.devices = jax.local_devices()
@@ -125,8 +133,8 @@ class FeatureFn:
 
   def _features(self, variables, x):
     if self.audio:  # Log-mels, normalised by the front end.
-      pooled, _ = self._module.apply(variables, x)
-      return pooled.astype(jnp.float32)
+      pooled, out = self._module.apply(variables, x)
+      return (out["encoded"] if self.encoded else pooled).astype(jnp.float32)
     if self.center_frame:  # Host already cut it to 1 frame: index 0.
       x = video.center_frame(x)[:, 0]
     frames = None if self.image else runtime.clip_frames(self._spec, x.shape[1])
@@ -249,7 +257,13 @@ def branch_feature_fn(
   variables = start if variables is None else variables
   b = config.backbones[branch]
   if branch == "audio":
-    return FeatureFn(module, variables, spec, None)
+    chunks = b.pooling == "chunks"
+    if chunks and spec["kind"] != "whisper":
+      raise ValueError(
+        f"backbones.audio.pooling='chunks' pools Whisper's encoder frames; "
+        f"the audio backbone is {spec['kind']!r} (use pooling='window')."
+      )
+    return FeatureFn(module, variables, spec, None, encoded=chunks)
   return FeatureFn(
     module,
     variables,
@@ -370,6 +384,10 @@ def _extract_audio(config, source, todo, fn, store) -> list:
   unreadable). Trailers heard as silence are logged and stored."""
   batcher = Batcher(fn, config.backbones.audio.batch_size)
   skipped, silent, num_clips, start = [], [], 0, time.time()
+  windows = {}  # Trailer -> clip windows, until its outputs are back.
+  clip = lambda key, out: extract_audio.clip_features(
+    out, windows.pop(key), config, fn.spec
+  )
   bar = tqdm(
     todo, desc="extract audio", disable=jax.process_index() != 0, unit="trailer"
   )
@@ -377,7 +395,7 @@ def _extract_audio(config, source, todo, fn, store) -> list:
     record = source[int(i)]
     tid = common.as_str(record["id"])
     try:
-      mels, silence = extract_audio.trailer_log_mels(
+      mels, windows[tid], silence = extract_audio.trailer_log_mels(
         record, config, fn.spec, tid
       )
     except video.VideoError as e:
@@ -387,11 +405,11 @@ def _extract_audio(config, source, todo, fn, store) -> list:
     if silence:
       silent.append(tid)
       logging.warning("%s: audio branch hears silence (%s).", tid, silence)
-    for key, feats in batcher.add(tid, mels):
-      store.write(key, feats)
-    num_clips += len(mels)
-  for key, feats in batcher.flush():
-    store.write(key, feats)
+    for key, out in batcher.add(tid, mels):
+      store.write(key, clip(key, out))
+    num_clips += len(windows[tid])
+  for key, out in batcher.flush():
+    store.write(key, clip(key, out))
   logging.info(
     "Audio: %d clips in %.1fs; %d trailers silent, %d skipped.",
     num_clips,

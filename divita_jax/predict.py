@@ -176,10 +176,13 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
   if "audio" in run.config.model.branches:  # The clips' log-mels.
     record = dict(video=data, shots=found.shots)
     spec = run.feature_fns["audio"].spec
-    mels, silence = extract_audio.trailer_log_mels(
+    mels, windows, silence = extract_audio.trailer_log_mels(
       record, run.config, spec, path
     )
-    features["audio"] = _features(run, "audio", mels, bar)
+    outputs = _features(run, "audio", mels, bar)
+    features["audio"] = extract_audio.clip_features(
+      outputs, windows, run.config, spec
+    )
     if not info:  # No frame branch: the duration from the video's index.
       with video.Video(data, path) as v:
         info = dict(duration=v.index.duration)

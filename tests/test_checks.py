@@ -78,6 +78,9 @@ CASES = [
   bad("model.branches", ("sound",)),
   bad("backbones.audio.kind", "vit"),
   bad("backbones.audio.mel_frames", 0),
+  bad("backbones.audio.pooling", "chunk", "audio"),
+  bad("backbones.audio.pooling", "chunks", "audio"),  # AST: window only.
+  bad("backbones.audio.mel_frames", 101, "audio,whisper"),  # Odd.
   bad("model.fusion", "mid"),
   bad("model.cam", "tsfm_x"),
   bad("model.cam", "tsfm_130_4_6_0.1"),  # Heads do not divide.
@@ -105,7 +108,6 @@ CASES = [
   bad("train.grad_clip_norm", -1.0),
   # Fine-tuning.
   bad("dataset.config", "reps", "finetune"),
-  bad("model.branches", ("video", "audio"), "finetune"),
   bad("model.branches", ("image", "audio"), "reps", dataset__manual_dir="/r"),
   bad("finetune.remat", "dot", "finetune"),
   bad("finetune.dtype", "half", "finetune"),

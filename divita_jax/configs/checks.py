@@ -25,6 +25,7 @@ from divita_jax.models import (
   videoprism,
   vit,
   vjepa2,
+  whisper,
 )
 from divita_jax.trainers import param_groups
 from tfds_trailers12k import cut_rules, genres
@@ -32,7 +33,8 @@ from tfds_trailers12k import cut_rules, genres
 DATASET_CONFIGS = ("synthetic", "raw", "reps")
 DETECTORS = tuple(cut_rules.DEFAULT_THRESHOLDS)  # The detectors shots.py runs.
 BRANCHES = ("image", "video", "audio")
-AUDIO_KINDS = ("ast",)  # Random-init audio kinds the audio branch runs.
+AUDIO_KINDS = ("ast", "whisper")  # Random-init kinds of the audio branch.
+AUDIO_POOLINGS = ("window", "chunks")
 # Random-init kinds of models/backbone.create_backbone.
 KINDS = (
   "vit",
@@ -216,8 +218,14 @@ def _check_backbone(config, branch: str) -> None:
   name = f"backbones.{branch}"
   if branch == "audio":
     _one_of(config, f"{name}.kind", AUDIO_KINDS)  # Also names the store.
+    _one_of(config, f"{name}.pooling", AUDIO_POOLINGS)
+    a = config.backbones.audio
+    if a.pooling == "chunks" and not a.checkpoint and a.kind != "whisper":
+      _fail(f"{name}.pooling", a.pooling, "'window' for kind " + a.kind)
     _one_of(config, f"{name}.dtype", DTYPES)
     _integers(config, 1, f"{name}.mel_bins", f"{name}.mel_frames")
+    if a.kind == "whisper" and a.mel_frames % whisper.STRIDE:
+      _fail(f"{name}.mel_frames", a.mel_frames, "even for kind whisper")
     _integers(config, 1, f"{name}.batch_size")
     return
   _one_of(config, f"{name}.kind", KINDS)  # Also names the store.
@@ -236,6 +244,8 @@ def model_fields(kind: str, variant: str) -> dict:
     return vit.decode_variant(variant)
   if kind == "ast":
     return ast.decode_variant(variant)
+  if kind == "whisper":
+    return whisper.decode_variant(variant)
   if kind in ("swin", "swin3d"):
     return swin.decode_variant(variant, video=kind == "swin3d")
   if kind == "resnet":
@@ -329,7 +339,6 @@ def _check_train(config) -> None:
 def _check_finetune(config) -> None:
   """Fine-tuning fields (ignored by the frozen protocol)."""
   f = "finetune."
-  _no_audio(config, "train.mode='finetune' (the audio branch is frozen-only)")
   _one_of(config, f + "remat", tuple(remat.POLICIES))
   _one_of(config, f + "dtype", DTYPES)
   _one_of(config, f + "schedule", SCHEDULES)

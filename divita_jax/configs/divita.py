@@ -27,8 +27,9 @@ Variants (comma-separated after the colon): `trailers12k`, `reps`, `vit`,
 `fixed_clips`, `runlocal` (even smaller), `finetune` (backbones and head
 trained end to end on decoded clips: `:finetune` on the synthetic data,
 `:trailers12k,swin,finetune` on a pod), `audio` (the soundtrack as a third
-branch: a tiny random AST on the synthetic data, `backbones.audio.
-checkpoint` for a converted one) and `audio_only`.
+branch: a tiny random AST on the synthetic data; `:trailers12k,audio`
+with AudioSet AST, see AUDIO_CHECKPOINTS), `audio_only`, and `whisper`
+with either (the Whisper encoder over the soundtrack's chunks).
 Any field can be overridden, e.g. `--config.model.cam=gru_1_115`; every
 value is checked before any work (divita_jax/configs/checks.py).
 """
@@ -48,6 +49,7 @@ def parse_variants(arg: str | None) -> set[str]:
     "runlocal",
     "audio",
     "audio_only",
+    "whisper",
     "reps",
     "vit",
     "swin",
@@ -62,6 +64,11 @@ def parse_variants(arg: str | None) -> set[str]:
   if unknown:
     raise ValueError(
       f"Unknown config variant(s) {sorted(unknown)}; known: {sorted(known)}."
+    )
+  if "whisper" in variants and not {"audio", "audio_only"} & variants:
+    raise ValueError(
+      "Config variant 'whisper' picks the audio branch's encoder: add "
+      "'audio' or 'audio_only'."
     )
   return variants
 
@@ -135,11 +142,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # clips.audio_seconds of audio centred on the clip (divita_jax/audio.py)
   # through an audio encoder; silence for a file without audio.
   a = ml_collections.ConfigDict()
-  a.kind = "ast"  # Random init only (a checkpoint's spec names its own).
-  a.checkpoint = ""  # Converted AST dir (--source hf_ast); "" = random.
-  a.variant = "tiny"  # Random init: 'tiny' | 'B'.
+  # Random init only (a checkpoint's spec names its own): ast | whisper.
+  a.kind = "ast"
+  # Converted dir (--source hf_ast | hf_whisper); "" = random init.
+  a.checkpoint = ""
+  a.variant = (
+    "tiny"  # Random init: ast 'tiny' | 'B'; whisper 'tiny' | 'base' ...
+  )
   a.mel_bins = 32  # Random init: the front end's mel bins ...
-  a.mel_frames = 100  # ... and frames (10 ms each), padded / truncated.
+  a.mel_frames = 100  # ... and frames (10 ms each): its input, padded / cut.
+  # window: each clip's audio window through the encoder alone (padded to
+  # its input) | chunks (whisper): the soundtrack through the encoder in
+  # consecutive inputs of mel_frames (30 s for a checkpoint), each clip the
+  # mean of the encoder frames that fall in its window.
+  a.pooling = "window"
   a.batch_size = 16  # Clips per extraction step per process.
   a.dtype = "float32"  # float32 | bfloat16 | auto.
   c.backbones.audio = a
@@ -277,6 +293,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.branches = ("video",)
   if "audio" in variants:  # The soundtrack as a third branch.
     c.model.branches = (*c.model.branches, "audio")
+  if {"audio", "audio_only"} & variants:
+    _audio(c, variants)
   if "audio_only" in variants:
     c.model.branches = ("audio",)
   if "early_fusion" in variants:
@@ -286,6 +304,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "finetune" in variants:
     _finetune(c, "trailers12k" in variants)
   return c
+
+
+# Audio checkpoints of `:trailers12k,...,audio[,whisper]`, written by
+# `python -m divita_jax.convert --source hf_ast | hf_whisper` from the hub
+# folders MIT/ast-finetuned-audioset-10-10-0.4593 and openai/whisper-base.
+AUDIO_CHECKPOINTS = {
+  "ast": "checkpoints/ast_audioset_10_10_0.4593",
+  "whisper": "checkpoints/whisper_base",
+}
+
+
+def _audio(c, variants) -> None:
+  """The audio branch's encoder: AST, or Whisper (`whisper`) pooled over
+  each clip's window of its 30-s chunks; converted on real trailers."""
+  a = c.backbones.audio
+  if "whisper" in variants:
+    a.kind, a.pooling = "whisper", "chunks"
+  if "trailers12k" in variants:
+    a.checkpoint = AUDIO_CHECKPOINTS[a.kind]
+    a.dtype = "auto"
+    a.batch_size = 8
+    # AST hears 10.24 s: the window it was trained on, centred on the clip.
+    c.clips.audio_seconds = 10.24 if a.kind == "ast" else 2.0
 
 
 def _finetune(c, real: bool) -> None:
