@@ -53,7 +53,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-class _QuietLibraries(std_logging.Filter):
+class QuietLibraries(std_logging.Filter):
   """Drops INFO chatter of orbax (several lines per checkpoint), the TPU
   backend probe and TFDS's size notices; --verbosity=1 keeps them."""
 
@@ -70,7 +70,7 @@ class _QuietLibraries(std_logging.Filter):
     )
 
 
-def _quiet_native_logs() -> None:
+def quiet_native_logs() -> None:
   """TensorFlow's C++ notices (oneDNN, ...) before anything imports it."""
   if "--verbosity" not in " ".join(sys.argv) and "-v" not in sys.argv:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -105,8 +105,8 @@ def main(argv):
     checks.check(FLAGS.config)
   except checks.ConfigError as e:
     sys.exit(f"divita_jax.main: error: {e}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  std_logging.getLogger().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(QuietLibraries())
+  std_logging.getLogger().addFilter(QuietLibraries())
   initialize_distributed()
   from divita_jax import run
   from divita_jax.trainers import checkpoints
@@ -129,5 +129,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _quiet_native_logs()
+  quiet_native_logs()
   app.run(main, flags_parser=parse_flags)
