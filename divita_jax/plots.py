@@ -126,6 +126,46 @@ def plot_prediction(result: dict, out: str | None = None, max_thumbs=12):
   return _save(fig, out)
 
 
+def plot_soundtrack(data, shot_list, fps: float, windows=None, out=None):
+  """A trailer's waveform and log-mel spectrogram (16 kHz mono; AST's
+  Kaldi filter bank, 64 bins, unnormalised) under its shot boundaries;
+  `windows` [N, 2] (seconds, e.g. audio.clip_windows): the audio branch's
+  clip windows, shaded. A file without audio says so."""
+  from divita_jax import audio  # The audio stack only when plotting sound.
+  from divita_jax.models import ast
+
+  shot_list = np.asarray(shot_list)
+  duration = shot_list[-1, 1] / fps
+  cuts = shot_list[1:, 0] / fps
+  fig, (top, bottom) = plt.subplots(
+    2, 1, figsize=(12, 4.5), sharex=True, gridspec_kw=dict(hspace=0.1)
+  )
+  try:
+    x = audio.load_audio(data, 0.0, duration)
+  except audio.AudioError as e:  # NoAudio too: say why, draw the shots.
+    top.set_title(f"no soundtrack: {e}")
+    x = None
+  if x is not None:
+    t = np.arange(len(x)) / 16000
+    top.plot(t[::8], x[::8], lw=0.3, color="#4c72b0")
+    fe = ast.front_end(64, max(1, int(duration * 100)), do_normalize=False)
+    mel = audio.log_mel(x, {"front_end": fe})
+    bottom.imshow(
+      mel.T, origin="lower", aspect="auto", extent=(0, duration, 0, 64),
+      cmap="magma",
+    )  # fmt: skip
+  for ax in (top, bottom):
+    for c in cuts:
+      ax.axvline(c, color="w" if ax is bottom else "k", lw=0.8, ls="--")
+  for a, b in windows if windows is not None else ():
+    top.axvspan(max(a, 0), min(b, duration), color="#dd8452", alpha=0.15)
+  top.set_ylabel("waveform")
+  bottom.set_ylabel("mel bin")
+  bottom.set_xlabel("seconds (dashed: shot boundaries; shaded: clip windows)")
+  bottom.set_xlim(0, duration)
+  return _save(fig, out)
+
+
 def plot_shot_strip(
   frames, frame_ids, diffs, shot_list, true_shots=None, out=None
 ):

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 pytestmark = pytest.mark.xdist_group("pipeline")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "explore_trailers12k.ipynb")
-PLOTS = ("genres", "shots", "clips", "prediction", "pr_curves")
+PLOTS = ("genres", "shots", "clips", "soundtrack", "prediction", "pr_curves")
 
 
 def test_notebook_is_stripped_and_installs_in_colab_only():
@@ -47,6 +47,7 @@ def test_notebook_runs(trained_workdir, tmp_path, monkeypatch):
   assert trained_workdir in text
   assert sorted(os.listdir(tfds_dir)) == built  # The run's dataset, reused.
   assert "true genres:" in text and " shots, " in text
+  assert "No study: set DIVITA_STUDY_DIR" in text
   for name in PLOTS:
     image = matplotlib.image.imread(plots_dir / f"{name}.png")
     assert image.shape[0] > 200 and image.shape[1] > 400, name
