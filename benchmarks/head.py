@@ -26,6 +26,10 @@ extrapolated to the epoch).
   python benchmarks/head.py                    # 3,000 trailers (~1.8 GB)
   python benchmarks/head.py --trailers=12000   # full scale (~7 GB)
   python benchmarks/head.py --smoke            # 64 tiny trailers (CI)
+  python benchmarks/head.py --profile          # the step: head_profile.py
+
+Epochs train as the fold loop does (loop.STEPS_PER_DISPATCH steps per
+dispatch, no per-step sync; before issue 28 every step was synchronised).
 """
 
 import argparse
@@ -171,26 +175,39 @@ def measure(args) -> dict:
 
 
 def _epoch(p, mesh, data, state, threads):
-  """(epoch s, [wait s per step], workers' peak RSS kB); every step
-  synchronised."""
+  """(epoch s, [wait s per batch], workers' peak RSS kB); as the fold loop
+  trains: loop.STEPS_PER_DISPATCH steps per dispatch, no per-step sync."""
   import jax
 
   from divita_jax import hosts
   from divita_jax.pipelines import common
+  from divita_jax.trainers import loop
+  from divita_jax.trainers import state as st
 
   lr = np.float32(1e-4)
   waits, workers_kb = [], 0
   start = time.perf_counter()
   it = common.iterate(data, num_threads=threads)
-  for step in range(data.steps_per_epoch):
-    t = time.perf_counter()
-    batch = next(it)
-    waits.append(time.perf_counter() - t)
-    state, out = p.train_step(state, hosts.global_batch(batch, mesh), lr)
-    jax.block_until_ready(out)
-    if step % 10 == 5:  # Workers exit at the end of their share: sample.
+  step, steps = 0, data.steps_per_epoch
+  while step < steps:
+    k = loop.STEPS_PER_DISPATCH
+    n = k if 1 < k <= steps - step else 1
+    batches = []
+    for _ in range(n):
+      t = time.perf_counter()
+      batches.append(next(it))
+      waits.append(time.perf_counter() - t)
+    if n == 1:
+      batch = hosts.global_batch(batches[0], mesh)
+      state, out = p.train_step(state, batch, lr)
+    else:
+      stack = st.global_batches(batches, mesh)
+      state, out = p.train_steps(state, stack, np.full(n, lr))
+    if step // 10 != (step + n) // 10:  # Workers exit at their share's end.
       kb = sum(_status_kb("VmHWM", pid) for pid in _children())
       workers_kb = max(workers_kb, kb)
+    step += n
+  jax.block_until_ready(out)
   epoch_s = time.perf_counter() - start
   if hasattr(it, "close"):
     it.close()
@@ -351,7 +368,22 @@ def main():
   ap.add_argument("--dir", default="/tmp/head_bench", help="zarr groups.")
   ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
   ap.add_argument("--smoke", action="store_true", help="Tiny run (CI).")
+  ap.add_argument(
+    "--profile",
+    action="store_true",
+    help="Only the step's profile, levers, matmul peak and epochs "
+    "(head_profile.py) on --profile_trailers generated trailers.",
+  )
+  ap.add_argument("--profile_trailers", default="3000,12000")
   args = ap.parse_args()
+  if args.profile:
+    import head_profile
+
+    options = dict(features=args.features, k=16, rounds=4, ks="1,8")
+    options.update(epoch_trailers=args.profile_trailers, smoke=args.smoke)
+    namespace = argparse.Namespace(**options, epochs_only=False)
+    head_profile.report(head_profile.parse(namespace))
+    return
   if args.smoke:
     vars(args).update(SMOKE)
   if args.child:

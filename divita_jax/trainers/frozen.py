@@ -126,13 +126,14 @@ def programs(config, mesh, num_features: dict) -> st.Programs:
     init = jax.jit(
       lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings
     )
+    step = functools.partial(train_step, model, tx)
     train_fn, eval_fn = st.jit_steps(
-      functools.partial(train_step, model, tx),
-      functools.partial(eval_step, model),
-      mesh,
-      shardings,
+      step, functools.partial(eval_step, model), mesh, shardings
     )
-    return st.Programs(model, tx, init, abstract, shardings, train_fn, eval_fn)
+    steps_fn = st.jit_multi_step(step, mesh, shardings)
+    return st.Programs(
+      model, tx, init, abstract, shardings, train_fn, eval_fn, steps_fn
+    )
 
   return st.cached(key, build)
 

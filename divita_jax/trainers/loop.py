@@ -31,6 +31,10 @@ from divita_jax.trainers import checkpoints, finetune, frozen, optim
 from divita_jax.trainers import state as st
 
 MODES = {"frozen": frozen, "finetune": finetune}
+# Training steps per dispatch (a lax.scan over a stack of batches): no
+# dispatch, transfer or Python per step; an epoch's last steps that do not
+# fill one run one by one (benchmarks/head.py measures the choice).
+STEPS_PER_DISPATCH = 8
 
 
 def mode(config):
@@ -83,7 +87,14 @@ class HostState:
 # ------------------------------------------------------------------- fold
 
 
-def train_fold(config, fold_dir: str, inputs, data, preload=True) -> dict:
+def train_fold(
+  config,
+  fold_dir: str,
+  inputs,
+  data,
+  preload=True,
+  steps_per_dispatch: int = STEPS_PER_DISPATCH,
+) -> dict:
   """Trains and evaluates one fold in `fold_dir` (resumes from it).
 
   `data`: the fold's trailers (pipelines.common.FoldData: ids, labels,
@@ -91,11 +102,18 @@ def train_fold(config, fold_dir: str, inputs, data, preload=True) -> dict:
   reads: branch -> representation reader (frozen), or the random-access
   source of the raw trailers (finetune, rows aligned with `data.ids`).
   `preload` (frozen mode): the fold's representations in memory first.
+  `steps_per_dispatch`: training steps per call of the scanned program
+  (`Programs.train_steps`, where the mode has one); the results do not
+  depend on it (the scan is bitwise the same as single steps).
 
   Returns 'epoch' (best epoch, 1-based), 'val'/'test' (metrics of the best
   checkpoint), 'val_probs'/'test_probs' (per trailer) and 'val_ids'/
   'test_ids'.
   """
+  if steps_per_dispatch < 1:
+    raise ValueError(
+      f"steps_per_dispatch must be >= 1, got {steps_per_dispatch}."
+    )
   for name in (n for n, v in data.subsets.items() if not len(v)):
     raise ValueError(f"Fold {data.fold} has an empty {name} subset.")
   mesh = sharding.make_mesh(config.mesh)
@@ -118,6 +136,7 @@ def train_fold(config, fold_dir: str, inputs, data, preload=True) -> dict:
     metric_writers.SummaryWriter(fold_dir)
     if jax.process_index() == 0
     else metric_writers.MultiWriter([]),
+    steps_per_dispatch,
   )
   if state is None:
     state = p.init(jax.random.PRNGKey(config.seed))
@@ -183,6 +202,7 @@ class _Fold:
   best: ocp.CheckpointManager
   fold_dir: str
   writer: metric_writers.MetricWriter
+  steps_per_dispatch: int = 1
 
   @property
   def train_step(self) -> Callable:
@@ -243,9 +263,10 @@ def _end_epoch(config, f: _Fold, state, host: HostState, epoch, step):
 
 
 def _epoch_losses(f: _Fold, host: HostState, losses: list, first: int):
-  """The epoch's loss sum so far (in order, so that a resumed epoch sums
-  to the same float); a non-finite loss stops the run, naming its step."""
-  values = [float(x) for x in losses]
+  """The epoch's loss sum so far (`losses`: one [n] array per dispatch,
+  summed in step order, so that a resumed epoch sums to the same float); a
+  non-finite loss stops the run, naming its step."""
+  values = [float(x) for x in np.concatenate([np.asarray(x) for x in losses])]
   for i, v in enumerate(values):
     if not np.isfinite(v):
       raise NonFiniteLoss(first + i + 1, v, f.fold_dir)
@@ -285,14 +306,14 @@ def _run_epochs(config, f: _Fold, state, host: HostState):
     for epoch in range(host.epochs_done, tc.max_epochs):
       losses, first = [], step
       while step < (epoch + 1) * steps:
-        batch = hosts.global_batch(next(it), f.mesh)
-        lr = np.float32(f.setup.learning_rate(host, step, steps))
-        state, metrics = f.train_step(state, batch, lr)
-        step += 1
+        n = _dispatch_size(f, (epoch + 1) * steps - step)
+        state, metrics = _train_steps(f, state, it, host, step, n)
         losses.append(metrics["loss"])
-        progress(step)
-        if step % tc.log_every_steps == 0:
-          _log_step(f, step, metrics)
+        for s in range(step + 1, step + n + 1):
+          progress(s)
+          if s % tc.log_every_steps == 0:
+            _log_step(f, s, jax.tree.map(lambda x: x[s - step - 1], metrics))
+        step += n
         preempted = preemption.at(step)
         if preempted and step < (epoch + 1) * steps:
           host = dataclasses.replace(
@@ -319,3 +340,24 @@ def _run_epochs(config, f: _Fold, state, host: HostState):
       if stop:
         break
   return state, host
+
+
+def _dispatch_size(f: _Fold, left: int) -> int:
+  """Steps of the next dispatch: `steps_per_dispatch` through the scanned
+  program while the epoch has that many left, then single steps (two
+  compiled programs at most)."""
+  k = f.steps_per_dispatch
+  return k if f.setup.programs.train_steps and 1 < k <= left else 1
+
+
+def _train_steps(f: _Fold, state, it, host: HostState, step: int, n: int):
+  """`n` steps from `step` in one dispatch; metrics stacked [n] (no host
+  round trip: the losses are read at the epoch's end)."""
+  lrs = [f.setup.learning_rate(host, s, f.steps) for s in range(step, step + n)]
+  lrs = np.asarray(lrs, np.float32)
+  if n == 1:
+    batch = hosts.global_batch(next(it), f.mesh)
+    state, metrics = f.train_step(state, batch, lrs[0])
+    return state, jax.tree.map(lambda x: x[None], metrics)
+  batches = st.global_batches([next(it) for _ in range(n)], f.mesh)
+  return f.setup.programs.train_steps(state, batches, lrs)

@@ -15,7 +15,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from divita_jax import sharding
 
@@ -40,6 +42,10 @@ class Programs(NamedTuple):
   # donates the state.
   train_step: Callable
   eval_step: Callable  # (variables, batch) -> window outputs, replicated
+  # (state, batches [K, b, ...], lrs [K]) -> (state, metrics [K]): K steps
+  # in one dispatch (lax.scan of train_step, bitwise the same as K calls of
+  # it); donates the state. None: one dispatch per step (finetune).
+  train_steps: Callable | None = None
 
 
 class FoldSetup(NamedTuple):
@@ -129,3 +135,38 @@ def jit_steps(train_step, eval_step, mesh, shardings: TrainState):
     eval_step, in_shardings=(var_shardings, batch), out_shardings=rep
   )
   return train, evaluate
+
+
+def jit_multi_step(train_step, mesh, shardings: TrainState):
+  """Programs.train_steps: `train_step` scanned over K stacked batches
+  [K, b, ...] (split over the batch axes on axis 1) and learning rates [K];
+  one dispatch and no host round trip per step; the state donated."""
+
+  def steps(state, batches, lrs):
+    body = lambda s, x: train_step(s, *x)
+    return jax.lax.scan(body, state, (batches, lrs))
+
+  rep = sharding.replicated(mesh)
+  return jax.jit(
+    steps,
+    in_shardings=(shardings, stacked_sharding(mesh), rep),
+    out_shardings=(shardings, rep),
+    donate_argnums=(0,),
+  )
+
+
+def stacked_sharding(mesh) -> NamedSharding:
+  """[K, b, ...] stacks of batches: axis 1 over the batch axes."""
+  return NamedSharding(mesh, PartitionSpec(None, sharding.batch_axes(mesh)))
+
+
+def global_batches(local_batches: list, mesh) -> dict:
+  """Per-process numpy batches -> one global stack [K, b, ...] per key
+  (what `train_steps` takes; hosts.global_batch for K batches)."""
+  spec = stacked_sharding(mesh)
+  return {
+    k: jax.make_array_from_process_local_data(
+      spec, np.stack([b[k] for b in local_batches])
+    )
+    for k in local_batches[0]
+  }
