@@ -109,6 +109,7 @@ CASES = [
   # Fine-tuning.
   bad("dataset.config", "reps", "finetune"),
   bad("model.branches", ("image", "audio"), "reps", dataset__manual_dir="/r"),
+  bad("backbones.audio.pooling", "chunks", "finetune,audio,whisper"),
   bad("finetune.remat", "dot", "finetune"),
   bad("finetune.dtype", "half", "finetune"),
   bad("finetune.schedule", "cos", "finetune"),

@@ -16,6 +16,8 @@ from flax import traverse_util
 
 import tfds_trailers12k
 from divita_jax import (
+  audio,
+  extract_audio,
   hosts,
   metrics,
   predict,
@@ -27,10 +29,12 @@ from divita_jax import (
 from divita_jax.configs import checks
 from divita_jax.configs import divita as divita_config
 from divita_jax.models import backbone, runtime
+from divita_jax.pipelines import common
 from divita_jax.trainers import checkpoints, finetune, loop, param_groups
 from divita_jax.trainers import state as ts
 from tests import kill_at
-from tfds_trailers12k import genres
+from tests.conftest import run_main
+from tfds_trailers12k import genres, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (kind, variant, resolution): tiny clip backbones.
@@ -40,15 +44,20 @@ VIDEO = {
 }
 # Frame backbones, fine-tuned on every frame of the clip.
 IMAGE = {"dinov3": ("dinov3", "tiny/8", 16)}  # Rotary, registers.
+# Audio encoders on log-mels of 100 frames x 32 bins (the default sizes).
+AUDIO = {"ast": ("ast", "tiny"), "whisper": ("whisper", "tiny")}
 
 
 def _config(kind="vivit", shape=(-1, 1, 1), batch=8, **finetune_kw):
   c = divita_config.get_config("finetune")
-  branch = "image" if kind in IMAGE else "video"
+  branch = "image" if kind in IMAGE else "audio" if kind in AUDIO else "video"
   c.model.branches = (branch,)
   c.model.cam = "tsfm_16_2_2_0.0"  # No dropout: steps comparable.
   b = c.backbones[branch]
-  b.kind, b.variant, b.resolution = {**VIDEO, **IMAGE}[kind]
+  if branch == "audio":
+    b.kind, b.variant = AUDIO[kind]
+  else:
+    b.kind, b.variant, b.resolution = {**VIDEO, **IMAGE}[kind]
   c.clips.frames_per_clip = 4
   c.finetune.clips_per_trailer = 2
   c.mesh.shape = shape
@@ -64,17 +73,24 @@ def _mesh(c, num_devices=None):
 
 def _batch(c, batch=8, seed=0):
   rng = np.random.default_rng(seed)
-  (branch,) = c.model.branches
-  r, t = c.backbones[branch].resolution, c.clips.frames_per_clip
-  n = c.finetune.clips_per_trailer
+  n, t = c.finetune.clips_per_trailer, c.clips.frames_per_clip
   mask = np.ones((batch, n), bool)
   mask[::3, -1] = False  # Some padded clips.
-  return {
-    branch: rng.integers(0, 256, (batch, n, t, r, r, 3), dtype=np.uint8),
+  out = {
     "mask": mask,
     "labels": (rng.random((batch, 10)) < 0.3).astype(np.float32),
     "weight": np.ones(batch, np.float32),
   }
+  for branch in c.model.branches:
+    if branch == "audio":  # Log-mels: AST-normalised scale, about N(0, 1).
+      a = c.backbones.audio
+      size = (batch, n, a.mel_frames, a.mel_bins)
+      out[branch] = rng.normal(size=size).astype(np.float32)
+    else:
+      r = c.backbones[branch].resolution
+      size = (batch, n, t, r, r, 3)
+      out[branch] = rng.integers(0, 256, size, dtype=np.uint8)
+  return out
 
 
 def _flat(tree) -> dict:
@@ -88,7 +104,8 @@ def _assert_close(a: dict, b: dict, atol: float):
     np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
 
 
-@pytest.mark.parametrize("kind", sorted({**VIDEO, **IMAGE}))
+# Whisper trains in test_audio_encoder_trains_or_stays_frozen (one device).
+@pytest.mark.parametrize("kind", sorted({**VIDEO, **IMAGE, "ast": 0}))
 def test_sharded_step_equals_one_device(kind):
   lr = np.float32(1e-3)
   out = {}
@@ -260,16 +277,16 @@ def finetuned(tmp_path_factory):
   return workdir
 
 
-def _run_config():
-  c = divita_config.get_config("finetune,runlocal")
+def _run_config(variant="finetune,runlocal"):
+  c = divita_config.get_config(variant)
   c.train.max_epochs = 3
   c.finetune.clips_per_trailer = 4
   c.finetune.freeze_layers = 1
   return c
 
 
-def _best(workdir):
-  c = _run_config()
+def _best(workdir, c=None):
+  c = c or _run_config()
   mesh = sharding.make_mesh(c.mesh)
   abstract = ts.variables_of(finetune.programs(c, mesh).abstract)
   variables, _ = checkpoints.load_best(
@@ -305,12 +322,16 @@ def test_finetuning_learns_and_keeps_frozen_layers(finetuned):
   assert len(probs) == len(test_rows)
   print(f"test muAP {test['uap']:.3f}, label-frequency {base['uap']:.3f}")
   assert test["uap"] > base["uap"] + 0.15
-  # Frozen stems (layer 0) are bit for bit the initial weights; the rest
-  # moved.
   c, variables = _best(finetuned)
-  trained = _flat(variables["params"])
+  assert _moved_above_stems(c, variables["params"]) > 10
+
+
+def _moved_above_stems(c, params, branches=None) -> int:
+  """Frozen stems (layer 0) are bit for bit the initial weights; returns
+  how many of the other backbone parameters moved."""
+  trained = _flat(params)
   moved = 0
-  for b in ("image", "video"):
+  for b in branches or c.model.branches:
     _, start, _ = runtime.make_backbone(c, b)
     ids, _ = param_groups.layer_ids(start["params"])
     ids = _flat(ids)
@@ -319,7 +340,34 @@ def test_finetuning_learns_and_keeps_frozen_layers(finetuned):
         np.testing.assert_array_equal(x, trained[f"{b}/{name}"], err_msg=name)
       else:
         moved += not np.array_equal(x, trained[f"{b}/{name}"])
-  assert moved > 10
+  return moved
+
+
+@pytest.mark.xdist_group("finetune")
+def test_finetuning_with_the_audio_branch_end_to_end(
+  finetuned, tmp_path, capsys
+):
+  """audio_only, one epoch on the fixture's data: results written, the
+  audio encoder trained above its stem, `predict` (extraction's audio
+  path) gives the evaluation's probabilities (pixels and log-mels in one
+  step: test_audio_clips_as_extraction_computes_them)."""
+  workdir = str(tmp_path / "audio")
+  flags = [f for f in RUN_FLAGS if not f.startswith("--config=")]
+  run_main(
+    "--config=configs/divita.py:finetune,runlocal,audio_only",
+    *flags,
+    "--config.train.max_epochs=1",
+    f"--config.dataset.data_dir={os.path.join(finetuned, 'tfds')}",
+    f"--workdir={workdir}",
+  )
+  with open(os.path.join(workdir, "results", "fold0.json")) as f:
+    test = json.load(f)["test"]
+  assert 0 < test["uap"] <= 1
+  c = _run_config("finetune,runlocal,audio_only")
+  c.train.max_epochs = 1
+  _, variables = _best(workdir, c)
+  assert _moved_above_stems(c, variables["params"], ("audio",)) > 10
+  _predict_equals_evaluation(workdir, finetuned, tmp_path, capsys)
 
 
 @pytest.mark.xdist_group("finetune")
@@ -339,9 +387,18 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(finetuned, tmp_path):
 
 @pytest.mark.xdist_group("finetune")
 def test_predict_uses_the_finetuned_backbones(finetuned, tmp_path, capsys):
+  _predict_equals_evaluation(finetuned, finetuned, tmp_path, capsys)
+
+
+def _predict_equals_evaluation(workdir, data_workdir, tmp_path, capsys):
+  """`predict` on two test trailers of `data_workdir`'s dataset gives
+  the probabilities of `workdir`'s evaluation."""
   c = _run_config()
   builder = tfds_trailers12k.build(
-    "synthetic", os.path.join(finetuned, "tfds"), None, **run.dataset_kwargs(c)
+    "synthetic",
+    os.path.join(data_workdir, "tfds"),
+    None,
+    **run.dataset_kwargs(c),
   )
   source = tfds_trailers12k.data_source(builder)
   index = tfds_trailers12k.load_index(builder)
@@ -353,10 +410,10 @@ def test_predict_uses_the_finetuned_backbones(finetuned, tmp_path, capsys):
     paths.append(str(tmp_path / f"{index['ids'][i]}.mp4"))
     with open(paths[-1], "wb") as f:
       f.write(data)
-  assert predict.main([f"--workdir={finetuned}", "--json", *paths]) == 0
+  assert predict.main([f"--workdir={workdir}", "--json", *paths]) == 0
   out = json.loads(capsys.readouterr().out)
   ids, probs = report.read_predictions(
-    os.path.join(finetuned, "results", "fold0_test_probs.csv")
+    os.path.join(workdir, "results", "fold0_test_probs.csv")
   )
   evaluated = dict(zip(ids, probs))
   for o in out:
@@ -406,6 +463,144 @@ def test_swin_patch_merging_follows_its_stage_blocks():
   assert layer("stage_0/downsample/") == {2}  # After the stage's one block.
   assert layer("stage_1/block_0/") == {3}
   assert layer("patch_embed/") == {0} and layer("norm/") == {num + 1}
+
+
+@pytest.mark.parametrize("kind", sorted(AUDIO))
+def test_audio_encoders_layer_ids(kind):
+  c = _config(kind)
+  _, variables, _ = runtime.make_backbone(c, "audio")
+  ids, num = param_groups.layer_ids(variables["params"])
+  ids = _flat(ids)
+  assert num == 2  # The tiny encoders' two blocks.
+  stem = {k for k, v in ids.items() if v == 0}
+  want = {"ast": "cls|cls_distillation|embedding", "whisper": "stem_conv."}
+  assert all(
+    re.fullmatch(f"({want[kind]})(/.*)?|Transformer/posembed_input/.*", k)
+    for k in stem
+  ), stem
+  assert len(stem) >= 3
+  for i in range(num):
+    block = {v for k, v in ids.items() if f"encoderblock_{i}/" in k}
+    assert block == {i + 1}
+  assert {v for k, v in ids.items() if "encoder_norm" in k} == {num + 1}
+  c.finetune.freeze_layers = 1  # The stem: as for every other kind.
+  params = {"head": {"w": np.zeros(2)}, "audio": variables["params"]}
+  frozen, _, _ = param_groups.param_groups(c, params)
+  assert frozen == {f"audio/{k}" for k in stem}
+
+
+def _sources(num=4, silent=1):
+  """`num` short synthetic trailers (records as the TFDS source has them);
+  the last `silent` re-encoded without their soundtrack."""
+  cfg = synthetic.SyntheticConfig(
+    num_trailers=num, min_seconds=3, max_seconds=4
+  )
+  labels = synthetic.sample_labels(cfg)
+  out = []
+  for i in range(num):
+    t = synthetic.make_trailer(i, cfg, labels[i])
+    if i >= num - silent:
+      frames = synthetic.render_frames(i, cfg, labels[i])[0]
+      t["video"] = synthetic._encode(frames, cfg.fps)
+    out.append({"id": t["id"], "video": t["video"], "shots": t["true_shots"]})
+  ids = [r["id"] for r in out]
+  return out, ids, labels.astype(np.float32)
+
+
+def test_audio_clips_as_extraction_computes_them():
+  c = _config("vivit")
+  c.model.branches = ("video", "audio")
+  c.finetune.augment.flip = False  # Frames are not checked here.
+  source, ids, labels = _sources()
+  fold = common.FoldData(
+    ids, labels, {"train": np.arange(4), "validation": np.arange(4)}
+  )
+  c.mesh.shape = (1, 1, 1)
+  mesh = _mesh(c, 1)
+  setup = finetune.fold_setup(c, mesh, source, fold)
+  spec = setup.programs.model.specs["audio"]
+  assert spec["front_end"]["type"] == "kaldi_fbank"
+  want = [  # What extraction feeds the frozen encoder.
+    extract_audio.trailer_log_mels(r, c, spec, i)[0]
+    for r, i in zip(source, ids)
+  ]
+  silence = audio.log_mel(np.zeros(16000, np.float32), spec)  # 1 s.
+  assert all(len(w) >= 2 for w in want)
+  np.testing.assert_array_equal(
+    want[-1], np.broadcast_to(silence, want[-1].shape)
+  )
+  assert np.abs(want[0] - silence).max() > 1.0
+  # Evaluation: one window of every clip per trailer, as extracted.
+  (batch,) = [setup.eval_data("validation").dataset[0]]
+  assert batch["audio"].dtype == np.float32
+  for row, pos in enumerate(batch["trailer"]):
+    if pos < 0:
+      assert not batch["audio"][row].any()
+      continue
+    n = len(want[pos])
+    np.testing.assert_array_equal(batch["audio"][row, :n], want[pos])
+    assert not batch["audio"][row, n:].any()
+    assert batch["video"][row, :n].any()  # No sound, still the frames.
+  # Training: the random window of clips_per_trailer clips (of step 0),
+  # its log-mels those of the same clips in extraction up to the noise
+  # that a seek into the AAC stream redraws in noise-substituted bands
+  # (audio.py; wrong windows here are >= 0.07 off on average).
+  train = setup.train.dataset[0]
+  b, k = c.train.batch_size, c.finetune.clips_per_trailer
+  assert train["audio"].shape == (b, k, 100, 32) and train["weight"].all()
+  order = common.epoch_order(c.seed, 0, 4, b)
+  for row, pos in enumerate(order):
+    np.testing.assert_array_equal(train["labels"][row], labels[pos])
+    n = min(k, len(want[pos]))
+    s = common.random_start((c.seed, 0), pos, len(want[pos]), k)
+    got, ref = train["audio"][row, :n], want[pos][s : s + n]
+    assert np.abs(got - ref).mean() < 0.02, np.abs(got - ref).mean()
+    if pos == 3:  # Silence is silence, seek or not.
+      np.testing.assert_array_equal(got, ref)
+  # The decoded batch trains both encoders in one step.
+  p = setup.programs
+  state = p.init(jax.random.PRNGKey(0))
+  start = {k: np.array(v) for k, v in _flat(state.params).items()}
+  state, m = p.train_step(
+    state, hosts.global_batch(train, mesh), np.float32(1e-3)
+  )
+  assert np.isfinite(float(m["loss"]))
+  end = _flat(state.params)
+  for top in ("audio", "video"):
+    names = [k for k in start if k.startswith(top + "/")]
+    assert sum(not np.array_equal(start[k], end[k]) for k in names) > 10
+
+
+def test_audio_encoder_trains_or_stays_frozen():
+  lr = np.float32(1e-3)
+  moved = {}
+  for freeze in ((), ("^audio/",)):  # Not "audio/": head/audio/... too.
+    c = _config("whisper", shape=(1, 1, 1), freeze=freeze)
+    mesh = _mesh(c, 1)
+    p = finetune.programs(c, mesh)
+    state = p.init(jax.random.PRNGKey(0))
+    # Copies: the step donates the state's buffers.
+    start = {k: np.array(v) for k, v in _flat(state.params).items()}
+    state, m = p.train_step(state, hosts.global_batch(_batch(c), mesh), lr)
+    assert np.isfinite(float(m["loss"]))
+    end = _flat(state.params)
+    for top in ("audio", "head"):
+      names = [k for k in start if k.startswith(top + "/")]
+      changed = [not np.array_equal(start[k], end[k]) for k in names]
+      moved[freeze, top] = sum(changed) / len(names)
+  # Trained: all but the attention key biases (zero gradient, Whisper's
+  # key has none).
+  assert moved[(), "audio"] > 0.9 and moved[(), "head"] > 0.9, moved
+  # Frozen: bit for bit (no gradient, no optimizer state); the head trains.
+  assert moved[("^audio/",), "audio"] == 0, moved
+  assert moved[("^audio/",), "head"] > 0.9, moved
+
+
+def test_audio_chunks_pooling_is_refused_in_finetuning():
+  c = _config("whisper", shape=(1, 1, 1))
+  c.backbones.audio.pooling = "chunks"
+  with pytest.raises(ValueError, match="pooling='chunks' is not built"):
+    finetune.programs(c, _mesh(c, 1))
 
 
 def test_frozen_workdirs_of_older_versions_still_resume():

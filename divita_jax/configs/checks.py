@@ -339,6 +339,9 @@ def _check_train(config) -> None:
 def _check_finetune(config) -> None:
   """Fine-tuning fields (ignored by the frozen protocol)."""
   f = "finetune."
+  audio = config.backbones.audio
+  if "audio" in config.model.branches and audio.pooling != "window":
+    _fail("backbones.audio.pooling", audio.pooling, "'window' in fine-tuning")
   _one_of(config, f + "remat", tuple(remat.POLICIES))
   _one_of(config, f + "dtype", DTYPES)
   _one_of(config, f + "schedule", SCHEDULES)

@@ -14,6 +14,13 @@ clip (and, as a relative box, for every branch), drawn from (seed, epoch,
 2, position, clip): a batch depends on (seed, step) only, whatever the
 process layout, threads or workers.
 
+The audio branch (`Decoder.audio`) gets float32 log-mels [b, clips,
+frames, bins]: each clip's `clips.audio_seconds` of soundtrack centred on
+it through the audio checkpoint's front end, as extraction computes them
+(audio.clip_windows, audio.clip_log_mels: one decode of the span of a
+trailer's windows); silence (audio.silent_log_mels) for a trailer without
+a soundtrack or with one that does not decode. Audio is not augmented.
+
 A trailer whose video fails during training gets `weight` 0 (zero clips,
 the first one unmasked so masked means stay finite) and a warning; at
 evaluation it raises `video.VideoError`. Eval padding rows are one zero
@@ -32,7 +39,7 @@ import cv2
 import numpy as np
 from absl import logging
 
-from divita_jax import video
+from divita_jax import audio, video
 from divita_jax.pipelines import common
 
 
@@ -62,9 +69,12 @@ class Decoder:
   clip_kwargs: dict  # video.sample_kwargs without 'resolution'.
   threads: int = 2  # Decode threads per batch.
   augment: dict | None = None  # check_augment's; training windows only.
+  # The audio branch: {'spec': the audio backbone's spec (its front_end),
+  # 'seconds': clips.audio_seconds}; None = no audio branch.
+  audio: dict | None = None
 
   def __post_init__(self):
-    if not self.branches:
+    if not self.branches and self.audio is None:
       raise ValueError("No branches given.")
     if "resolution" in self.clip_kwargs:
       raise ValueError("clip_kwargs holds 'resolution'; branches give it.")
@@ -105,7 +115,8 @@ class _Clips:
   branches: tuple  # (name, resolution, center_frame) per branch.
 
   def empty(self, b: int) -> dict:
-    """Zero clips of every branch and an all-False mask for `b` rows."""
+    """Zero clips (and log-mels) of every branch and an all-False mask for
+    `b` rows."""
     t = self.decoder.clip_kwargs["frames_per_clip"]
     out = {
       name: np.zeros(
@@ -113,6 +124,10 @@ class _Clips:
       )
       for name, res, center in self.branches
     }
+    if self.decoder.audio is not None:
+      fe = self.decoder.audio["spec"]["front_end"]
+      size = (fe["num_frames"], fe["num_mel_bins"])
+      out["audio"] = np.zeros((b, self.num_clips, *size), np.float32)
     out["mask"] = np.zeros((b, self.num_clips), bool)
     return out
 
@@ -137,7 +152,7 @@ class _Clips:
         logging.warning(
           "Training with weight 0 on trailer %r: %s", e.trailer_id, e.reason
         )
-        for name, _, _ in self.branches:
+        for name in out.keys() - {"labels", "weight", "mask"}:
           out[name][r] = 0
         out["mask"][r] = np.arange(self.num_clips) == 0
         out["weight"][r] = 0
@@ -188,6 +203,19 @@ class _Clips:
         for w in windows
       ]
       self._decode(v, out, rows, windows, boxes)
+      if self.decoder.audio is not None:  # Each clip's audio span [c, 2].
+        spans = audio.clip_windows(
+          v.index.times,
+          np.concatenate(windows),
+          v.index.duration,
+          float(self.decoder.audio["seconds"]),
+        )
+    if self.decoder.audio is not None:
+      mels = _log_mels(record["video"], spans, self.decoder.audio, tid)
+      lo = 0
+      for r, w in zip(rows, windows):
+        out["audio"][r, : len(w)] = mels[lo : lo + len(w)]
+        lo += len(w)
     for r, w in zip(rows, windows):
       out["mask"][r, : len(w)] = True
 
@@ -205,6 +233,23 @@ class _Clips:
         clips = video.center_frame(x) if full and center_only[n] else x
         for r, c, lo, box in zip(rows, counts, offsets, boxes):
           _write(out[n][r, :c], clips[lo : lo + c], box)
+
+
+def _log_mels(data, spans, audio_branch: dict, tid: str) -> np.ndarray:
+  """float32 [c, frames, bins] front end of each span's audio, decoded in
+  one pass; silence for a trailer without a soundtrack or with one that
+  does not decode (as extract_audio.trailer_log_mels)."""
+  spec = audio_branch["spec"]
+  try:
+    mels, has_audio = audio.clip_log_mels(data, spans, spec, name=tid)
+  except audio.AudioError as e:  # A broken audio stream in a good video.
+    logging.log_first_n(logging.WARNING, "Audio branch: silence: %s", 10, e)
+    return audio.silent_log_mels(spans, spec)
+  if not has_audio:
+    logging.log_first_n(
+      logging.WARNING, "Audio branch: silence for %s (no audio).", 10, tid
+    )
+  return mels
 
 
 def _crop_box(rng, scale, ratio) -> tuple:
@@ -288,8 +333,9 @@ def train_data(
   num_workers: int = 0,
 ) -> common.TrainData:
   """Batches of random augmented windows of the fold's 'train' subset for
-  `epochs.count` epochs: {branch: uint8 [b, num_clips, T, H, W, 3], 'mask'
-  bool [b, num_clips], 'labels' float32 [b, C], 'weight' float32 [b]}.
+  `epochs.count` epochs: {branch: uint8 [b, num_clips, T, H, W, 3], 'audio'
+  float32 [b, num_clips, frames, bins] (with Decoder.audio), 'mask' bool
+  [b, num_clips], 'labels' float32 [b, C], 'weight' float32 [b]}.
   num_workers > 0: `common.iterate` decodes in that many worker processes
   (each with `decoder.threads` threads)."""
   if num_workers:

@@ -11,6 +11,12 @@ fine-tuned backbones and averages per trailer as in frozen mode.
 - Start: converted checkpoints or random init, loaded as extraction loads
   them (runtime.make_backbone). Backbone BatchNorm keeps its statistics
   (eval mode); the head starts from config.seed.
+- The audio branch: each clip's log-mel (clips.py, as extraction computes
+  it) through the audio encoder (`backbones.audio.pooling='window'` only),
+  trained like the other backbones (params "audio/...", layer 0 = patch
+  embedding / stem convolutions, then one per block); frozen whole by
+  `finetune.freeze=("^audio/",)` (anchored: "audio/" would also freeze
+  the head's audio branch, "head/audio/...").
 - What trains: all but `finetune.freeze` (regexes searched in
   "<branch>/<param path>", e.g. "video/Transformer/encoderblock_0/") and
   the first `finetune.freeze_layers` layers of each backbone (param_groups:
@@ -61,7 +67,8 @@ class Model:
   backbones: dict  # branch -> backbone module (remat, compute dtype set)
   per_frame: dict  # branch -> 2-D backbone: frames alone, mean over T
   frames: dict  # branch -> runtime.clip_frames indices (or None)
-  stats: dict  # branch -> (mean, std) of the input convention
+  stats: dict  # branch -> (mean, std) of the input convention; None: audio
+  specs: dict  # branch -> backbone spec
   frozen: frozenset  # parameter names without gradients
   microbatches: int
   eval_microbatches: int
@@ -72,16 +79,17 @@ class Model:
     return tuple(self.head.branches)
 
   def features(self, params, batch_stats, batch) -> dict:
-    """uint8 clips {branch: [B, n, T, H, W, 3]} -> {branch: [B, n, D]}."""
+    """uint8 clips {branch: [B, n, T, H, W, 3]} (audio: float32 log-mels
+    [B, n, frames, bins]) -> {branch: [B, n, D]}."""
     out = {}
     for b in self.branches:
       x = batch[b]
       if self.frames[b] is not None:  # The clip model's own frame count.
         x = x[:, :, self.frames[b]]
       lead = x.shape[:3] if self.per_frame[b] else x.shape[:2]
-      x = runtime.normalize(
-        x.reshape(-1, *x.shape[len(lead) :]), *self.stats[b]
-      )
+      x = x.reshape(-1, *x.shape[len(lead) :])
+      if self.stats[b] is not None:  # Log-mels come normalised.
+        x = runtime.normalize(x, *self.stats[b])
       variables = {"params": params[b]}
       if batch_stats.get(b):
         variables["batch_stats"] = batch_stats[b]
@@ -204,6 +212,13 @@ def eval_step(m: Model, variables: dict, batch: dict):
 
 def _backbones(config) -> dict:
   """branch -> (module with remat and compute dtype, variables, spec)."""
+  if "audio" in config.model.branches:
+    pooling = config.backbones.audio.pooling
+    if pooling != "window":
+      raise ValueError(
+        f"backbones.audio.pooling={pooling!r} is not built for "
+        "train.mode='finetune'; use 'window'."
+      )
   out = {}
   for b in config.model.branches:
     module, variables, spec = runtime.make_backbone(config, b)
@@ -304,9 +319,12 @@ def _build(config, mesh) -> st.Programs:
       for b, (_, _, s) in loaded.items()
     },
     stats={
-      b: backbone.input_stats(s, config.backbones[b].normalization or None)
+      b: None
+      if backbone.is_audio_model(s)
+      else backbone.input_stats(s, config.backbones[b].normalization or None)
       for b, (_, _, s) in loaded.items()
     },
+    specs={b: s for b, (_, _, s) in loaded.items()},
     frozen=frozenset(frozen),
     microbatches=config.finetune.microbatches,
     eval_microbatches=config.finetune.eval_microbatches,
@@ -333,8 +351,9 @@ def _build(config, mesh) -> st.Programs:
 
 
 def _branch_inputs(config) -> dict:
+  """The frame branches' Decoder.branches entries."""
   out = {}
-  for b in config.model.branches:
+  for b in (b for b in config.model.branches if b != "audio"):
     kind = config.backbones[b].kind
     image = backbone.is_image_model(
       {"kind": kind, "model": {"dims": 3 if kind == "shufflenet3d" else 2}}
@@ -354,12 +373,18 @@ def fold_setup(config, mesh, source, fold, preload: bool = True):
   f, tc = config.finetune, config.train
   clip_kwargs = video.sample_kwargs(config.clips, 0)
   del clip_kwargs["resolution"]
+  p = programs(config, mesh)
+  sound = None
+  if "audio" in config.model.branches:
+    spec = p.model.specs["audio"]
+    sound = {"spec": spec, "seconds": float(config.clips.audio_seconds)}
   decoder = clips.Decoder(
     source,
     _branch_inputs(config),
     clip_kwargs,
     threads=f.decode_threads,
     augment=f.augment.to_dict(),
+    audio=sound,
   )
   train = clips.train_data(
     decoder,
@@ -372,7 +397,7 @@ def fold_setup(config, mesh, source, fold, preload: bool = True):
   eval_data = lambda name: clips.eval_data(decoder, fold, name, eval_batching)
 
   return st.FoldSetup(
-    programs=programs(config, mesh),
+    programs=p,
     train=train,
     eval_data=eval_data,
     num_features={},
