@@ -124,7 +124,8 @@ def measure(args) -> dict:
   from divita_jax import hosts, sharding
   from divita_jax.configs import divita as divita_config
   from divita_jax.pipelines import common, reps
-  from divita_jax.trainers import frozen
+  from divita_jax.trainers import frozen, loop
+  from divita_jax.trainers import state as st
 
   config = divita_config.get_config()
   tc = config.train
@@ -142,6 +143,9 @@ def measure(args) -> dict:
   )
   for _ in range(2):  # Compiles outside the timings and the base RSS.
     state, out = p.train_step(state, hosts.global_batch(dummy, mesh), lr)
+    k = loop.STEPS_PER_DISPATCH  # The scanned program too.
+    stack = st.global_batches([dummy] * k, mesh)
+    state, out = p.train_steps(state, stack, np.full(k, lr, np.float32))
   jax.block_until_ready(out)
   store = ZarrApi if args.child == "zarr-api" else stores.ZarrStore
   readers = {b: store(_group(args.dir, b)) for b in BRANCHES}
