@@ -104,8 +104,10 @@ def _assert_close(a: dict, b: dict, atol: float):
     np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
 
 
-# Whisper trains in test_audio_encoder_trains_or_stays_frozen (one device).
-@pytest.mark.parametrize("kind", sorted({**VIDEO, **IMAGE, "ast": 0}))
+# Whisper trains in test_audio_encoder_trains_or_stays_frozen (one device);
+# Swin-3D's windows are sharded like ViViT's blocks here and cost ~70 s on
+# 2 cores, so its remat, parity and layer ids tests cover it instead.
+@pytest.mark.parametrize("kind", sorted({"vivit": 0, **IMAGE, "ast": 0}))
 def test_sharded_step_equals_one_device(kind):
   lr = np.float32(1e-3)
   out = {}
