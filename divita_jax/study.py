@@ -228,16 +228,6 @@ def parse_setting(text: str, axes: list[Axis], what="--baseline") -> dict:
 # ---------------------------------------------------------------- settings
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def extraction_key(config) -> tuple[str, dict]:
   """(digest, fields) of every field that changes the representations
   (dataset, clips, backbones, seed; not the free ones: batch sizes,
@@ -245,7 +235,9 @@ def extraction_key(config) -> tuple[str, dict]:
   store tag inside (extract.backbone_tag) does not name all of them."""
   fields = {
     k: v
-    for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+    for k, v in workdir_lib.flat(
+      json.loads(config.to_json_best_effort())
+    ).items()
     if k.startswith(EXTRACTION_SECTIONS)
     and not any(fnmatch.fnmatchcase(k, p) for p in workdir_lib.FREE_FIELDS)
   }

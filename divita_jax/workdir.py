@@ -65,11 +65,12 @@ class WorkdirError(checks.ConfigError):
   what to do."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat(tree: dict, prefix: str = "") -> dict:
+  """{"a.b": v} of a nested dict."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -83,8 +84,8 @@ def config_differences(old: dict, new: dict) -> list[str]:
     new = new.to_dict()
   # Through JSON, as config.json was written: tuples become lists.
   old, new = (
-    _flat(json.loads(json.dumps(old))),
-    _flat(json.loads(json.dumps(new))),
+    flat(json.loads(json.dumps(old))),
+    flat(json.loads(json.dumps(new))),
   )
   old = {**ADDED_FIELDS, **old}
   # Fine-tuning settings change nothing in frozen mode, nor the settings of

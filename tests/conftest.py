@@ -3,6 +3,7 @@ one persistent compilation cache for the whole test run."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,21 @@ def run_main(*flags: str, timeout: float = 900) -> None:
     timeout=timeout,
   )
   assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+class SigtermAfter:
+  """A real store that sends this process SIGTERM at its `after`-th read
+  (fault injection: preemption in the middle of training)."""
+
+  def __init__(self, store, after):
+    self.store, self.after, self.reads = store, after, 0
+    self.num_features = store.num_features
+
+  def read(self, trailer_id, mmap=False):
+    self.reads += 1
+    if self.reads == self.after:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return self.store.read(trailer_id, mmap=mmap)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,6 @@
 (a lax.scan over stacked batches) equal single steps bit for bit, in a step
 and over a whole fold with a preemption and a resume in the middle."""
 
-import os
-import signal
-
 import jax
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from divita_jax.configs import divita as divita_config
 from divita_jax.pipelines import common, stores
 from divita_jax.trainers import checkpoints, frozen, loop
 from divita_jax.trainers import state as st
+from tests.conftest import SigtermAfter
 
 DIMS = {"image": 12, "video": 8}
 
@@ -59,20 +57,6 @@ def test_scanned_steps_equal_single_steps_bitwise():
   np.testing.assert_array_equal(np.asarray(metrics["loss"]), losses)
   for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(scanned)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-class SigtermAfter:
-  """A real store that sends this process SIGTERM at its `after`-th read."""
-
-  def __init__(self, store, after):
-    self.store, self.after, self.reads = store, after, 0
-    self.num_features = store.num_features
-
-  def read(self, trailer_id, mmap=False):
-    self.reads += 1
-    if self.reads == self.after:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return self.store.read(trailer_id, mmap=mmap)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import signal
 
 import jax
 import ml_collections
@@ -14,6 +13,7 @@ from divita_jax import metrics, sharding
 from divita_jax.configs import divita as divita_config
 from divita_jax.pipelines import common, stores
 from divita_jax.trainers import checkpoints, frozen, loop, optim, param_groups
+from tests.conftest import SigtermAfter
 
 
 def test_adamw_amsgrad_matches_torch():
@@ -60,21 +60,6 @@ def test_plateau_matches_torch_and_early_stopping():
     es = optim.early_stop_update(es, loss)
     waits.append(es.pop("improved"))
   assert waits == [True, True, False, False, True]
-
-
-class SigtermAfter:
-  """A real store that sends this process SIGTERM at its `after`-th read
-  (fault injection: preemption in the middle of training)."""
-
-  def __init__(self, store, after):
-    self.store, self.after, self.reads = store, after, 0
-    self.num_features = store.num_features
-
-  def read(self, trailer_id, mmap=False):
-    self.reads += 1
-    if self.reads == self.after:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return self.store.read(trailer_id, mmap=mmap)
 
 
 class NanOnSecondRead:
