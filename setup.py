@@ -46,6 +46,9 @@ TEST_REQUIRES = [
   "nbformat>=5.10",
   "ipykernel>=6.29",
   "ruff>=0.6",
+  # The Beam dataset build and the trailer fetcher run in the tests.
+  "apache-beam>=2.69,<2.78",
+  "yt-dlp>=2025.1",
 ]
 
 setuptools.setup(
@@ -69,5 +72,10 @@ setuptools.setup(
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
     "cuda13": ["jax[cuda13]>=0.10.2,<0.11"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    # Dataset builds on Apache Beam (python -m tfds_trailers12k
+    # --beam_runner=...); 2.69+ for protobuf 6 with tensorflow-cpu 2.21.
+    "beam": ["apache-beam>=2.69,<2.78"],
+    # python -m tfds_trailers12k.fetch: trailers by their YouTube ids.
+    "fetch": ["yt-dlp>=2025.1"],
   },
 )

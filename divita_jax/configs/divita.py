@@ -102,6 +102,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.num_workers = 0  # Build processes; 0 = all cores.
   # Re-attempt trailers an interrupted build saved as skipped.
   c.dataset.retry_skipped = False
+  # Apache Beam build (pip install -e '.[beam]'): a runner name
+  # (FnApiRunner, DataflowRunner, FlinkRunner, ...) and/or pipeline options
+  # ("--direct_num_workers=0,--direct_running_mode=multi_processing");
+  # both "" = the local worker pool.
+  c.dataset.beam_runner = ""
+  c.dataset.beam_options = ""
 
   # ---- Clip sampling (divita_jax/video.py) ----
   c.clips = ml_collections.ConfigDict()
