@@ -109,13 +109,16 @@ def fusion(config) -> dict:
   return dict(axes=axes, baseline={"input": "image"}, claims=claims)
 
 
-def _pair(name: str, real: bool) -> dict:
-  """The backbone fields of a Table 6 pair (configs/divita.py's tables)."""
+def _pair(name: str, config) -> dict:
+  """The backbone fields of a Table 6 pair (configs/divita.py's tables);
+  real checkpoints under the config's checkpoints_dir."""
+  real = _real(config)
   fields = {}
   for i, branch in enumerate(("image", "video")):
     b = f"backbones.{branch}"
     if real:
-      kind, checkpoint, resolution = divita.TABLE6[name][i]
+      kind, folder, resolution = divita.TABLE6[name][i]
+      checkpoint = f"{config.checkpoints_dir}/{folder}"
       fields.update(
         {
           f"{b}.kind": kind,
@@ -133,7 +136,7 @@ def backbones(config) -> dict:
   """The Table 6 pairs (abstract: the light ConvNet pair loses 3.46% to the
   top Transformer with 11.82% of its parameters and 0.81% of its FLOPs)."""
   names = ("shufflenet", "resnet", "swin")
-  axes = {"backbones": {n: _pair(n, _real(config)) for n in names}}
+  axes = {"backbones": {n: _pair(n, config) for n in names}}
   light, top = {"backbones": "shufflenet"}, [{"backbones": "swin"}]
   claims = [
     dict(

@@ -28,9 +28,12 @@ CONFIG_FILE = "config.json"
 # Fields (dotted, fnmatch patterns) that cannot change results.
 FREE_FIELDS = (
   "folds",
+  "checkpoints_dir",  # The checkpoint paths themselves are compared.
   "dataset.data_dir",
   "dataset.num_workers",
   "dataset.retry_skipped",
+  "dataset.beam_runner",
+  "dataset.beam_options",
   "backbones.*.batch_size",
   "extract.*",
   "reps.dir",

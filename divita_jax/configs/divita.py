@@ -4,11 +4,13 @@ Default (synthetic Trailers12k, tiny random backbones, minutes on a CPU):
   python -m divita_jax.main --config=configs/divita.py --workdir=/tmp/divita
 
 Real Trailers12k (videos in MANUAL_DIR/videos, MANUAL_DIR/mtgc.csv) with
-converted ViT-B/16 and ViViT-B/16x2 checkpoints (see README, Conversion):
+converted ViT-B/16 and ViViT-B/16x2 checkpoints (README, "Getting the real
+data": the presets read <checkpoints_dir>/vit_b16_in21k_in1k and
+<checkpoints_dir>/vivit_b16x2_k400; checkpoints_dir defaults to
+"checkpoints", relative to the current directory):
   python -m divita_jax.main --config=configs/divita.py:trailers12k \
     --config.dataset.manual_dir=MANUAL_DIR \
-    --config.backbones.image.checkpoint=/ckpt/vit_b16 \
-    --config.backbones.video.checkpoint=/ckpt/vivit_b16x2 --workdir=DIR
+    --config.checkpoints_dir=/data/checkpoints --workdir=DIR
 
 Table 6 from the official precomputed representations (MANUAL_DIR holds
 mtgc.csv and the zarr groups, e.g. trailers_i_swin_fpc24.zarr):
@@ -78,6 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seed of initialisation, data order and dropout.
   c.folds = (0, 1, 2)  # Official folds to train and evaluate.
+  # Where the `trailers12k` presets find their converted checkpoints
+  # (<checkpoints_dir>/<folder>, the folders of the TABLE6, SINGLE and
+  # AUDIO_CHECKPOINTS tables below); a reference: overriding it moves
+  # every preset's path.
+  c.checkpoints_dir = ml_collections.FieldReference("checkpoints")
 
   # ---- Dataset (TFDS trailers12k) ----
   c.dataset = ml_collections.ConfigDict()
@@ -316,9 +323,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 # `python -m divita_jax.convert --source hf_ast | hf_whisper` from the hub
 # folders MIT/ast-finetuned-audioset-10-10-0.4593 and openai/whisper-base.
 AUDIO_CHECKPOINTS = {
-  "ast": "checkpoints/ast_audioset_10_10_0.4593",
-  "whisper": "checkpoints/whisper_base",
+  "ast": "ast_audioset_10_10_0.4593",
+  "whisper": "whisper_base",
 }
+
+
+def preset_checkpoint(c, folder: str):
+  """<c.checkpoints_dir>/<folder>, following later overrides of
+  checkpoints_dir (`--config.checkpoints_dir=DIR`)."""
+  return c.get_ref("checkpoints_dir") + f"/{folder}"
 
 
 def _audio(c, variants) -> None:
@@ -328,7 +341,7 @@ def _audio(c, variants) -> None:
   if "whisper" in variants:
     a.kind, a.pooling = "whisper", "chunks"
   if "trailers12k" in variants:
-    a.checkpoint = AUDIO_CHECKPOINTS[a.kind]
+    a.checkpoint = preset_checkpoint(c, AUDIO_CHECKPOINTS[a.kind])
     a.dtype = "auto"
     a.batch_size = 8
     # AST hears 10.24 s: the window it was trained on, centred on the clip.
@@ -362,30 +375,31 @@ def _finetune(c, real: bool) -> None:
 
 
 # Table 6 backbone pairs from raw trailers: (kind, converted checkpoint
-# dir, resolution) per branch. Checkpoints are written by `python -m
-# divita_jax.convert` (README, "Reproducing Table 6 from trailers").
+# folder under checkpoints_dir, resolution) per branch. Checkpoints are
+# written by `python -m divita_jax.convert` (README, "Getting the real
+# data" names the file and the command for each folder).
 TABLE6 = {
   "vit": (
-    ("vit", "checkpoints/vit_b16_in21k_in1k", 224),
-    ("vivit", "checkpoints/vivit_b16x2_k400", 224),
+    ("vit", "vit_b16_in21k_in1k", 224),
+    ("vivit", "vivit_b16x2_k400", 224),
   ),
   "swin": (  # The paper's best pair.
-    ("swin", "checkpoints/swin_t_in1k", 224),
-    ("swin3d", "checkpoints/swin3d_t_k400", 224),
+    ("swin", "swin_t_in1k", 224),
+    ("swin3d", "swin3d_t_k400", 224),
   ),
   "shufflenet": (  # The light pair of the efficiency claim.
-    ("shufflenet", "checkpoints/shufflenet_v2_x1_0_in1k", 224),
-    ("shufflenet3d", "checkpoints/shufflenetv2_3d_1.0x_kinetics", 112),
+    ("shufflenet", "shufflenet_v2_x1_0_in1k", 224),
+    ("shufflenet3d", "shufflenetv2_3d_1.0x_kinetics", 112),
   ),
   "resnet": (
-    ("resnet", "checkpoints/resnet50_in1k", 224),
-    ("r2plus1d", "checkpoints/r2plus1d_18_k400", 112),
+    ("resnet", "resnet50_in1k", 224),
+    ("r2plus1d", "r2plus1d_18_k400", 112),
   ),
   # Past the paper (README, "Backbones past the paper"): SigLIP B/16 frames
   # + VideoPrism-B clips (16 frames at 288 px), both frozen-probe leaders.
   "modern": (
-    ("siglip", "checkpoints/siglip_base_patch16_224", 224),
-    ("videoprism", "checkpoints/videoprism_base_f16r288", 288),
+    ("siglip", "siglip_base_patch16_224", 224),
+    ("videoprism", "videoprism_base_f16r288", 288),
   ),
 }
 
@@ -400,16 +414,16 @@ TINY = {
 }
 
 # One backbone past the paper alone, its branch only: name -> (branch, kind,
-# converted checkpoint dir and resolution with `trailers12k`, tiny variant).
+# converted checkpoint folder and resolution with `trailers12k`, tiny variant).
 SINGLE = {
-  "siglip": ("image", "siglip", "checkpoints/siglip_base_patch16_224", 224),
-  "dinov2": ("image", "dinov2", "checkpoints/dinov2_base", 224),
-  "dinov3": ("image", "dinov3", "checkpoints/dinov3_vitb16", 224),
-  "vjepa2": ("video", "vjepa2", "checkpoints/vjepa2_vitl_fpc16_256", 256),
+  "siglip": ("image", "siglip", "siglip_base_patch16_224", 224),
+  "dinov2": ("image", "dinov2", "dinov2_base", 224),
+  "dinov3": ("image", "dinov3", "dinov3_vitb16", 224),
+  "vjepa2": ("video", "vjepa2", "vjepa2_vitl_fpc16_256", 256),
   "videoprism": (
     "video",
     "videoprism",
-    "checkpoints/videoprism_base_f16r288",
+    "videoprism_base_f16r288",
     288,
   ),
 }
@@ -427,13 +441,15 @@ def _backbone_pair(c, variants: set[str]) -> None:
     b = c.backbones[branch]
     b.kind, b.variant = kind, "tiny/8"
     if "trailers12k" in variants:
-      b.checkpoint, b.resolution = checkpoint, resolution
+      b.checkpoint = preset_checkpoint(c, checkpoint)
+      b.resolution = resolution
     c.model.branches = (branch,)
     return
   name = pairs[0] if pairs else "vit"
   for i, branch in enumerate(("image", "video")):
     b = c.backbones[branch]
     if "trailers12k" in variants:
-      b.kind, b.checkpoint, b.resolution = TABLE6[name][i]
+      b.kind, folder, b.resolution = TABLE6[name][i]
+      b.checkpoint = preset_checkpoint(c, folder)
     else:
       b.kind, b.variant = TINY[name][i]
