@@ -103,19 +103,38 @@ def mean_std(rows: list[dict], key: str) -> str:
   return text
 
 
+PARTIAL_NOTE = (
+  "(k/n folds): mean +- std over the k of n folds where the metric is "
+  "defined; a genre without a positive trailer in a fold's subset has no "
+  "PR-AUC there (mAP counts it as 0, wAP weighs it 0); with one fold the std "
+  "reads 0.00."
+)
+UNDEFINED_NOTE = (
+  "n/a: undefined in every fold (no positive trailer of that genre in any "
+  "fold's subset)."
+)
+
+
 def summary_markdown(rows_by_subset: dict[str, list[dict]], title: str) -> str:
-  """Table-6 style: mean +- sample std (ddof=1) over folds, per subset."""
-  lines = [f"# {title}", ""]
+  """Table-6 style: mean +- sample std (ddof=1) over folds, per subset;
+  a footnote explains the `(k/n folds)` and `n/a` cells that occur."""
+  lines, cells = [f"# {title}", ""], []
   for subset, rows in rows_by_subset.items():
     folds = ", ".join(str(int(r["fold"])) for r in rows)
+    row = [mean_std(rows, k) for k in METRIC_COLUMNS]
+    cells += row
     lines += [
       f"## {subset} (folds {folds}; mean +- std, x100)",
       "",
       "| " + " | ".join(METRIC_COLUMNS) + " |",
       "|" + "---|" * len(METRIC_COLUMNS),
-      "| " + " | ".join(mean_std(rows, k) for k in METRIC_COLUMNS) + " |",
+      "| " + " | ".join(row) + " |",
       "",
     ]
+  if any(c.endswith(" folds)") for c in cells):
+    lines += [PARTIAL_NOTE, ""]
+  if "n/a" in cells:
+    lines += [UNDEFINED_NOTE, ""]
   return "\n".join(lines)
 
 

@@ -40,6 +40,31 @@ def test_summary_skips_undefined_folds():
   assert report.mean_std([{"hor": float("nan")}], "hor") == "n/a"
 
 
+def _summary(per_fold_hor):
+  rows = []
+  for fold, hor in enumerate(per_fold_hor):
+    row = {k: 50.0 + fold for k in report.METRIC_COLUMNS}
+    rows.append({**row, "fold": fold, "hor": hor})
+  return report.summary_markdown({"test": rows}, "t")
+
+
+def test_summary_footnotes_only_the_markers_it_shows():
+  nan = float("nan")
+  plain = _summary([60.0, 70.0, 80.0])
+  assert "folds)" not in plain and "n/a" not in plain
+  assert report.PARTIAL_NOTE not in plain
+  assert report.UNDEFINED_NOTE not in plain
+  partial = _summary([nan, 70.0, 80.0])
+  assert "| 75.00 +- 7.07 (2/3 folds) |" in partial
+  assert report.PARTIAL_NOTE in partial
+  assert report.UNDEFINED_NOTE not in partial
+  undefined = _summary([nan, nan, nan])
+  assert "| n/a |" in undefined and report.UNDEFINED_NOTE in undefined
+  assert report.PARTIAL_NOTE not in undefined
+  # Each note its own paragraph, after the tables.
+  assert undefined.endswith("\n\n" + report.UNDEFINED_NOTE + "\n")
+
+
 def test_strict_json_and_readable_permissions(tmp_path):
   path = str(tmp_path / "fold0.json")
   report.write_json(path, {"test": {"uap": 0.5, "hor": float("nan")}})
