@@ -21,7 +21,7 @@ def test_presets_name_each_backbone_and_pass_the_checks():
     assert not c.backbones[branch].checkpoint
     checks.check(c, num_devices=1, num_processes=1)
     c = divita_config.get_config(f"trailers12k,{name}")
-    assert c.backbones[branch].checkpoint == ckpt
+    assert c.backbones[branch].checkpoint == f"checkpoints/{ckpt}"
     assert c.backbones[branch].resolution == res
   c = divita_config.get_config("modern")
   kinds = (c.backbones.image.kind, c.backbones.video.kind)
