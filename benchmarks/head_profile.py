@@ -41,7 +41,7 @@ import timing
 from divita_jax import evaluate, hosts, sharding
 from divita_jax.configs import divita as divita_config
 from divita_jax.pipelines import common
-from divita_jax.trainers import frozen
+from divita_jax.trainers import frozen, loop
 from divita_jax.trainers import state as st
 
 BRANCHES = ("image", "video")
@@ -328,7 +328,9 @@ def _same_steps(step, other, p, c, n: int = 3) -> bool:
 def epoch_times(config, mesh, n: int, dim: int, ks, rounds: int) -> dict:
   """Seconds of one training epoch (data included: the preloaded pipeline,
   transfers, dispatches, as loop.py runs them) per steps-per-dispatch in
-  `ks`, round robin over epochs; and of the validation pass per batch
+  `ks`, and at the largest with the pipeline's per-step batches stacked
+  (the read before loop.train_batches), round robin over epochs; and of
+  the validation pass per batch
   (evaluate.window_outputs) and scanned over stacks of 8 batches."""
   readers, fold = generated_fold(n, dim)
   start = time.perf_counter()
@@ -337,20 +339,24 @@ def epoch_times(config, mesh, n: int, dim: int, ks, rounds: int) -> dict:
   p = setup.programs
   state = p.init(jax.random.PRNGKey(0))
   steps = setup.train.steps_per_epoch
-  it = common.iterate(setup.train)
+  # The loop's batches (stacks gathered at once from the preloaded buffers,
+  # read ahead) and, for comparison, the pipeline's batches stacked.
+  its = {True: loop.train_batches(setup), False: common.iterate(setup.train)}
   lr = np.float32(config.train.learning_rate)
   holder = {"state": state}
+  size = lambda k, left: k if 1 < k <= left else 1
 
-  def epoch(k):
+  def epoch(k, stacks=True):
     def f():
-      s, done = holder["state"], 0
+      s, done, it = holder["state"], 0, its[stacks]
       while done < steps:
-        m = k if 1 < k <= steps - done else 1
+        m = size(k, steps - done)
+        then = size(k, steps - done - m) if steps - done - m else 0
+        local = loop.next_batches(it, m, then)
         if m == 1:
-          batch = hosts.global_batch(next(it), mesh)
-          s, out = p.train_step(s, batch, lr)
+          s, out = p.train_step(s, hosts.global_batch(local, mesh), lr)
         else:
-          batches = st.global_batches([next(it) for _ in range(m)], mesh)
+          batches = st.global_stack(local, mesh)
           s, out = p.train_steps(s, batches, np.full(m, lr))
         done += m
       jax.block_until_ready(out)
@@ -362,6 +368,10 @@ def epoch_times(config, mesh, n: int, dim: int, ks, rounds: int) -> dict:
   variables = st.variables_of(p.init(jax.random.PRNGKey(1)))  # Not donated.
   scanned = _scanned_eval(p, mesh)
   fns = {f"train epoch, {k} steps per dispatch": epoch(k) for k in ks}
+  k = max(ks)
+  fns[f"train epoch, {k} per dispatch, pipeline batches stacked"] = epoch(
+    k, stacks=False
+  )
   fns["validation, one dispatch per batch"] = lambda: evaluate.window_outputs(
     p.eval_step, variables, val, mesh, config.model.branches
   )

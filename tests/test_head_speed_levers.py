@@ -131,3 +131,22 @@ def test_steps_per_dispatch_below_one_is_refused(problem, tmp_path):
     loop.train_fold(
       _config(), str(tmp_path), readers, data, steps_per_dispatch=0
     )
+
+
+def test_stacks_read_ahead_only_what_is_asked_and_keep_the_state():
+  calls = []
+
+  def read(first, n):  # Step i's batch holds i.
+    calls.append((first, n))
+    return {"x": np.arange(first, first + n)[:, None]}
+
+  it = loop.Stacks(read, {"next_index": 3})
+  plan = ((8, 8), (8, 1), (1, 2), (3, 0))  # (n, the next read ahead)
+  got = [loop.next_batches(it, n, then) for n, then in plan]
+  np.testing.assert_array_equal(got[0]["x"][:, 0], np.arange(3, 11))
+  np.testing.assert_array_equal(got[1]["x"][:, 0], np.arange(11, 19))
+  np.testing.assert_array_equal(got[2]["x"], [19])  # One step: unstacked.
+  np.testing.assert_array_equal(got[3]["x"][:, 0], np.arange(20, 23))
+  assert it.get_state() == {"next_index": 23}
+  # The read ahead is used once; a wrong guess (2 steps) is read again.
+  assert calls.count((11, 8)) == 1 and calls.count((20, 3)) == 1

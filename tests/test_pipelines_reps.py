@@ -170,6 +170,27 @@ def test_preload_fast_path_reads_the_same(data):
       assert x[k].dtype == y[k].dtype
 
 
+def test_train_stacks_equal_the_stacked_batches(data):
+  npy, ids, _ = data
+  memory, fold = reps.preload(npy, ids), _fold(data)
+  epochs = common.Epochs(3, 2)  # 3 steps per epoch.
+  assert reps.train_stacks(npy, fold, common.Batching(4, 4), epochs) is None
+  for process in (0, 1):
+    batching = common.Batching(NUM_CLIPS, 4, process, 2)
+    train = reps.train_data(memory, fold, batching, epochs)
+    stacks = reps.train_stacks(memory, fold, batching, epochs)
+    # Across the epoch boundary, the wrapped last batch, one step.
+    for first, n in ((0, 3), (2, 2), (5, 1)):
+      want = [train.dataset[i] for i in range(first, first + n)]
+      got = stacks(first, n)
+      assert got.keys() == want[0].keys()
+      for k, v in got.items():
+        np.testing.assert_array_equal(v, np.stack([w[k] for w in want]))
+        assert v.dtype == want[0][k].dtype
+  with pytest.raises(IndexError, match="outside the 6 steps"):
+    stacks(5, 2)
+
+
 def test_bad_inputs_have_clear_errors(data):
   npy, _, labels = data
   epochs = common.Epochs(seed=0, count=1)

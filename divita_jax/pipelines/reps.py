@@ -8,7 +8,8 @@ int32 [b] (subset position, -1 = padding) and `valid` bool [b]. Eval
 padding rows hold the subset's first window.
 
 Readers are either preloaded (`preload`: one buffer per branch, a batch is
-one gather per branch) or read per batch: official zarr groups in worker
+one gather per branch; `train_stacks` gathers several training steps'
+batches at once) or read per batch: official zarr groups in worker
 processes (`train_data` chooses, `common.iterate` starts them; decoding in
 this process would starve the step), anything else in threads.
 """
@@ -53,6 +54,10 @@ class _Windows:
   fold: common.FoldData
   indices: np.ndarray  # [n] subset rows into the fold's ids / labels
   num_clips: int
+  # Preloaded readers only (else None), located once: branch -> int64 [n]
+  # first row of each subset trailer in the reader's buffer, and [n] clips.
+  offsets: dict | None = None
+  lengths: np.ndarray | None = None
 
   def train(self, positions, key) -> dict:
     """Windows of subset `positions` [b] from common.random_start."""
@@ -67,38 +72,53 @@ class _Windows:
     """Windows of subset `positions` [b] from `starts` [b], or from starts
     drawn from `key` (seed, epoch)."""
     positions = np.asarray(positions, np.int64)
+    if self.offsets is not None:  # Preloaded: one take per branch.
+      if starts is None:
+        starts = self._starts(key, positions)
+      return self.gather(positions, np.asarray(starts, np.int64))
     rows = self.indices[positions]
     tids = [self.fold.ids[r] for r in rows]
-    memory = all(
-      isinstance(r, stores.InMemoryReader) for r in self.readers.values()
-    )
-    if memory:  # Fast path: one gather per branch from the preloaded buffer.
-      located = {b: r.locate(tids) for b, r in self.readers.items()}
-      lengths = {b: sizes for b, (_, sizes) in located.items()}
-    else:
-      arrays = {b: _read_once(r, tids) for b, r in self.readers.items()}
-      lengths = {b: np.array([len(a) for a in x]) for b, x in arrays.items()}
+    arrays = {b: _read_once(r, tids) for b, r in self.readers.items()}
+    lengths = {b: np.array([len(a) for a in x]) for b, x in arrays.items()}
     length = _same_lengths(lengths, tids)  # [b]
     if starts is None:
       starts = [
         common.random_start(key, p, n, self.num_clips)
         for p, n in zip(positions, length)
       ]
-    starts = np.asarray(starts, np.int64)
-    clip = starts[:, None] + np.arange(self.num_clips)  # [b, num_clips]
-    mask = clip < length[:, None]
-    out = {"mask": mask, "labels": self.fold.labels[rows]}
+    clip = np.asarray(starts, np.int64)[:, None] + np.arange(self.num_clips)
+    out = {"mask": clip < length[:, None], "labels": self.fold.labels[rows]}
+    for b in self.readers:
+      out[b] = np.stack(
+        [_window(a, s, self.num_clips) for a, s in zip(arrays[b], starts)]
+      )  # [b, num_clips, D]
+    return out
+
+  def stack(self, positions: np.ndarray, keys) -> dict:
+    """Training windows of several steps at once (preloaded readers):
+    subset `positions` [n, b], starts drawn from `keys` [n] (seed, epoch);
+    every entry [n, b, ...], equal to np.stack of n `train` batches."""
+    starts = [self._starts(k, p) for k, p in zip(keys, positions)]
+    return self.gather(positions, np.asarray(starts, np.int64))
+
+  def _starts(self, key, positions) -> list:
+    lengths = self.lengths[positions]
+    return [
+      common.random_start(key, p, n, self.num_clips)
+      for p, n in zip(positions, lengths)
+    ]
+
+  def gather(self, positions: np.ndarray, starts: np.ndarray) -> dict:
+    """Windows of subset `positions` from `starts` (both [..., b]) out of
+    the preloaded buffers, zero-padded: one np.take per branch."""
+    clip = starts[..., None] + np.arange(self.num_clips)  # [..., b, clips]
+    mask = clip < self.lengths[positions][..., None]
+    out = {"mask": mask, "labels": self.fold.labels[self.indices[positions]]}
     for b, r in self.readers.items():
-      if memory:
-        offsets = located[b][0][:, None]
-        index = np.minimum(offsets + np.where(mask, clip, 0), len(r.data) - 1)
-        x = r.data[index]  # [b, num_clips, D]
-        x[~mask] = 0
-      else:
-        x = np.stack(
-          [_window(a, s, self.num_clips) for a, s in zip(arrays[b], starts)]
-        )
-      out[b] = x
+      rows = self.offsets[b][positions][..., None] + np.where(mask, clip, 0)
+      x = np.take(r.data, np.minimum(rows, len(r.data) - 1), axis=0)
+      x[~mask] = 0
+      out[b] = x  # [..., b, num_clips, D]
     return out
 
 
@@ -127,7 +147,14 @@ def _same_lengths(lengths: dict, tids) -> np.ndarray:
 def _windows(readers, fold, subset: str, num_clips: int) -> _Windows:
   if not readers:
     raise ValueError("No representation readers given.")
-  return _Windows(dict(readers), fold, fold.rows(subset), num_clips)
+  indices = fold.rows(subset)
+  if not all(isinstance(r, stores.InMemoryReader) for r in readers.values()):
+    return _Windows(dict(readers), fold, indices, num_clips)
+  tids = [fold.ids[i] for i in indices]
+  located = {b: r.locate(tids) for b, r in readers.items()}
+  lengths = _same_lengths({b: n for b, (_, n) in located.items()}, tids)
+  offsets = {b: o for b, (o, _) in located.items()}
+  return _Windows(dict(readers), fold, indices, num_clips, offsets, lengths)
 
 
 def train_data(
@@ -151,6 +178,55 @@ def train_data(
     num_workers = default_workers() if zarr else 0
   size = len(src.indices)
   return common.train_data(src.train, size, batching, epochs, num_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainStacks:
+  """(first step, n) -> the local batches of training steps first ..
+  first + n - 1 stacked [n, b, ...]: common.train_data's order, shares and
+  windows, gathered in one np.take per branch (no per-step batches to
+  stack)."""
+
+  windows: _Windows
+  steps: int  # Per epoch.
+  global_size: int
+  share: slice
+  epochs: common.Epochs
+
+  def __call__(self, first: int, n: int) -> dict:
+    if first < 0 or n < 1 or first + n > self.steps * self.epochs.count:
+      raise IndexError(
+        f"Training steps [{first}, {first + n}) are outside the "
+        f"{self.steps * self.epochs.count} steps of the data."
+      )
+    g, seed = self.global_size, self.epochs.seed
+    size = len(self.windows.indices)
+    positions, keys = [], []
+    for i in range(first, first + n):
+      epoch, step = divmod(i, self.steps)
+      order = common.epoch_order(seed, epoch, size, self.steps * g)
+      positions.append(order[step * g :][:g][self.share])
+      keys.append((seed, epoch))
+    return self.windows.stack(np.stack(positions), keys)  # [n, b, ...]
+
+
+def train_stacks(
+  readers: dict,
+  fold: common.FoldData,
+  batching: common.Batching,
+  epochs: common.Epochs,
+):
+  """What `train_data` gives, read several steps at a time: a function
+  (first step, n) -> stacked batches [n, b, ...], equal to np.stack of
+  its batches first .. first + n - 1; None unless every reader is
+  preloaded (`preload`)."""
+  src = _windows(readers, fold, "train", batching.num_clips)
+  if src.offsets is None:
+    return None
+  steps = batching.steps(len(src.indices))
+  return _TrainStacks(
+    src, steps, batching.global_size, batching.share(), epochs
+  )
 
 
 def eval_data(

@@ -161,12 +161,9 @@ def fold_setup(config, mesh, readers: dict, fold, preload: bool):
     readers = reps.preload(readers, [fold.ids[i] for i in used])
   num_features = {b: int(r.num_features) for b, r in readers.items()}
   tc = config.train
-  train = reps.train_data(
-    readers,
-    fold,
-    common.Batching(tc.num_clips, tc.batch_size),
-    common.Epochs(config.seed, tc.max_epochs),
-  )
+  batching = common.Batching(tc.num_clips, tc.batch_size)
+  epochs = common.Epochs(config.seed, tc.max_epochs)
+  train = reps.train_data(readers, fold, batching, epochs)
   eval_batching = common.Batching(tc.num_clips, tc.eval_batch_size)
   eval_data = lambda name: reps.eval_data(readers, fold, name, eval_batching)
   return st.FoldSetup(
@@ -175,6 +172,8 @@ def fold_setup(config, mesh, readers: dict, fold, preload: bool):
     eval_data=eval_data,
     num_features=num_features,
     learning_rate=lambda host, step, steps: host.plateau["lr"],
+    # Preloaded: several steps' windows gathered at once (loop.py).
+    train_stacks=reps.train_stacks(readers, fold, batching, epochs),
   )
 
 

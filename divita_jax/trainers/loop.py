@@ -15,6 +15,7 @@ loss stops the run (`NonFiniteLoss`, naming the step) before anything of
 that epoch is saved, so the last good checkpoint stays the latest.
 """
 
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable
 
@@ -301,7 +302,7 @@ def _run_epochs(config, f: _Fold, state, host: HostState):
     every_secs=None,
   )
   with checkpoints.Preemption(f.latest) as preemption:
-    it = common.iterate(f.setup.train, state=host.iterator)
+    it = train_batches(f.setup, host.iterator)
     preempted = False
     for epoch in range(host.epochs_done, tc.max_epochs):
       losses, first = [], step
@@ -355,9 +356,64 @@ def _train_steps(f: _Fold, state, it, host: HostState, step: int, n: int):
   round trip: the losses are read at the epoch's end)."""
   lrs = [f.setup.learning_rate(host, s, f.steps) for s in range(step, step + n)]
   lrs = np.asarray(lrs, np.float32)
+  then = _dispatch_size(f, f.steps - (step + n) % f.steps)
+  local = next_batches(it, n, then)
   if n == 1:
-    batch = hosts.global_batch(next(it), f.mesh)
+    batch = hosts.global_batch(local, f.mesh)
     state, metrics = f.train_step(state, batch, lrs[0])
     return state, jax.tree.map(lambda x: x[None], metrics)
-  batches = st.global_batches([next(it) for _ in range(n)], f.mesh)
+  batches = st.global_stack(local, f.mesh)
   return f.setup.programs.train_steps(state, batches, lrs)
+
+
+# ------------------------------------------------------------ batches
+
+
+class Stacks:
+  """Training batches from `FoldSetup.train_stacks`, several steps per
+  read, the next dispatch's read ahead on a thread (beside the running
+  step); the state is the pipeline iterator's ({'next_index': steps
+  consumed}), so either restores the other's checkpoint."""
+
+  def __init__(self, read: Callable, state: dict | None = None):
+    self._read = read
+    self._next = int(state["next_index"]) if state else 0
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._ahead = None  # ((first step, n), Future)
+
+  def take(self, n: int, then: int = 0) -> dict:
+    """The next `n` steps' local batches stacked [n, b, ...]; `then` > 0:
+    read the following `then` steps ahead."""
+    key, ahead = (self._next, n), self._ahead
+    out = ahead[1].result() if ahead and ahead[0] == key else self._read(*key)
+    self._next += n
+    self._ahead = None
+    if then:  # Past the data's end the read fails unseen: never taken.
+      nxt = (self._next, then)
+      self._ahead = (nxt, self._pool.submit(self._read, *nxt))
+    return out
+
+  def get_state(self) -> dict:
+    return {"next_index": self._next}
+
+
+def train_batches(setup: st.FoldSetup, state: dict | None = None):
+  """The training iterator the loop reads (from iterator `state`):
+  `Stacks` where the mode has `train_stacks` (preloaded representations),
+  else the pipeline's (common.iterate)."""
+  if setup.train_stacks is not None:
+    return Stacks(setup.train_stacks, state)
+  return common.iterate(setup.train, state=state)
+
+
+def next_batches(it, n: int, then: int = 0) -> dict:
+  """The next `n` steps' local batches of a `train_batches` iterator: the
+  batch itself when n == 1, else stacked [n, b, ...]; `then`: the size of
+  the dispatch after these (read ahead by `Stacks`; 0: none)."""
+  if isinstance(it, Stacks):
+    out = it.take(n, then)
+    return {k: v[0] for k, v in out.items()} if n == 1 else out
+  if n == 1:
+    return next(it)
+  batches = [next(it) for _ in range(n)]
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}

@@ -56,6 +56,10 @@ class FoldSetup(NamedTuple):
   eval_data: Callable  # subset name -> pipelines' EvalData
   num_features: dict  # branch -> D (frozen mode; {} when fine-tuning)
   learning_rate: Callable  # (host state, step, steps per epoch) -> float
+  # (first step, n) -> the local batches of steps first .. first + n - 1
+  # of `train` stacked [n, b, ...] (read at once, no batches to stack);
+  # None: the loop iterates `train` (pipelines.reps.train_stacks).
+  train_stacks: Callable | None = None
 
 
 def variables_of(state: TrainState) -> dict:
@@ -163,10 +167,15 @@ def stacked_sharding(mesh) -> NamedSharding:
 def global_batches(local_batches: list, mesh) -> dict:
   """Per-process numpy batches -> one global stack [K, b, ...] per key
   (what `train_steps` takes; hosts.global_batch for K batches)."""
+  stack = {k: np.stack([b[k] for b in local_batches]) for k in local_batches[0]}
+  return global_stack(stack, mesh)
+
+
+def global_stack(local_stack: dict, mesh) -> dict:
+  """A per-process stack of batches [K, b, ...] -> global jax.Arrays
+  [K, global b, ...] (no copy on CPU)."""
   spec = stacked_sharding(mesh)
   return {
-    k: jax.make_array_from_process_local_data(
-      spec, np.stack([b[k] for b in local_batches])
-    )
-    for k in local_batches[0]
+    k: jax.make_array_from_process_local_data(spec, v)
+    for k, v in local_stack.items()
   }
