@@ -49,31 +49,22 @@ def dataset_kwargs(config: ml_collections.ConfigDict) -> dict:
 def ensure_dataset(config: ml_collections.ConfigDict, workdir: str):
   """Builds the TFDS dataset if needed; returns (builder, index).
 
-  With several processes, each first prepares its share of trailers
-  (decode, re-encode, detect shots); process 0 then writes the dataset.
+  Process 0 builds it (with the local worker pool, or with Beam when
+  `dataset.beam_runner` / `beam_options` are set) and writes its index;
+  the other processes wait at the barrier, then open it.
   """
   data_dir = config.dataset.data_dir or os.path.join(workdir, "tfds")
   kwargs = dataset_kwargs(config)
   manual_dir = config.dataset.manual_dir or None
-  if jax.process_count() > 1:
-    done = tfds_trailers12k.prepare_share(
-      config.dataset.config,
-      data_dir,
-      manual_dir,
-      jax.process_index(),
-      jax.process_count(),
-      num_workers=config.dataset.num_workers,
-      **kwargs,
-    )
-    logging.info("Prepared %d trailers in this process.", len(done))
-    multihost_utils.sync_global_devices("trailers prepared")
-  if jax.process_index() == 0:  # Writes the dataset and its index once.
+  if jax.process_index() == 0:
     built = tfds_trailers12k.build(
       config.dataset.config,
       data_dir,
       manual_dir,
       num_workers=config.dataset.num_workers,
       retry_skipped=config.dataset.retry_skipped,
+      beam_runner=config.dataset.beam_runner,
+      beam_options=config.dataset.beam_options,
       **kwargs,
     )
     tfds_trailers12k.load_index(built)

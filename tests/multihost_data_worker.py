@@ -6,7 +6,7 @@
 Runs the real stages of `divita_jax.run` (dataset build, representation
 extraction) on a tiny synthetic config, and records which trailers this
 process prepared and which representation files it wrote (by wrapping the
-two writers; they still write).
+two writers; they still write), and whether apache_beam was imported.
 """
 
 import json
@@ -52,6 +52,7 @@ def main():
         written=written,
         complete=complete,
         branches=list(readers),
+        beam_imported="apache_beam" in sys.modules,
       ),
       f,
     )

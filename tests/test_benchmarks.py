@@ -75,6 +75,11 @@ SMOKES = {
     {"| SigLIP tiny/8 |": 2, "| DINOv2 tiny/8 |": 2, "| DINOv3 tiny/8 |": 2},
     (),
   ),
+  "dataset_build.py": (
+    (),
+    {"| local |": 1, "| beam |": 1, "| beam, prepared |": 1},
+    ("beam - local: ",),
+  ),
   "finetune.py": (
     ("--kinds=vivit", "--no_memory"),
     {

@@ -1,4 +1,4 @@
-"""Prepared trailers: shared across processes, and a killed build resumes."""
+"""Prepared trailers: saved per trailer, and a killed build resumes."""
 
 import os
 import signal
@@ -61,31 +61,6 @@ def test_round_trip_skips_and_unreadable(tmp_path):
     store.load("a")
 
 
-def test_process_shares_then_one_writer(direct, tmp_path):
-  data_dir = str(tmp_path)
-  shares = [
-    tfds_trailers12k.prepare_share("synthetic", data_dir, None, p, 3, **KW)
-    for p in range(3)
-  ]
-  ids = list(tfds_trailers12k.load_index(direct)["ids"])
-  assert sorted(sum(shares, [])) == sorted(ids)  # Complete, nothing twice.
-  assert [len(s) for s in shares] == [2, 2, 2]
-  # A rerun of a share (a restarted host) redoes nothing.
-  assert (
-    tfds_trailers12k.prepare_share("synthetic", data_dir, None, 1, 3, **KW)
-    == []
-  )
-  builder = tfds_trailers12k.build("synthetic", data_dir, **KW)
-  assert builder.prepared_counts == dict(reused=NUM, computed=0)
-  assert not os.path.exists(builder._prepared_root)  # Cleaned up.
-  assert_same_dataset(builder, direct)
-  # Built: nothing left to prepare.
-  assert (
-    tfds_trailers12k.prepare_share("synthetic", data_dir, None, 0, 3, **KW)
-    == []
-  )
-
-
 def _saved(folder):
   """Prepared trailers renamed into place (not a kill's partial temp file)."""
   return [f for f in os.listdir(folder) if f.endswith(".npz") and f[0] != "."]
@@ -117,4 +92,5 @@ def test_killed_build_resumes_without_redoing(direct, tmp_path):
   assert 2 <= done < NUM, "killed too late to test a resume"
   builder = tfds_trailers12k.build("synthetic", data_dir, **KW)
   assert builder.prepared_counts == dict(reused=done, computed=NUM - done)
+  assert not os.path.exists(folder)  # Cleaned up.
   assert_same_dataset(builder, direct)

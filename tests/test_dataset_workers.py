@@ -26,6 +26,7 @@ BUILD = textwrap.dedent(
   )
   print("EXAMPLES", builder.info.splits.total_num_examples)
   print("SKIPPED", json.dumps(builder.info.metadata["skipped"]))
+  print("BEAM", "apache_beam" in sys.modules)  # The local build needs none.
   """
 )
 
@@ -37,6 +38,7 @@ def _script(data_dir) -> str:
 def _check(output: str):
   assert "EXAMPLES 3" in output, output[-3000:]
   assert "SKIPPED []" in output, output[-3000:]
+  assert "BEAM False" in output, output[-3000:]
 
 
 def test_unguarded_script_and_stdin_build(tmp_path):
@@ -91,6 +93,24 @@ def test_a_worker_death_is_retried_in_a_fresh_worker(tmp_path):
     workers.map_in_pool(worker_fns.always_crash, items, 2, "t", crashed)
   )
   assert got == [("crashed", 0), ("crashed", 1), ("crashed", 2)]
+
+
+def test_an_isolated_worker_outlives_calls_and_crashes(tmp_path):
+  worker = workers.IsolatedWorker()
+  crashed = lambda item, detail: ("crashed", item[1])
+  try:
+    assert worker.run(abs, -2, crashed) == 2
+    first = worker._pool
+    # Kills its child once: run again in a fresh one, not the file's fault.
+    item = (str(tmp_path / "m"), 7)
+    assert worker.run(worker_fns.crash_once, item, crashed) == 7
+    assert worker.run(worker_fns.always_crash, item, crashed) == (
+      "crashed",
+      7,
+    )
+    assert worker.run(abs, -3, crashed) == 3 and worker._pool is not first
+  finally:
+    worker.close()
 
 
 def test_workers_that_cannot_start_are_an_error_not_skips(monkeypatch):

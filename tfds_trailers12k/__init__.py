@@ -34,7 +34,6 @@ __all__ = [
   "data_source",
   "load_index",
   "make_config",
-  "prepare_share",
   "subset_indices",
 ]
 _INDEX_FILE = "index.npz"
@@ -114,12 +113,34 @@ def _summary(builder: tfds.core.DatasetBuilder, seconds: float) -> str:
   return "\n".join(lines)
 
 
+def _download_config(manual_dir, beam_runner, beam_options):
+  """DownloadConfig of a build; Beam's runner and options only if given
+  (apache_beam is imported only then)."""
+  if not beam_runner and not beam_options:
+    return tfds.download.DownloadConfig(manual_dir=manual_dir)
+  try:
+    from tfds_trailers12k import beam  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError(
+      f"A Beam build (beam_runner={beam_runner!r}, beam_options="
+      f"{beam_options!r}) needs apache_beam, which is not installed ({e}): "
+      "pip install -e '.[beam]', or leave both empty for the local build."
+    ) from e
+  return tfds.download.DownloadConfig(
+    manual_dir=manual_dir,
+    beam_runner=beam_runner or None,
+    beam_options=beam.pipeline_options(beam_options),
+  )
+
+
 def build(
   config: str,
   data_dir: str,
   manual_dir: str | None = None,
   num_workers: int = 0,
   retry_skipped: bool | None = None,
+  beam_runner=None,
+  beam_options=None,
   **config_kwargs,
 ) -> tfds.core.DatasetBuilder:
   """Builds trailers12k/<config> under data_dir if needed; returns it.
@@ -131,6 +152,12 @@ def build(
   variable, set by `python -m tfds_trailers12k --retry_skipped`). A build
   prints a summary including the skipped trailers (also in
   `builder.info.metadata['skipped']`).
+
+  `beam_runner` (a name such as "FnApiRunner" or "DataflowRunner", or a
+  runner) and / or `beam_options` (pipeline flags: a string such as
+  "--direct_num_workers=0,--direct_running_mode=multi_processing", a list
+  or PipelineOptions) build with an Apache Beam pipeline instead of the
+  local worker pool (`num_workers` then does not apply); see README.md.
   """
   cfg = make_config(config, **config_kwargs)
   builder = Trailers12k(config=cfg, data_dir=data_dir)
@@ -138,6 +165,7 @@ def build(
     return builder
   if cfg.kind != "synthetic" and not manual_dir:
     raise ValueError(f"trailers12k/{config} needs manual_dir.")
+  download_config = _download_config(manual_dir, beam_runner, beam_options)
   start = time.time()
   # One build of this config in this data_dir at a time; a second one waits
   # and then finds the dataset ready.
@@ -148,39 +176,10 @@ def build(
     builder.num_workers = num_workers
     builder.retry_skipped = retry_skipped
     builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+      file_format="array_record", download_config=download_config
     )
-    builder.prepared().remove()  # Now in the dataset's own files.
   print(_summary(builder, time.time() - start), flush=True)
   return builder
-
-
-def prepare_share(
-  config: str,
-  data_dir: str,
-  manual_dir: str | None = None,
-  process_index: int = 0,
-  process_count: int = 1,
-  num_workers: int = 0,
-  **config_kwargs,
-) -> list[str]:
-  """Multi-host build, step 1: this process prepares its share of trailers.
-
-  Every process calls it with its index; then, after a barrier, process 0
-  calls `build`, which writes the dataset from the prepared trailers (and
-  prepares any still missing). Returns the ids this call computed: shares
-  are disjoint, their union is every trailer, and trailers prepared by an
-  earlier, interrupted run are not redone. Nothing to do if already built.
-  """
-  cfg = make_config(config, **config_kwargs)
-  builder = Trailers12k(config=cfg, data_dir=data_dir)
-  builder.num_workers = num_workers
-  if builder.is_prepared():
-    return []
-  if cfg.kind != "synthetic" and not manual_dir:
-    raise ValueError(f"trailers12k/{config} needs manual_dir.")
-  return builder.prepare_share(manual_dir, process_index, process_count)
 
 
 def data_source(builder: tfds.core.DatasetBuilder):

@@ -1,13 +1,13 @@
 """Prepared trailers: the expensive half of a build, one file per trailer.
 
 Generating or transcoding a trailer and detecting its shots is nearly all
-of a build's time. Each result is saved here as soon as it is computed, so
-  - a killed build resumes without redoing finished trailers, and
-  - the processes of a multi-host job each prepare their share of trailers
-    (`prepare_share`) before process 0 writes the TFDS files from them.
-Skipped trailers are saved too, with their reason. The folder lives beside
-the dataset (`<data_dir>/trailers12k/<config>/<version>.prepared`) and is
-deleted once the dataset is written.
+of a build's time. Each result is saved here as soon as it is computed
+(by the local build's main process, or by a Beam worker), so a killed
+build or pipeline resumes without redoing finished trailers. Skipped
+trailers are saved too, with their reason. The folder lives beside the
+dataset (`<data_dir>/trailers12k/<config>/<version>.prepared`; for Beam,
+on a filesystem every worker sees) and is deleted once the dataset is
+written.
 
 Files are .npz without pickles: bytes as uint8 arrays, strings as unicode
 arrays, the rest as arrays; written to a temporary name, then renamed.
@@ -47,10 +47,14 @@ class PreparedExamples:
     np.savez(tmp, **arrays)
     tmp.rename(self.path(mid))
 
+  def reason(self, mid: str) -> str:
+    """The saved skip reason; "" for an example (its features not read)."""
+    with np.load(self.path(mid), allow_pickle=False) as f:
+      return str(f["reason"])
+
   def skipped(self, mid: str) -> bool:
     """A saved skip (not an example)."""
-    with np.load(self.path(mid), allow_pickle=False) as f:
-      return bool(str(f["reason"]))
+    return bool(self.reason(mid))
 
   def load(self, mid: str) -> tuple[str, dict | None, str]:
     """(id, features or None if skipped, reason), as the worker returned."""

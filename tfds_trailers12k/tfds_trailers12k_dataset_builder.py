@@ -11,6 +11,9 @@ in this folder.
 Built with `file_format=array_record` (no TensorFlow needed):
   tfds build tfds_trailers12k --config=synthetic --data_dir=DIR
   tfds build tfds_trailers12k --config=raw --manual_dir=MANUAL --data_dir=DIR
+With a Beam runner or pipeline options in the DownloadConfig (`tfds build
+--beam_pipeline_options=...`), the trailers are prepared by a Beam
+pipeline (beam.py) instead of the local worker pool.
 """
 
 import dataclasses
@@ -28,12 +31,9 @@ from tfds_trailers12k import (
   transcode,
 )
 from tfds_trailers12k.genres import NUM_FOLDS, NUM_GENRES
-from tfds_trailers12k.workers import map_in_pool
+from tfds_trailers12k.workers import CRASHED, map_in_pool
 
 RETRY_SKIPPED_ENV = "TRAILERS12K_RETRY_SKIPPED"
-# Two fresh worker processes died on the file in a row (a decoder crash on
-# a corrupt or hostile file); environment failures never get here.
-_CRASHED = "the file killed its worker process twice (decoder crash)"
 
 
 @dataclasses.dataclass(eq=False)
@@ -128,6 +128,10 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
   # Worker processes for decoding/generation (0 = all cores). An attribute,
   # not a config field: it does not change the data.
   num_workers = 0
+  # Set per build from its DownloadConfig (a Beam runner or options given),
+  # and the ids the Beam pipeline prepares (None: none made yet).
+  _use_beam = False
+  _beam_ids = None
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   raw: put `mtgc.csv`, `videos/<mid>.mp4` (any container FFmpeg reads) and
   optionally `metadata.json` in manual_dir.
@@ -150,14 +154,33 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       metadata=tfds.core.MetadataDict(skipped=[]),
     )
 
+  def _download_and_prepare(self, dl_manager, download_config):
+    # Beam when a runner or pipeline options are given (`build(...,
+    # beam_runner=...)`, `tfds build --beam_pipeline_options=...`).
+    self._use_beam = bool(
+      download_config.beam_runner or download_config.beam_options
+    )
+    try:
+      super()._download_and_prepare(dl_manager, download_config)
+    except Exception as e:
+      # TFDS's Beam writer fails on zero examples with its own message.
+      if self._beam_finished() and not self._beam_skips():
+        raise self._nothing_survived() from e
+      raise
+
+  def _post_download_and_prepare_hook(self) -> None:
+    self.prepared().remove()  # Now in the dataset's own files.
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     cfg = self.builder_config
     if cfg.kind not in ("synthetic", "raw", "reps"):
       raise ValueError(f"Unknown trailers12k config kind {cfg.kind!r}.")
     self.info.metadata["skipped"] = []
-    if cfg.kind == "synthetic":
-      return {"trailers": self._generate_examples(None)}
-    root = epath.Path(dl_manager.manual_dir)
+    root = None if cfg.kind == "synthetic" else dl_manager.manual_dir
+    root = root and epath.Path(root)
+    # reps has no expensive step per trailer: always the local build.
+    if self._use_beam and cfg.kind != "reps":
+      return {"trailers": self._beam_examples(root)}
     return {"trailers": self._generate_examples(root)}
 
   def _generate_examples(self, root: epath.Path | None):
@@ -167,26 +190,30 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       count += 1
       yield example
     if not count:
-      skipped = self.info.metadata["skipped"]
-      reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
-      raise ValueError(
-        f"No trailer survived the build of trailers12k/"
-        f"{self.builder_config.name}: {len(skipped)} skipped (first: "
-        f"{reasons or 'none listed'}). Saved skips are re-attempted with "
-        "retry_skipped=True (python -m tfds_trailers12k --retry_skipped)."
-      )
+      raise self._nothing_survived()
+
+  def _nothing_survived(self) -> ValueError:
+    skipped = self.info.metadata["skipped"]
+    reasons = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+    return ValueError(
+      f"No trailer survived the build of trailers12k/"
+      f"{self.builder_config.name}: {len(skipped)} skipped (first: "
+      f"{reasons or 'none listed'}). Saved skips are re-attempted with "
+      "retry_skipped=True (python -m tfds_trailers12k --retry_skipped)."
+    )
 
   def _examples(self, root: epath.Path | None):
-    if root is None:
-      yield from self._generate_synthetic()
+    if self.builder_config.kind == "reps":
+      yield from self._generate_reps(root)
       return
-    # Parsed before any video work: a malformed file fails fast.
-    ann = mtgc.read_mtgc(root / "mtgc.csv")
-    meta = mtgc.read_metadata(root / "metadata.json")
-    if self.builder_config.kind == "raw":
-      yield from self._generate_raw(root, ann, meta)
-    else:
-      yield from self._generate_reps(ann, meta)
+    jobs = self._jobs(root)
+    desc = f"{self.builder_config.kind} trailers"
+    results = self._prepare([item for _, item, _ in jobs], desc)
+    for (mid, _, common), (_, ex, reason) in zip(jobs, results):
+      if ex is None:
+        self._skip(mid, reason)
+        continue
+      yield mid, {**common, **ex}
 
   def _skip(self, mid: str, reason: str) -> None:
     self.info.metadata["skipped"].append({"id": mid, "reason": reason})
@@ -222,7 +249,7 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
     """Yields worker results for items in order: saved ones, or computed.
 
     Each computed result is saved before it is yielded, so a killed build
-    (or another process's `prepare_share`) leaves it for the next one.
+    leaves it for the next one.
     """
     fn, key = self._worker()
     store = self.prepared()
@@ -240,7 +267,7 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       todo,
       self.num_workers,
       desc,
-      lambda it, detail: (key(it), None, f"{_CRASHED}: {detail}"),
+      lambda it, detail: (key(it), None, f"{CRASHED}: {detail}"),
     )
     for it in items:
       if key(it) not in todo_ids:
@@ -251,99 +278,96 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       self.prepared_counts["computed"] += 1
       yield result
 
-  def prepare_share(
-    self, manual_dir: str | None, process_index: int, process_count: int
-  ) -> list[str]:
-    """Prepares every process_count-th trailer; returns the ids computed.
+  def _beam_examples(self, root: epath.Path | None):
+    """The Beam pipeline's PTransform of (id, example) (see beam.py)."""
+    from tfds_trailers12k import beam  # noqa: PLC0415 - only with Beam.
 
-    The multi-host build: each process prepares its share, then (after a
-    barrier) process 0 writes the dataset from the saved results.
-    Trailers already prepared are not redone. The reps config has no
-    expensive per-trailer step: it prepares nothing.
-    """
-    kind = self.builder_config.kind
-    if kind == "synthetic":
-      items, *_ = self._synthetic_items()
-    elif kind == "raw":
-      root = epath.Path(manual_dir)
-      items, *_ = self._raw_items(root, mtgc.read_mtgc(root / "mtgc.csv"))
-    else:
-      return []
-    share = items[process_index::process_count]
-    _, key = self._worker()
-    todo = [key(it) for it in share if not self.prepared().has(key(it))]
-    for _ in self._prepare(share, f"prepare {process_index}/{process_count}"):
-      pass
-    return todo
+    jobs = self._jobs(root)
+    self._beam_ids = [mid for mid, _, _ in jobs]
+    fn, _ = self._worker()
+    root = os.fspath(self._prepared_root)
+    return beam.Examples(jobs, fn, root, self._retry_skipped())
 
-  def _synthetic_items(self):
-    """Worker items of every synthetic trailer, their labels and folds."""
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """After the Beam pipeline: counts, and the skips from the saved
+    results, in the local build's order."""
+    from tfds_trailers12k import beam  # noqa: PLC0415 - only with Beam.
+
+    counts = beam.counts(pipeline_result)
+    self.prepared_counts = dict(
+      reused=counts["reused"], computed=counts["computed"]
+    )
+    self._beam_skips()  # None kept: the writer failed the pipeline.
+
+  def _beam_finished(self) -> bool:
+    """Every trailer of the Beam pipeline has its result saved."""
+    ids, store = self._beam_ids, self.prepared()
+    return ids is not None and all(store.has(mid) for mid in ids)
+
+  def _beam_skips(self) -> int:
+    """Records the Beam build's skips from the saved results, in the local
+    build's order; returns how many trailers were kept."""
+    store, kept = self.prepared(), 0
+    for mid in self._beam_ids:
+      reason = store.reason(mid)
+      if reason:
+        self._skip(mid, reason)
+      kept += not reason
+    return kept
+
+  def _jobs(self, root: epath.Path | None) -> list:
+    """(id, worker item, labels/folds/metadata) of every trailer to
+    prepare; trailers without a video are skipped here."""
+    if root is None:
+      return self._synthetic_jobs()
+    # Parsed before any video work: a malformed file fails fast.
+    ann = mtgc.read_mtgc(root / "mtgc.csv")
+    meta = mtgc.read_metadata(root / "metadata.json")
+    return self._raw_jobs(root, ann, meta)
+
+  def _synthetic_jobs(self) -> list:
     cfg = self.builder_config
     gen = synthetic.SyntheticConfig(
       num_trailers=cfg.num_trailers, seed=cfg.seed
     )
     labels = synthetic.sample_labels(gen)  # [N, 10]
     folds = synthetic.sample_folds(labels, gen.seed)  # [N, 3]
-    items = [
-      (i, gen, labels[i], cfg.shot_kwargs()) for i in range(gen.num_trailers)
-    ]
-    return items, labels, folds
+    jobs = []
+    for i in range(gen.num_trailers):
+      mid = synthetic.trailer_id(i)
+      # Title and year come with the generated trailer.
+      common = self._common(mid, labels[i], folds[i], {})
+      jobs.append((mid, (i, gen, labels[i], cfg.shot_kwargs()), common))
+    return jobs
 
-  def _generate_synthetic(self):
-    items, labels, folds = self._synthetic_items()
-    results = self._prepare(items, "synthetic trailers")
-    for (i, *_), (mid, ex, reason) in zip(items, results):
-      if ex is None:
-        self._skip(mid, reason)
-        continue
-      meta = dict(title=ex.pop("title"), year=ex.pop("year"))
-      yield mid, {**self._common(mid, labels[i], folds[i], meta), **ex}
-
-  def _raw_items(self, root: epath.Path, ann: mtgc.Annotations):
-    """Worker items and rows of trailers with a video; ids without one."""
+  def _raw_jobs(self, root: epath.Path, ann: mtgc.Annotations, meta) -> list:
     cfg = self.builder_config
     videos = {}  # mid -> file; any container, mp4 preferred.
     if (root / "videos").is_dir():
       for p in sorted((root / "videos").iterdir()):
         if p.stem not in videos or p.suffix.lower() == ".mp4":
           videos[p.stem] = p
-    items, rows, missing = [], [], []
+    jobs = []
     for i, mid in enumerate(ann.ids):
       if mid not in videos:
-        missing.append(mid)
+        self._skip(mid, "missing file")
         continue
-      rows.append(i)
-      items.append(
-        (
-          mid,
-          str(videos[mid]),
-          cfg.reencode_height,
-          cfg.reencode_fps,
-          cfg.shot_kwargs(),
-        )
-      )
-    return items, rows, missing
-
-  def _generate_raw(self, root: epath.Path, ann: mtgc.Annotations, meta):
-    items, rows, missing = self._raw_items(root, ann)
-    for mid in missing:
-      self._skip(mid, "missing file")
-    results = self._prepare(items, "raw trailers")
-    for i, (mid, ex, reason) in zip(rows, results):
-      if ex is None:
-        self._skip(mid, reason)
-        continue
-      yield (
+      item = (
         mid,
-        {
-          **self._common(mid, ann.labels[i], ann.splits[i], meta.get(mid, {})),
-          **ex,
-        },
+        str(videos[mid]),
+        cfg.reencode_height,
+        cfg.reencode_fps,
+        cfg.shot_kwargs(),
       )
+      row = (ann.labels[i], ann.splits[i], meta.get(mid, {}))
+      jobs.append((mid, item, self._common(mid, *row)))
+    return jobs
 
-  def _generate_reps(self, ann: mtgc.Annotations, meta):
+  def _generate_reps(self, root: epath.Path):
     """Every trailer of mtgc.csv; which ones have representations is the
     run's business (`run.available` drops the ones missing from a group)."""
+    ann = mtgc.read_mtgc(root / "mtgc.csv")
+    meta = mtgc.read_metadata(root / "metadata.json")
     for i, mid in enumerate(ann.ids):
       yield (
         mid,

@@ -13,6 +13,10 @@ are re-run one per fresh worker; a file that kills two fresh workers in a
 row is the file's failure (`crashed(item, detail)`). When not even a
 trivial task runs in a fresh worker, the environment is broken:
 `WorkerStartError`, and nothing is recorded against any file.
+
+`IsolatedWorker` applies the same rule one item at a time, in one
+long-lived child process: the Beam build's steps run in it, so a decoder
+crash takes down the child, never the runner's worker.
 """
 
 import collections
@@ -22,6 +26,10 @@ import multiprocessing
 import sys
 
 import tensorflow_datasets as tfds
+
+# Two fresh worker processes died on the file in a row (a decoder crash on
+# a corrupt or hostile file); environment failures never get here.
+CRASHED = "the file killed its worker process twice (decoder crash)"
 
 
 class WorkerStartError(RuntimeError):
@@ -139,3 +147,40 @@ def map_in_pool(fn, items: list, num_workers: int, desc: str, crashed):
       yield result
       bar.update(1)
   bar.close()
+
+
+class IsolatedWorker:
+  """Runs `fn(item)` in a child process that outlives calls.
+
+  A child that dies is replaced; an item that kills two fresh children in
+  a row gets `crashed(item, detail)`, as in `map_in_pool`.
+  """
+
+  def __init__(self):
+    self._pool = None
+
+  def _run(self, fn, item):
+    if self._pool is None:
+      self._pool = _pool(1)
+    try:
+      return True, _submit(self._pool, fn, item).result()
+    except concurrent.futures.process.BrokenProcessPool as e:
+      self.close()
+      return False, str(e) or type(e).__name__
+
+  def run(self, fn, item, crashed):
+    deaths = 0  # Of fresh children: one that ran other items may be theirs.
+    while True:
+      fresh = self._pool is None
+      ok, result = self._run(fn, item)
+      if ok:
+        return result
+      deaths += fresh
+      check_workers_start()
+      if deaths == 2:
+        return crashed(item, result)
+
+  def close(self):
+    if self._pool is not None:
+      self._pool.shutdown(cancel_futures=True)
+      self._pool = None
