@@ -12,7 +12,8 @@ import av
 import numpy as np
 import pytest
 
-from tfds_trailers12k import fetch
+from tfds_trailers12k import fetch, fetch_manifest, youtube
+from tfds_trailers12k.fetch_manifest import MANIFEST
 
 
 def tiny_mp4() -> bytes:
@@ -81,9 +82,9 @@ def test_fetch_records_failures_and_resumes(server, tmp_path, monkeypatch):
   out = tmp_path / "videos"
 
   assert run(server, metadata, out, "--jobs", "2") == 1  # Some failed.
-  assert sorted(os.listdir(out)) == [fetch.MANIFEST, "tt01.mp4", "tt04.mp4"]
+  assert sorted(os.listdir(out)) == [MANIFEST, "tt01.mp4", "tt04.mp4"]
   assert fetch.validate_video(str(out / "tt01.mp4"))[0]["height"] == 32
-  manifest = json.loads((out / fetch.MANIFEST).read_text())
+  manifest = json.loads((out / MANIFEST).read_text())
   got = manifest["movies"]
   assert got["tt01"]["status"] == "ok" and got["tt01"]["youtube_id"] == "good"
   assert got["tt02"]["status"] == "failed"
@@ -101,7 +102,7 @@ def test_fetch_records_failures_and_resumes(server, tmp_path, monkeypatch):
   before = len(requests)
   assert run(server, metadata, out) == 1
   assert len(requests) == before  # Nothing fetched again, nothing retried.
-  assert json.loads((out / fetch.MANIFEST).read_text())["movies"] == got
+  assert json.loads((out / MANIFEST).read_text())["movies"] == got
 
   assert run(server, metadata, out, "--retry_failed") == 1
   assert sorted(set(requests[before:])) == ["/corrupt.mp4", "/missing.mp4"]
@@ -135,7 +136,7 @@ def test_stops_when_rate_limited(server, tmp_path):
   metadata = tmp_path / "metadata.json"
   metadata.write_text(json.dumps(movies))
   assert run(server, metadata, tmp_path / "v", "--jobs", "1") == 3
-  manifest = json.loads((tmp_path / "v" / fetch.MANIFEST).read_text())
+  manifest = json.loads((tmp_path / "v" / MANIFEST).read_text())
   got = manifest["movies"]
   assert len(got) < n + 3  # The last ones were never started.
   assert {r["reason"] for r in got.values()} == {"rate-limited"}
@@ -144,7 +145,7 @@ def test_stops_when_rate_limited(server, tmp_path):
 
 @pytest.mark.parametrize("reason, message", MESSAGES)
 def test_classify(reason, message):
-  assert fetch.classify(message) == reason
+  assert youtube.classify(message) == reason
 
 
 def test_read_movies_forms(tmp_path):
@@ -156,7 +157,7 @@ def test_read_movies_forms(tmp_path):
     {"mid": "tt4", "youtube": {"trailers": [{"key": "k1"}, "k2,k1"]}},
   ]
   path.write_text(json.dumps(entries))
-  assert fetch.read_movies(str(path)) == {
+  assert fetch_manifest.read_movies(str(path)) == {
     "tt1": ["abcdefghijk", "x-1"],
     "tt2": ["ABCDEFGHIJK"],
     "tt3": [],
@@ -164,10 +165,10 @@ def test_read_movies_forms(tmp_path):
   }
   path.write_text(json.dumps({"tt1": {"title": "A"}, "tt2": {}}))
   with pytest.raises(ValueError, match="no YouTube id in any entry"):
-    fetch.read_movies(str(path))
+    fetch_manifest.read_movies(str(path))
   path.write_text(json.dumps([{"title": "no id"}]))
   with pytest.raises(ValueError, match="entry 0 has no movie id"):
-    fetch.read_movies(str(path))
+    fetch_manifest.read_movies(str(path))
 
 
 def test_plan_retries_only_transient_failures(tmp_path):
@@ -176,9 +177,9 @@ def test_plan_retries_only_transient_failures(tmp_path):
     "gone": {"status": "failed", "reason": "private", "retry": False},
   }
   movies = {"net": ["a"], "gone": ["b"], "new": ["c"]}
-  kept, todo = fetch._plan(movies, records, str(tmp_path), fetch.Options())
+  kept, todo = fetch._plan(movies, records, str(tmp_path), youtube.Options())
   assert list(kept) == ["gone"] and todo == [("net", ["a"]), ("new", ["c"])]
-  retry_all = fetch.Options(retry_failed=True)
+  retry_all = youtube.Options(retry_failed=True)
   assert len(fetch._plan(movies, records, str(tmp_path), retry_all)[1]) == 3
 
 

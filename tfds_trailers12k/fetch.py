@@ -12,11 +12,12 @@ ffmpeg on PATH, without it YouTube's single-file formats, often 360p, are
 used). Downloads go to `OUT/.fetch_tmp/<mid>/` (yt-dlp's `.part` files,
 continued after an interruption) and are moved into place once complete
 and valid. `OUT/fetch_manifest.json` records every movie: `ok` with its
-file, id, size and height, or `failed` with a `reason` (see `REASONS`) and
-each attempt's yt-dlp message. A rerun skips the movies present and the
-permanent failures (`--retry_failed` retries those too) and retries the
-transient ones (network, rate-limited). Runs stop early when YouTube keeps
-rate-limiting; rerun later, with a longer `--sleep`.
+file, id, size and height, or `failed` with a `reason` (see
+`youtube.REASONS`) and each attempt's yt-dlp message. A rerun skips the
+movies present and the permanent failures (`--retry_failed` retries those
+too) and retries the transient ones (network, rate-limited). Runs stop
+early when YouTube keeps rate-limiting; rerun later, with a longer
+`--sleep`.
 
 You run this under YouTube's Terms of Service and the copyright of each
 trailer; the dataset's authors do not redistribute the videos. Fetch only
@@ -27,9 +28,6 @@ downloads, `--rate_limit`), and do not share the files.
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
-import datetime
-import json
 import os
 import re
 import shutil
@@ -39,60 +37,13 @@ import time
 
 import av
 
-from tfds_trailers12k import mtgc
+from tfds_trailers12k import fetch_manifest, youtube
 
-DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
-DEFAULT_FORMAT = "bv*[height<=?720]+ba/b[height<=?720]"
-SINGLE_FILE_FORMAT = "b[height<=?720]"  # No ffmpeg: nothing to merge.
-FORMAT_SORT = ["res:720", "vcodec:h264", "acodec:aac"]
-MANIFEST = "fetch_manifest.json"
 TMP_DIR = ".fetch_tmp"
 TERMS = (
   "You run this under YouTube's Terms of Service and each trailer's "
   "copyright: fetch only what you may, keep it slow, do not share the files."
 )
-# Reason -> lowercase fragments of yt-dlp's messages; the first match wins,
-# so the specific ones come before `unavailable` and `network`.
-REASONS = {
-  "private": ("private video", "video is private", "members-only"),
-  "geo-blocked": ("your country", "geo restrict", "geo-restrict"),
-  "removed": (
-    "removed by the",
-    "has been removed",
-    "has been terminated",
-    "copyright",
-    "violating youtube",
-  ),
-  "age-restricted": ("confirm your age", "age-restricted", "inappropriate"),
-  "rate-limited": ("http error 429", "too many requests", "not a bot"),
-  "needs-ffmpeg": ("ffmpeg",),
-  "no-format": ("requested format is not available",),
-  "unavailable": (
-    "video unavailable",
-    "not available",
-    "no longer available",
-    "http error 404",
-    "http error 410",
-    "does not exist",
-  ),
-  "not-a-video": (
-    "unsupported url",
-    "no video formats",
-    "not a valid url",
-    "no video file",
-  ),
-  "network": (
-    "timed out",
-    "connection",
-    "urlopen error",
-    "name resolution",
-    "name or service",
-    "unreachable",
-    "http error 5",
-    "incomplete read",
-    "ssl",
-  ),
-}
 # Not retried by a rerun unless --retry_failed; the others ("network",
 # "rate-limited", "needs-ffmpeg", "no-format", "other") are.
 PERMANENT = {
@@ -107,113 +58,6 @@ PERMANENT = {
 }
 STOP_AFTER_RATE_LIMITED = 5  # Consecutive movies; then stop the run.
 SAVE_EVERY = 25  # Finished movies between manifest writes.
-_URL_ID = re.compile(r"(?:[?&]v=|youtu\.be/|/embed/|/shorts/)([\w-]{11})")
-
-
-@dataclasses.dataclass
-class Options:
-  url_template: str = DEFAULT_URL_TEMPLATE
-  format: str = DEFAULT_FORMAT
-  jobs: int = 3
-  sleep: float = 2.0  # Seconds after each download attempt, per job.
-  rate_limit: int | None = None  # Bytes/s per download.
-  retries: int = 3
-  socket_timeout: float = 30.0
-  retry_failed: bool = False
-
-
-def _split_ids(value) -> list[str]:
-  """A metadata value -> YouTube ids: an id, a URL, a comma-separated
-  string, a list of those, or objects holding them (`{"key": id}`,
-  `{"trailers": [...]}`), in order."""
-  if isinstance(value, dict):
-    keys = ("key", "id", "youtube_id", "ytid", "trailers", "ids", "videos")
-    value = next((value[k] for k in keys if value.get(k)), "")
-  ids = []
-  for item in value if isinstance(value, list) else [value]:
-    if isinstance(item, (dict, list)):
-      parts = _split_ids(item)
-    else:
-      parts = re.split(r"[,\s]+", str(item or ""))
-    for part in parts:
-      match = _URL_ID.search(part)
-      part = match.group(1) if match else part
-      if part and part not in ids:
-        ids.append(part)
-  return ids
-
-
-def trailer_ids(entry: dict) -> list[str]:
-  """All YouTube ids of one metadata.json entry, in the file's order."""
-  for key in mtgc._ALIASES["youtube_id"]:  # The spellings the builder reads.
-    ids = _split_ids(entry.get(key))
-    if ids:
-      return ids
-  return []
-
-
-def read_movies(path: str, mtgc_path: str | None = None) -> dict:
-  """metadata.json (`{mid: {...}}` or `[{"mid": ...}, ...]`) -> {mid: ids}.
-
-  With `mtgc_path`, only (and all) the movies of mtgc.csv, in its order;
-  one missing from metadata.json gets no ids.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"metadata.json not found: {path}")
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"metadata.json {path} is not valid JSON: {e}") from e
-  if isinstance(data, list):
-    keyed = {}
-    mid_keys = ("mid",) + mtgc._ALIASES["imdb_id"]
-    for i, entry in enumerate(data):
-      entry = entry if isinstance(entry, dict) else {}
-      mid = next((entry[k] for k in mid_keys if entry.get(k)), None)
-      if not mid:
-        raise ValueError(
-          f"metadata.json {path}: entry {i} has no movie id ({mid_keys})."
-        )
-      keyed[str(mid)] = entry
-    data = keyed
-  if not isinstance(data, dict):
-    raise ValueError(f"metadata.json {path}: expected an object or a list.")
-  movies = {
-    mid: trailer_ids(e) if isinstance(e, dict) else []
-    for mid, e in data.items()
-  }
-  if movies and not any(movies.values()):
-    first = next(iter(data.values()))
-    raise ValueError(
-      f"metadata.json {path}: no YouTube id in any entry under "
-      f"{list(mtgc._ALIASES['youtube_id'])}; an entry's keys: "
-      f"{sorted(first) if isinstance(first, dict) else first!r}."
-    )
-  if mtgc_path:
-    movies = {mid: movies.get(mid, []) for mid in mtgc.read_mtgc(mtgc_path).ids}
-  return movies
-
-
-def classify(message: str, error: BaseException | None = None) -> str:
-  """yt-dlp's error (its message, the exception behind it) -> a reason."""
-  from yt_dlp.networking import exceptions as net
-  from yt_dlp.utils import GeoRestrictedError
-
-  if isinstance(error, GeoRestrictedError):
-    return "geo-blocked"
-  if isinstance(error, net.HTTPError):
-    if error.status == 429:
-      return "rate-limited"
-    if error.status in (404, 410):
-      return "unavailable"
-  text = message.lower()
-  for reason, fragments in REASONS.items():
-    if any(f in text for f in fragments):
-      return reason
-  if isinstance(error, net.TransportError):
-    return "network"
-  return "other"
 
 
 def validate_video(path: str) -> tuple[dict | None, str]:
@@ -231,62 +75,15 @@ def validate_video(path: str) -> tuple[dict | None, str]:
     return None, f"{type(e).__name__}: {e}"
 
 
-class _Silent:
-  """yt-dlp's logger: its errors come back as exceptions, the rest is noise."""
-
-  def debug(self, msg):
-    pass
-
-  info = warning = error = debug
-
-
-def _ydl_params(opts: Options, tmp: str, yid: str) -> dict:
-  # One file name per id: a .part left by one id is never continued by the
-  # next. `%` is the template's escape.
-  name = re.sub(r"[^\w-]", "_", yid) + ".%(ext)s"
-  return {
-    "format": opts.format,
-    "format_sort": FORMAT_SORT,
-    "merge_output_format": "mp4",
-    "outtmpl": {"default": os.path.join(tmp.replace("%", "%%"), name)},
-    "noplaylist": True,
-    "continuedl": True,  # Resume a .part left by an interrupted run.
-    "ratelimit": opts.rate_limit,
-    "retries": opts.retries,
-    "fragment_retries": opts.retries,
-    "socket_timeout": opts.socket_timeout,
-    "cachedir": False,
-    "quiet": True,
-    "no_warnings": True,
-    "noprogress": True,
-    "logger": _Silent(),
-  }
-
-
-def _download(yid: str, tmp: str, opts: Options) -> str:
-  """One trailer id into `tmp`; returns the file. Raises YoutubeDLError."""
-  import yt_dlp
-
-  url = opts.url_template.format(id=yid)
-  with yt_dlp.YoutubeDL(_ydl_params(opts, tmp, yid)) as ydl:
-    info = ydl.extract_info(url, download=True)
-  files = info.get("requested_downloads") or [{}]
-  if not files[0].get("filepath"):  # E.g. a playlist, not one video.
-    raise yt_dlp.utils.YoutubeDLError(f"no video file for {url}")
-  return files[0]["filepath"]
-
-
-def _attempt(yid: str, mid: str, out: str, opts: Options) -> dict:
+def _attempt(yid: str, mid: str, out: str, opts: youtube.Options) -> dict:
   """Fetches and validates one id; the ok record or the failed attempt."""
   from yt_dlp.utils import YoutubeDLError
 
   tmp = os.path.join(out, TMP_DIR, mid)
   try:
-    path = _download(yid, tmp, opts)
+    path = youtube.download(yid, tmp, opts)
   except YoutubeDLError as e:
-    message = re.sub(r"^ERROR: ", "", str(e))[:500]
-    cause = (getattr(e, "exc_info", None) or (None, None))[1]
-    reason = classify(message, cause)
+    reason, message = youtube.failure(e)
     return {"youtube_id": yid, "reason": reason, "message": message}
   info, why = validate_video(path)
   if info is None:
@@ -300,7 +97,9 @@ def _attempt(yid: str, mid: str, out: str, opts: Options) -> dict:
   return {**ok, **info}
 
 
-def fetch_movie(mid: str, ids: list[str], out: str, opts: Options) -> dict:
+def fetch_movie(
+  mid: str, ids: list[str], out: str, opts: youtube.Options
+) -> dict:
   """Tries `ids` in order; the movie's manifest record."""
   attempts = []
   for yid in ids:
@@ -348,42 +147,7 @@ def _present(mid: str, record: dict | None, out: str) -> dict | None:
   }
 
 
-def load_manifest(out: str) -> dict:
-  path = os.path.join(out, MANIFEST)
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with open(path) as f:
-      return json.load(f)["movies"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(
-      f"{path} is not a fetch manifest ({e}); move it away to start over."
-    ) from e
-
-
-def save_manifest(out: str, movies: dict, opts: Options) -> str:
-  """Writes OUT/fetch_manifest.json atomically; returns its path."""
-  counts = {"ok": 0, "failed": 0}
-  reasons = {}
-  for record in movies.values():
-    counts[record["status"]] += 1
-    if record["status"] == "failed":
-      reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
-  manifest = {
-    "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    "url_template": opts.url_template,
-    "format": opts.format,
-    "counts": {**counts, "failed_by_reason": dict(sorted(reasons.items()))},
-    "movies": movies,
-  }
-  path = os.path.join(out, MANIFEST)
-  with open(path + ".tmp", "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(path + ".tmp", path)
-  return path
-
-
-def _plan(movies: dict, records: dict, out: str, opts: Options):
+def _plan(movies: dict, records: dict, out: str, opts: youtube.Options):
   """(records kept as they are, [(mid, ids)] to fetch)."""
   kept, todo = {}, []
   for mid, ids in movies.items():
@@ -435,21 +199,21 @@ def _fetch_pending(todo, records, out, opts, log) -> bool:
           stop.set()
           log(f"{streak} movies in a row rate-limited: stopping.")
         if i % SAVE_EVERY == 0:
-          save_manifest(out, records, opts)
+          fetch_manifest.save_manifest(out, records, opts)
     except KeyboardInterrupt:
       log("interrupted: finishing the downloads under way, starting none.")
       raise
     finally:
       stop.set()
       pool.shutdown(wait=False, cancel_futures=True)
-      save_manifest(out, records, opts)
+      fetch_manifest.save_manifest(out, records, opts)
   return rate_limited
 
 
-def fetch_all(movies: dict, out: str, opts: Options, log=print):
+def fetch_all(movies: dict, out: str, opts: youtube.Options, log=print):
   """Fetches what `out` lacks; (the manifest's records, stopped early)."""
   os.makedirs(out, exist_ok=True)
-  records = load_manifest(out)
+  records = fetch_manifest.load_manifest(out)
   kept, todo = _plan(movies, records, out, opts)
   records.update(kept)
   present = sum(r["status"] == "ok" for r in kept.values())
@@ -474,26 +238,8 @@ def _summary(movies: dict, records: dict, out: str) -> str:
   return (
     f"{ok} of {len(movies)} trailers in {out}; {len(ours) - ok} failed"
     + (f" ({detail})" if detail else "")
-    + f"; manifest: {os.path.join(out, MANIFEST)}"
+    + f"; manifest: {os.path.join(out, fetch_manifest.MANIFEST)}"
   )
-
-
-def _resolve_format(fmt: str, log) -> str:
-  """`fmt`, or the single-file default where ffmpeg cannot merge streams."""
-  from yt_dlp.postprocessor.ffmpeg import FFmpegPostProcessor
-
-  if "+" not in fmt or FFmpegPostProcessor().available:
-    return fmt
-  if fmt != DEFAULT_FORMAT:
-    raise ValueError(
-      f"--format {fmt!r} merges video and audio ('+'), which needs ffmpeg; "
-      "none found on PATH."
-    )
-  log(
-    "ffmpeg not found: video and audio cannot be merged, so single-file "
-    f"formats ({SINGLE_FILE_FORMAT}; YouTube: often 360p) are fetched."
-  )
-  return SINGLE_FILE_FORMAT
 
 
 def _rate(text: str) -> int:
@@ -527,7 +273,9 @@ def parse_args(argv):
   p.add_argument("--out", required=True, help="Folder, e.g. MANUAL/videos")
   p.add_argument("--mtgc", help="mtgc.csv: fetch exactly its movies")
   p.add_argument("--limit", type=_positive(int), help="Only the first N")
-  p.add_argument("--format", default=DEFAULT_FORMAT, help="yt-dlp format")
+  p.add_argument(
+    "--format", default=youtube.DEFAULT_FORMAT, help="yt-dlp format"
+  )
   p.add_argument("--jobs", type=int, default=3, help="Downloads at a time")
   p.add_argument(
     "--sleep",
@@ -548,7 +296,7 @@ def parse_args(argv):
   )
   p.add_argument(
     "--url_template",
-    default=DEFAULT_URL_TEMPLATE,
+    default=youtube.DEFAULT_URL_TEMPLATE,
     help="URL of an id (tests point it at a local server)",
   )
   args = p.parse_args(argv)
@@ -574,10 +322,10 @@ def main(argv=None) -> int:
     return 2
   warn = lambda line: print(line, file=sys.stderr)
   try:
-    movies = read_movies(args.metadata, args.mtgc)
-    opts = Options(
+    movies = fetch_manifest.read_movies(args.metadata, args.mtgc)
+    opts = youtube.Options(
       url_template=args.url_template,
-      format=_resolve_format(args.format, warn),
+      format=youtube.resolve_format(args.format, warn),
       jobs=args.jobs,
       sleep=args.sleep,
       rate_limit=args.rate_limit,

@@ -19,7 +19,7 @@ SPLIT_COLUMNS = tuple(f"split{f}" for f in range(NUM_FOLDS))
 COLUMNS = ("mid",) + GENRES + SPLIT_COLUMNS
 METADATA_KEYS = ("title", "year", "imdb_id", "youtube_id")
 # Accepted spellings in metadata.json for each stored field.
-_ALIASES = {
+ALIASES = {
   "title": ("title", "name", "original_title", "originalTitle"),
   "year": ("year", "release_year", "startYear"),
   "imdb_id": ("imdb_id", "imdbId", "imdbid", "imdb", "tconst", "mid"),
@@ -96,7 +96,7 @@ def read_mtgc(path: epath.PathLike) -> Annotations:
 
 
 def _pick(entry: dict, key: str) -> str:
-  for alias in _ALIASES[key]:
+  for alias in ALIASES[key]:
     value = entry.get(alias)
     if value not in (None, ""):
       if isinstance(value, list):  # e.g. several trailer ids: first one.
@@ -109,7 +109,7 @@ def read_metadata(path: epath.PathLike) -> dict[str, dict[str, str]]:
   """metadata.json -> {mid: {title, year, imdb_id, youtube_id}}.
 
   Accepts `{mid: {...}}` or `[{"mid": ..., ...}, ...]`; fields are looked
-  up under common spellings (see `_ALIASES`); absent fields are "". A
+  up under common spellings (see `ALIASES`); absent fields are "". A
   missing file gives {}.
   """
   path = epath.Path(path)
