@@ -352,7 +352,8 @@ def _extract_group(config, source, todo, resolution, fns, out) -> list:
     _loader(config, source, todo, resolution, center),
     total=len(todo),
     desc=f"extract r{resolution}",
-    disable=jax.process_index() != 0,
+    # Process 0 only; None: tqdm's own test, off when stderr is no terminal.
+    disable=None if jax.process_index() == 0 else True,
     unit="trailer",
   )
   for item in bar:
@@ -389,7 +390,10 @@ def _extract_audio(config, source, todo, fn, store) -> list:
     out, windows.pop(key), config, fn.spec
   )
   bar = tqdm(
-    todo, desc="extract audio", disable=jax.process_index() != 0, unit="trailer"
+    todo,
+    desc="extract audio",
+    disable=None if jax.process_index() == 0 else True,  # As above.
+    unit="trailer",
   )
   for i in bar:
     record = source[int(i)]

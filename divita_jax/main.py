@@ -53,28 +53,89 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+# INFO lines kept at --verbosity=0: one per stage (dataset, extraction, fold).
+STAGE_MODULES = (
+  "divita_jax/run.py",
+  "divita_jax/extract.py",
+  "divita_jax/main.py",
+)
+# TFDS warnings of every build: a custom config (ours always are), and the
+# version folder it is about to write, not yet holding dataset_info.json.
+TFDS_NOTICES = ("Using custom data configuration", "has no dataset_info.json")
+
+
 class QuietLibraries(std_logging.Filter):
-  """Drops INFO chatter of orbax (several lines per checkpoint), the TPU
-  backend probe and TFDS's size notices; --verbosity=1 keeps them."""
+  """At verbosity 0: warnings and errors, and INFO only from the stage
+  lines; never orbax's notices (several per checkpoint, also warnings),
+  the TPU backend probe or TFDS's per-build notices. Verbosity >= 1 keeps
+  everything."""
+
+  def __init__(self, verbosity: int | None = None):
+    super().__init__()
+    self.verbosity = verbosity  # None: absl's --verbosity, when filtering.
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if FLAGS.verbosity >= 1 or record.levelno >= std_logging.ERROR:
+    verbosity = FLAGS.verbosity if self.verbosity is None else self.verbosity
+    if verbosity >= 1 or record.levelno >= std_logging.ERROR:
       return True
-    path = record.pathname
-    if "/orbax/" in path and record.levelno < std_logging.ERROR:
+    path = record.pathname.replace(os.sep, "/")
+    if "/orbax/" in path or "/jax/_src/xla_bridge" in path:
       return False
-    if "/jax/_src/xla_bridge" in path:  # "Unable to initialize backend".
-      return False
-    return not (
-      "tensorflow_datasets" in path and "Unknown size" in str(record.msg)
-    )
+    if "/tensorflow_datasets/" in path:
+      if record.levelno < std_logging.WARNING:
+        return False
+      msg = record.getMessage()
+      return not any(notice in msg for notice in TFDS_NOTICES)
+    if record.levelno < std_logging.WARNING:
+      return path.endswith(STAGE_MODULES)
+    return True
 
 
-def quiet_native_logs() -> None:
-  """TensorFlow's C++ notices (oneDNN, ...) before anything imports it."""
-  if "--verbosity" not in " ".join(sys.argv) and "-v" not in sys.argv:
+def quiet_libraries(verbosity: int):
+  """QuietLibraries on absl's logger (orbax, TFDS and clu log through it)
+  and on the handlers logging has now (absl's, under app.run; jax's own
+  loggers reach those). Returns a function that removes it again (for
+  predict.main called in a longer-lived process)."""
+  quiet = QuietLibraries(verbosity)
+  where = (std_logging.getLogger("absl"), *std_logging.root.handlers)
+  for w in where:
+    w.addFilter(quiet)
+
+  def remove():
+    for w in where:
+      w.removeFilter(quiet)
+
+  return remove
+
+
+def quiet_native_logs(argv: list[str] | None = None) -> None:
+  """TensorFlow's C++ notices (oneDNN, ...) before anything imports it;
+  unless the command line asks for --verbosity (or -v) >= 1."""
+  argv = sys.argv if argv is None else argv
+  if argv_verbosity(argv) < 1:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def argv_verbosity(argv: list[str]) -> int:
+  """The last --verbosity=N / -v N of a command line (absl's spellings),
+  read before flags are parsed; 0 if none (or not a number)."""
+  level = "0"
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name in ("--verbosity", "-v", "--v"):
+      level = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+  return int(level) if level.lstrip("-").isdigit() else 0
+
+
+def quiet_progress_bars() -> None:
+  """No TFDS progress bars (its build stages and our workers' trailers)
+  when stderr is not a terminal: in a log they are escape codes; each
+  stage still ends with its one-line summary."""
+  if not sys.stderr.isatty():
+    import tensorflow_datasets as tfds
+
+    tfds.display_progress_bar(False)
 
 
 def _config_yaml(config) -> str:
@@ -82,6 +143,39 @@ def _config_yaml(config) -> str:
   import yaml
 
   return yaml.safe_dump(json.loads(config.to_json_best_effort()), width=80)
+
+
+def config_summary(config, workdir: str) -> str:
+  """One line: the config file and variants, dataset, branches, backbones,
+  folds and workdir."""
+  name = config_flags.get_config_filename(FLAGS["config"])
+  overrides = len(config_flags.get_override_values(FLAGS["config"]))
+  d = config.dataset
+  data = d.config
+  if d.config == "synthetic":
+    data += f" ({d.num_trailers} trailers)"
+  elif d.manual_dir:
+    data += f" ({d.manual_dir})"
+  branches = "+".join(config.model.branches)
+  if d.config == "reps":
+    nets = "official zarr representations"
+  else:
+    nets = ", ".join(
+      f"{b} {_backbone(config.backbones[b])}" for b in config.model.branches
+    )
+  more = f" + {overrides} override(s)" if overrides else ""
+  return (
+    f"divita_jax.main: {name}{more}; dataset {data}; {branches}, "
+    f"{config.model.fusion} fusion; backbones {nets}; folds "
+    f"{','.join(map(str, config.folds))}; workdir {workdir} (config.json "
+    "there; --verbosity=1 prints it)"
+  )
+
+
+def _backbone(b) -> str:
+  if b.checkpoint:
+    return b.checkpoint
+  return f"{b.kind} {b.variant} (random init)"
 
 
 def parse_flags(argv):
@@ -99,19 +193,27 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from divita_jax import inputs
   from divita_jax.configs import checks
 
   try:  # Every config value, before devices, dataset or workdir.
     checks.check(FLAGS.config)
   except checks.ConfigError as e:
     sys.exit(f"divita_jax.main: error: {e}")
-  logging.get_absl_handler().addFilter(QuietLibraries())
-  std_logging.getLogger().addFilter(QuietLibraries())
+  try:  # The files the dataset reads, before the workdir is made.
+    inputs.check(FLAGS.config, FLAGS.workdir)
+  except inputs.InputError as e:
+    sys.exit(f"divita_jax.main: error: {e}")
+  quiet_libraries(FLAGS.verbosity)
   initialize_distributed()
+  quiet_progress_bars()
   from divita_jax import run
   from divita_jax.trainers import checkpoints
 
-  print(f"Config:\n{_config_yaml(FLAGS.config)}", flush=True)
+  if FLAGS.verbosity >= 1:
+    print(f"Config:\n{_config_yaml(FLAGS.config)}", flush=True)
+  else:
+    print(config_summary(FLAGS.config, FLAGS.workdir), flush=True)
   try:
     run.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except checkpoints.Preempted as e:

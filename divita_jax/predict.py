@@ -18,28 +18,26 @@ import json
 import os
 import sys
 
-import av
 import ml_collections
-import numpy as np
-from tqdm import tqdm
 
-import tfds_trailers12k
-from divita_jax import (
-  evaluate,
-  extract,
-  extract_audio,
-  sharding,
-  video,
-)
-from divita_jax import run as run_lib
-from divita_jax.configs.divita import get_config
-from divita_jax.pipelines import stores
-from divita_jax.trainers import frozen, loop
-from tfds_trailers12k import genres, shots, transcode
+from divita_jax import inputs
+from divita_jax import main as main_lib
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg")
-# Per-file failures: bad videos, missing files and decoder errors.
-FILE_ERRORS = (shots.VideoError, av.FFmpegError, OSError)
+# JAX, TensorFlow (TFDS), orbax and the models take tens of seconds to
+# import on a small machine: the functions that use them import them, so
+# that a wrong path or workdir is one line at once (divita_jax/inputs.py)
+# and the libraries' notices are quieted before they load.
+
+THRESHOLD = 0.5  # `*` in the table: the head calls the genre present.
+
+
+def file_errors() -> tuple:
+  """Per-file failures: bad videos, missing files and decoder errors."""
+  import av
+
+  from tfds_trailers12k import shots
+
+  return (shots.VideoError, av.FFmpegError, OSError)
 
 
 @dataclasses.dataclass
@@ -55,14 +53,9 @@ class Run:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved as `<workdir>/config.json`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"{workdir} is not a trained workdir: {path} is missing (written by "
-      "`python -m divita_jax.main`)."
-    )
-  with open(path) as f:
-    saved = json.load(f)
+  from divita_jax.configs.divita import get_config
+
+  saved = inputs.saved_config(workdir)
   # Fields added since the run was made take their defaults.
   return ml_collections.ConfigDict(_merged(get_config().to_dict(), saved))
 
@@ -82,14 +75,11 @@ def source_settings(config: ml_collections.ConfigDict) -> dict:
   the run built its dataset with, so its detector fields are the ones the
   stored shots came from.
   """
-  name = config.dataset.config
-  if name == "reps":
-    raise ValueError(
-      "This run trained on the official zarr representations "
-      "(dataset.config='reps'); their backbones are not part of "
-      "divita_jax, so it cannot classify video files."
-    )
-  cfg = tfds_trailers12k.make_config(name, **run_lib.dataset_kwargs(config))
+  import tfds_trailers12k
+  from divita_jax import run as run_lib
+
+  kwargs = run_lib.dataset_kwargs(config)
+  cfg = tfds_trailers12k.make_config(config.dataset.config, **kwargs)
   return dict(
     shot_kwargs=cfg.shot_kwargs(),
     reencode_height=cfg.reencode_height,
@@ -99,58 +89,55 @@ def source_settings(config: ml_collections.ConfigDict) -> dict:
 
 def load_run(workdir: str, fold: int = 0) -> Run:
   """Config, best head of `fold` and backbones of a trained workdir."""
+  from divita_jax import extract
+  from divita_jax.trainers import loop
+
+  inputs.check_workdir(workdir, fold)  # What is missing, before loading.
   config = load_config(workdir)
-  fold_dir = os.path.join(workdir, f"fold{fold}")
-  if not os.path.isdir(fold_dir):
-    trained = sorted(
-      d for d in os.listdir(workdir) if d.startswith("fold") and d[4:].isdigit()
-    )
-    raise FileNotFoundError(
-      f"Fold {fold} was not trained in {workdir} (found: {trained or 'none'})."
-    )
   source = source_settings(config)
+  fold_dir = os.path.join(workdir, f"fold{fold}")
   variables, tuned = loop.mode(config).load_variables(config, fold_dir)
-  feature_fns = {}
-  for b in config.model.branches:
-    checkpoint = config.backbones[b].checkpoint
-    if checkpoint and not os.path.isdir(checkpoint):
-      raise FileNotFoundError(
-        f"Backbone checkpoint of the {b} branch not found: {checkpoint!r} "
-        "(relative paths are resolved from the current directory; run from "
-        "where training ran)."
-      )
-    feature_fns[b] = extract.branch_feature_fn(config, b, tuned.get(b))
+  feature_fns = {
+    b: extract.branch_feature_fn(config, b, tuned.get(b))
+    for b in config.model.branches
+  }
   return Run(config, fold, variables, feature_fns, source)
 
 
-def find_videos(inputs: list[str]) -> list[str]:
-  """Files as given, folders expanded to their video files (sorted)."""
-  paths = []
-  for p in inputs:
-    if os.path.isdir(p):
-      found = sorted(
-        os.path.join(p, f)
-        for f in os.listdir(p)
-        if f.lower().endswith(VIDEO_EXTENSIONS)
-      )
-      if not found:
-        raise FileNotFoundError(
-          f"Folder {p} holds no video files ({', '.join(VIDEO_EXTENSIONS)})."
-        )
-      paths += found
-    else:
-      paths.append(p)  # Missing files fail per file, with the others run.
-  return paths
+def caveat(saved: dict) -> str:
+  """One line when the run's model cannot tell a real trailer's genres:
+  trained on synthetic data, or on random (not converted) backbones."""
+  why = []
+  if saved["dataset"]["config"] == "synthetic":
+    why.append("on synthetic trailers (dataset.config='synthetic')")
+  random = [
+    b
+    for b in saved["model"]["branches"]
+    if not saved["backbones"][b]["checkpoint"]
+  ]
+  if random:
+    names = ", ".join(f"backbones.{b}.checkpoint=''" for b in random)
+    why.append(f"with randomly initialised backbones ({names})")
+  if not why:
+    return ""
+  return (
+    f"warning: this run was trained {' and '.join(why)}: its probabilities "
+    "show the pipeline works, not the genres of real footage."
+  )
 
 
-def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
-  """Shots, clips and clip features of one file (see module doc).
+def analyze_file(run: Run, path: str, bar=None) -> dict:
+  """Shots, clips and clip features of one file (see module doc); `bar`
+  (tqdm) shows the clips done.
 
   Returns 'id' (file stem), 'path', 'video' (the bytes the dataset would
   store), 'shots' int32 [S, 2], 'fps', 'num_frames', 'duration' (seconds),
   'features' {branch: float32 [num_clips, D]} and 'silence' (why an audio
   branch heard silence, e.g. "no audio stream"; "" otherwise).
   """
+  from divita_jax import extract_audio, video
+  from tfds_trailers12k import shots, transcode
+
   trailer_id = os.path.splitext(os.path.basename(path))[0]
   s = run.source
   if not os.path.isfile(path):
@@ -199,8 +186,10 @@ def analyze_file(run: Run, path: str, bar: tqdm | None = None) -> dict:
   )
 
 
-def _features(run: Run, branch: str, clips: np.ndarray, bar) -> np.ndarray:
+def _features(run: Run, branch: str, clips, bar):
   """Clip features in backbone batches, advancing `bar` by clips."""
+  import numpy as np
+
   batch = run.config.backbones[branch].batch_size
   out = []
   for start in range(0, len(clips), batch):
@@ -214,6 +203,10 @@ def head_probs(run: Run, items: list[dict]):
   """The head over every window of every item, averaged: [len, classes];
   and, for a late-fusion head of several branches, what each branch says
   alone ({branch: [len, classes]}, evaluate.branch_probs), else {}."""
+  from divita_jax import evaluate, sharding
+  from divita_jax.pipelines import stores
+  from divita_jax.trainers import frozen
+
   keys = [str(i) for i in range(len(items))]  # File stems may repeat.
   readers = {
     b: stores.MemoryStore({k: it["features"][b] for k, it in zip(keys, items)})
@@ -245,8 +238,13 @@ def classify(
   late-fusion head of several branches (else {}).
   errors: {'path', 'error'}.
   """
+  from tqdm import tqdm
+
   items, errors = [], []
-  bar = tqdm(paths, desc="predict", unit="file", disable=not progress)
+  # None: tqdm's own test, no bar when stderr is not a terminal.
+  bar = tqdm(
+    paths, desc="predict", unit="file", disable=None if progress else True
+  )
   for path in bar:
     bar.set_postfix_str(os.path.basename(path))
     try:
@@ -254,7 +252,7 @@ def classify(
       if not keep_video:
         del item["video"]
       items.append(item)
-    except FILE_ERRORS as e:
+    except file_errors() as e:
       reason = getattr(e, "reason", None) or str(e)
       errors.append(dict(path=path, error=reason))
       tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
@@ -271,11 +269,15 @@ def classify(
 
 
 def _named(probs) -> dict:
+  from tfds_trailers12k import genres
+
   return {g: float(x) for g, x in zip(genres.GENRES, probs)}
 
 
 def to_json(result: dict) -> dict:
   """The machine-readable record of one prediction."""
+  import numpy as np
+
   return dict(
     id=result["id"],
     path=result["path"],
@@ -288,28 +290,32 @@ def to_json(result: dict) -> dict:
   )
 
 
-def format_table(result: dict, threshold: float = 0.5) -> str:
+def format_table(result: dict, threshold: float = THRESHOLD) -> str:
   """Genres sorted by probability, with a bar; `*` marks >= threshold.
-  Several late-fused branches: a column per branch, what it says alone."""
+  Several late-fused branches: a column per branch, what it says alone.
+  The last line is the legend."""
   alone = result.get("branches", {})
   silence = result.get("silence", "")
   head = f"  {'genre':<10} {'prob':>6}" + "".join(f" {b:>6}" for b in alone)
-  note = f"* = prob >= {threshold:g}"
-  if alone:
-    note += "; branch columns: each branch alone (the head averages logits)"
   lines = [
     f"{result['id']}  ({result['path']})",
     f"  {len(result['shots'])} shots, {result['duration']:.1f} s "
     f"({result['num_frames']} frames at {result['fps']:.2f} fps)"
     + (f"; audio branch: silence ({silence})" if silence else ""),
-    f"{head}  ({note})",
+    head,
   ]
   ranked = sorted(result["genres"].items(), key=lambda kv: -kv[1])
   for name, p in ranked:
     mark = "*" if p >= threshold else " "
     cols = "".join(f" {alone[b][name]:6.3f}" for b in alone)
     lines.append(f"{mark} {name:<10} {p:6.3f}{cols}  {'#' * round(p * 30)}")
-  return "\n".join(lines)
+  legend = (
+    f"  * = predicted genre: prob >= {threshold:g} (each genre on its own, "
+    "a trailer can have several or none)"
+  )
+  if alone:
+    legend += "; branch columns: each branch alone (the head averages logits)"
+  return "\n".join(lines + [legend])
 
 
 def plot_path(out: str, trailer_id: str, many: bool) -> str:
@@ -328,27 +334,56 @@ def parse_args(argv):
   p.add_argument("inputs", nargs="+", help="Video files or folders of them.")
   p.add_argument("--workdir", required=True, help="Workdir of a trained run.")
   p.add_argument("--fold", type=int, default=0, help="Whose best head.")
-  p.add_argument("--json", action="store_true", help="A JSON list on stdout.")
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help="A JSON list on stdout, in input order: a prediction per file, "
+    "{'path', 'error'} for a file that failed.",
+  )
   p.add_argument(
     "--plot", help="PNG: shot timeline + genre bars (_<id> if many files)."
   )
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument(
+    "--verbosity",
+    type=int,
+    default=0,
+    help=">= 1: the libraries' notices too (TensorFlow, orbax).",
+  )
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  try:
-    paths = find_videos(args.inputs)  # Before the slow part: fail fast.
-    run = load_run(args.workdir, args.fold)
+  main_lib.quiet_native_logs(sys.argv if argv is None else argv)
+  try:  # Every path before anything slow: one line at once.
+    paths = inputs.find_videos(args.inputs)
+    saved = inputs.check_workdir(args.workdir, args.fold)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  results, errors = classify(
-    run, paths, progress=not args.no_progress, keep_video=bool(args.plot)
-  )
+  good, errors = inputs.check_files(paths)
+  for e in errors:
+    print(f"error: {e['path']}: {e['error']}", file=sys.stderr)
+  if note := caveat(saved):
+    print(note, file=sys.stderr)
+  results = []
+  if good:
+    loud = main_lib.quiet_libraries(args.verbosity)
+    try:
+      run = load_run(args.workdir, args.fold)
+      progress = not args.no_progress
+      results, failed = classify(
+        run, good, progress, keep_video=bool(args.plot)
+      )
+      errors += failed
+    finally:
+      loud()
   if args.json:
-    print(json.dumps([to_json(r) for r in results], indent=1))
+    order = {p: i for i, p in reversed(list(enumerate(paths)))}
+    entries = [to_json(r) for r in results] + errors
+    entries.sort(key=lambda e: order[e["path"]])  # Stable: repeats in order.
+    print(json.dumps(entries, indent=1))
   for r in results:
     if not args.json:
       print(format_table(r) + "\n")

@@ -49,9 +49,10 @@ TINY_RUN_FLAGS = (
 )
 
 
-def run_main(*flags: str, timeout: float = 900) -> None:
-  """`python -m divita_jax.main FLAGS` from the repository root; fails the
-  test with the end of its stderr unless it succeeds."""
+def run_main(*flags: str, timeout: float = 900) -> subprocess.CompletedProcess:
+  """`python -m divita_jax.main FLAGS` from the repository root, stderr not
+  a terminal (captured); fails the test with the end of its stderr unless
+  it succeeds. Returns the finished process (stdout, stderr)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
     [sys.executable, "-m", "divita_jax.main", *flags],
@@ -61,6 +62,7 @@ def run_main(*flags: str, timeout: float = 900) -> None:
     timeout=timeout,
   )
   assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc
 
 
 class SigtermAfter:
@@ -80,9 +82,12 @@ class SigtermAfter:
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-  """Workdir of `python -m divita_jax.main` on a tiny synthetic config."""
+  """Workdir of `python -m divita_jax.main` on a tiny synthetic config; its
+  console (stdout, then stderr) in `<workdir>.console.txt`, next to it."""
   workdir = tmp_path_factory.mktemp("tiny_run")
-  run_main(*TINY_RUN_FLAGS, f"--workdir={workdir}")
+  proc = run_main(*TINY_RUN_FLAGS, f"--workdir={workdir}")
+  with open(f"{workdir}.console.txt", "w") as f:
+    f.write(proc.stdout + proc.stderr)
   return str(workdir)
 
 

@@ -1,11 +1,17 @@
-"""configs/checks.py: a bad config value is one line naming the field."""
+"""configs/checks.py: a bad config value is one line naming the field;
+inputs.py: so is a dataset input that is missing or wrong."""
+
+import json
+import os
+import shutil
 
 import pytest
 
-from divita_jax import evaluate, extract
+from divita_jax import evaluate, extract, inputs
 from divita_jax.configs import checks, divita
 from divita_jax.models import backbone
 from divita_jax.trainers import loop
+from tfds_trailers12k import dummy_data
 
 
 def _config(variants="", **fields):
@@ -46,6 +52,8 @@ CASES = [
   bad("dataset.reencode_height", -1),
   bad("dataset.reencode_fps", -1.0),
   bad("dataset.num_workers", -1),
+  bad("dataset.beam_options", "direct_num_workers=0"),
+  bad("dataset.beam_options", "runner=FnApiRunner,--direct_num_workers=0"),
   bad("reps.zarr_video", "", "reps"),
   # Clips and extraction.
   bad("clips.segmentation", "shot"),
@@ -225,3 +233,84 @@ def test_variants_decode_as_create_backbone_does(pair):
     if kind == "vivit":  # The tubelet comes from the config.
       model.setdefault("tubelet", 2)
     assert backbone._random_model(kind, variant, 8, 2)[1] == model
+
+
+# ------------------------------------------------------------------ inputs
+
+
+@pytest.fixture(scope="module")
+def reps_dir(tmp_path_factory):
+  """mtgc.csv and the two official-layout zarr groups of 3 trailers."""
+  root = str(tmp_path_factory.mktemp("reps"))
+  dummy_data.write_reps(root, num=3, clips=(2, 3, 2))
+  return root
+
+
+def _input_config(kind: str, manual_dir: str):
+  config = divita.get_config("reps" if kind == "reps" else "trailers12k")
+  config.dataset.manual_dir = manual_dir
+  return config
+
+
+def _input_error(config, workdir) -> str:
+  with pytest.raises(inputs.InputError) as e:
+    inputs.check(config, str(workdir))
+  message = str(e.value)
+  assert "\n" not in message
+  return message
+
+
+def _copy(src: str, tmp_path) -> str:
+  root = str(tmp_path / "manual")
+  shutil.copytree(src, root)
+  return root
+
+
+def test_reps_inputs(reps_dir, tmp_path):
+  inputs.check(_input_config("reps", reps_dir), str(tmp_path / "w"))
+  root = _copy(reps_dir, tmp_path)
+  config = _input_config("reps", root)
+  # A group without num_features still tells its width by its arrays.
+  os.remove(os.path.join(root, dummy_data.REPS_GROUPS[1], ".zattrs"))
+  inputs.check(config, str(tmp_path / "w"))
+  group = os.path.join(root, dummy_data.REPS_GROUPS[1])
+  for name in os.listdir(group):
+    if not name.startswith("."):
+      shutil.rmtree(os.path.join(group, name))
+  msg = _input_error(config, tmp_path / "w")
+  assert f"{group!r} has no num_features attribute and no arrays" in msg
+  os.remove(os.path.join(group, ".zgroup"))
+  assert f"{group!r} is not a zarr group" in _input_error(config, tmp_path)
+  shutil.rmtree(group)
+  msg = _input_error(config, tmp_path)
+  assert msg.startswith(f"config.reps.zarr_video {group!r} not found")
+  os.remove(os.path.join(root, "mtgc.csv"))
+  msg = _input_error(config, tmp_path)
+  assert msg.startswith(f"{os.path.join(root, 'mtgc.csv')} not found")
+  config.dataset.manual_dir = str(tmp_path / "nowhere")
+  assert "is not a directory" in _input_error(config, tmp_path)
+
+
+def test_raw_inputs(reps_dir, tmp_path):
+  root = str(tmp_path / "manual")
+  os.makedirs(root)
+  shutil.copy(os.path.join(reps_dir, "mtgc.csv"), root)
+  config = _input_config("raw", root)
+  videos = os.path.join(root, "videos")
+  msg = _input_error(config, tmp_path / "w")
+  assert msg.startswith(f"{videos} not found: the raw dataset reads videos/")
+  os.makedirs(videos)
+  assert _input_error(config, tmp_path) == f"{videos} is empty: expected " + (
+    "videos/<mid>.mp4 files."
+  )
+  open(os.path.join(videos, "trailer.mp4"), "wb").close()
+  msg = _input_error(config, tmp_path)
+  assert "holds no video of an id of mtgc.csv" in msg and "tt2000000" in msg
+  open(os.path.join(videos, "tt2000001.mkv"), "wb").close()
+  inputs.check(config, str(tmp_path / "w"))  # One of three: the build skips.
+  # A dataset built in the data_dir needs its videos no more.
+  shutil.rmtree(videos)
+  built = tmp_path / "w" / "tfds" / "trailers12k" / "raw" / "1.1.0"
+  built.mkdir(parents=True)
+  (built / "dataset_info.json").write_text(json.dumps({}))
+  inputs.check(config, str(tmp_path / "w"))

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import av
 import matplotlib.image
@@ -51,43 +52,38 @@ def evaluated(trained_workdir):
   return dict(zip(ids, probs))
 
 
-def test_cli_equals_evaluation_with_a_corrupt_file(
+def test_cli_equals_evaluation_with_a_corrupt_and_a_missing_file(
   trained_workdir, trailers, evaluated
 ):
-  """The real CLI: JSON, per-file error, exit code 1, and probabilities equal
-  to those the evaluation wrote (same shots, backbones, windows)."""
+  """The real CLI: JSON in input order with an entry per failed file, exit
+  code 1, probabilities equal to those the evaluation wrote (same shots,
+  backbones, windows), and a quiet stderr: no TensorFlow or orbax notices,
+  one warning that the run is synthetic."""
   folder, records = trailers
   bad = os.path.join(folder, "corrupt.mp4")
+  missing = os.path.join(folder, "missing.mp4")
   good = sorted(os.path.join(folder, f"{i}.mp4") for i in records)
   with open(bad, "wb") as f:
     f.write(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
   try:
-    proc = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "divita_jax.predict",
-        f"--workdir={trained_workdir}",
-        "--json",
-        good[0],
-        bad,
-        good[1],
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
+    proc = _predict(
+      f"--workdir={trained_workdir}", "--json", good[0], bad, missing, good[1]
     )
   finally:
     os.remove(bad)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert f"error: {bad}:" in proc.stderr
-  assert "1 of 3 file(s) failed" in proc.stderr
+  assert f"error: {missing}: missing file" in proc.stderr
+  assert "2 of 4 file(s) failed" in proc.stderr
+  _assert_quiet(proc.stderr)
   out = json.loads(proc.stdout)
+  assert [o["path"] for o in out] == [good[0], bad, missing, good[1]]
+  assert out[2] == {"path": missing, "error": "missing file"}
+  assert set(out[1]) == {"path", "error"} and out[1]["error"]
+  out = [out[0], out[3]]
   # Distinct trailers get distinct probabilities: equality is not trivial.
   a, b = (evaluated[i] for i in sorted(records))
   assert np.abs(a - b).max() > 1e-3
-  assert [o["path"] for o in out] == good  # The others still classified.
   for o in out:
     assert set(o) == {
       *("id", "path", "genres", "shots", "fps", "num_frames"),
@@ -108,6 +104,47 @@ def test_cli_equals_evaluation_with_a_corrupt_file(
     np.testing.assert_allclose(probs, evaluated[o["id"]], atol=1e-5, rtol=0)
 
 
+def _predict(*args: str) -> subprocess.CompletedProcess:
+  """`python -m divita_jax.predict ARGS`, stderr not a terminal."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  return subprocess.run(
+    [sys.executable, "-m", "divita_jax.predict", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,  # Not quieted by conftest: predict must quiet TensorFlow.
+  )
+
+
+def _assert_quiet(stderr: str) -> None:
+  """Only our lines: errors, the synthetic-run warning, the failure count."""
+  lines = stderr.strip().splitlines()
+  assert lines, stderr
+  for line in lines:
+    assert line.startswith(("error: ", "warning: ", "1 ", "2 ")), stderr
+  assert "\x1b" not in stderr and "\r" not in stderr  # No progress bar.
+  (warning,) = [line for line in lines if line.startswith("warning: ")]
+  assert "trained on synthetic trailers (dataset.config='synthetic')" in (
+    warning
+  )
+  assert "randomly initialised backbones" in warning
+
+
+def test_a_missing_file_fails_at_once(trained_workdir, tmp_path):
+  """Nothing is loaded for a missing file: the answer comes in seconds
+  (the run's libraries take ~20 s to import and load)."""
+  missing = str(tmp_path / "missing.mp4")
+  start = time.time()
+  proc = _predict(f"--workdir={trained_workdir}", missing)
+  seconds = time.time() - start
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f"error: {missing}: missing file" in proc.stderr
+  assert "1 of 1 file(s) failed" in proc.stderr
+  _assert_quiet(proc.stderr)
+  assert seconds < 5, seconds
+
+
 def test_table_and_plot(trained_workdir, trailers, tmp_path, capsys):
   folder, records = trailers
   trailer_id = sorted(records)[0]
@@ -126,14 +163,16 @@ def test_table_and_plot(trained_workdir, trailers, tmp_path, capsys):
   assert lines[0].startswith(trailer_id)
   num_shots = len(records[trailer_id]["shots"])
   assert lines[1].strip().startswith(f"{num_shots} shots, ")
-  rows = [line[2:].split() for line in lines[3:]]
+  rows = [line[2:].split() for line in lines[3:-1]]
   assert sorted(r[0] for r in rows) == sorted(genres.GENRES)
   probs = [float(r[1]) for r in rows]
   assert probs == sorted(probs, reverse=True)
   assert lines[2].split()[:4] == ["genre", "prob", "image", "video"]
   assert all(0 <= float(r[k]) <= 1 for r in rows for k in (2, 3))
   # '*' marks genres at or above 0.5.
-  assert [line[0] == "*" for line in lines[3:]] == [p >= 0.5 for p in probs]
+  assert [line[0] == "*" for line in lines[3:-1]] == [p >= 0.5 for p in probs]
+  assert lines[-1].strip().startswith("* = predicted genre: prob >= 0.5")
+  assert "branch columns: each branch alone" in lines[-1]
   image = matplotlib.image.imread(png)
   assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600
   assert image[..., :3].std() > 0.05  # Thumbnails and bars, not blank.

@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from tfds_trailers12k import (
@@ -153,6 +154,15 @@ class Trailers12k(tfds.core.GeneratorBasedBuilder):
       homepage="https://github.com/richardtml/DIViTA",
       metadata=tfds.core.MetadataDict(skipped=[]),
     )
+
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+  # "... downloaded and prepared" to stdout around every build: nothing is
+  # downloaded here, and `build` prints its own summary. Logged instead.
+  def _log_download_bytes(self) -> None:
+    logging.info("Building %s into %s.", self.info.full_name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("Built %s in %s.", self.info.full_name, self.data_dir)
 
   def _download_and_prepare(self, dl_manager, download_config):
     # Beam when a runner or pipeline options are given (`build(...,

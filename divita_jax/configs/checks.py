@@ -203,6 +203,22 @@ def _check_dataset(config) -> None:
     "dataset.reencode_height",
     "dataset.num_workers",
   )
+  _beam_flags(config)
+
+
+def _beam_flags(config) -> None:
+  """dataset.beam_options: --name=value flags (tfds_trailers12k.beam)."""
+  options = config.dataset.beam_options
+  # Split as tfds_trailers12k.beam.pipeline_options does.
+  flags = [f for f in re.split(r"[,\s]+(?=--)", options.strip()) if f]
+  bad = [f for f in flags if not f.startswith("--")]
+  if bad:
+    _fail(
+      "dataset.beam_options",
+      options,
+      f"Beam pipeline flags --name=value separated by commas ({bad[0]!r} "
+      "is not one), or '' for the local build",
+    )
 
 
 def _check_clips(config) -> None:
