@@ -53,12 +53,14 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-# INFO lines kept at --verbosity=0: one per stage (dataset, extraction, fold).
+# INFO lines kept at --verbosity=0: one per stage (dataset, extraction,
+# fold), and a fold's own lines elsewhere ("Fold 0: resuming at step 12").
 STAGE_MODULES = (
   "divita_jax/run.py",
   "divita_jax/extract.py",
   "divita_jax/main.py",
 )
+FOLD_LINE = "Fold "
 # TFDS warnings of every build: a custom config (ours always are), and the
 # version folder it is about to write, not yet holding dataset_info.json.
 TFDS_NOTICES = ("Using custom data configuration", "has no dataset_info.json")
@@ -66,9 +68,9 @@ TFDS_NOTICES = ("Using custom data configuration", "has no dataset_info.json")
 
 class QuietLibraries(std_logging.Filter):
   """At verbosity 0: warnings and errors, and INFO only from the stage
-  lines; never orbax's notices (several per checkpoint, also warnings),
-  the TPU backend probe or TFDS's per-build notices. Verbosity >= 1 keeps
-  everything."""
+  lines (and a fold's own lines); never orbax's notices (several per
+  checkpoint, also warnings), the TPU backend probe or TFDS's per-build
+  notices. Verbosity >= 1 keeps everything."""
 
   def __init__(self, verbosity: int | None = None):
     super().__init__()
@@ -87,7 +89,10 @@ class QuietLibraries(std_logging.Filter):
       msg = record.getMessage()
       return not any(notice in msg for notice in TFDS_NOTICES)
     if record.levelno < std_logging.WARNING:
-      return path.endswith(STAGE_MODULES)
+      fold_line = str(record.msg).startswith(FOLD_LINE)
+      return path.endswith(STAGE_MODULES) or (
+        "/divita_jax/" in path and fold_line
+      )
     return True
 
 

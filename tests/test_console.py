@@ -98,9 +98,17 @@ def test_quiet_libraries_and_verbosity():
     _record("/site-packages/orbax/checkpoint/a.py", logging.ERROR, "lost"),
     _record("/repo/divita_jax/trainers/loop.py", logging.WARNING, "NaN"),
     _record("/repo/divita_jax/run.py", logging.INFO, "Fold 0 (best epoch 3)"),
+    _record(
+      "/repo/divita_jax/trainers/loop.py",
+      logging.INFO,
+      "Fold %d: resuming at step %d (%d epochs done).",
+      0,
+      12,
+      1,
+    ),
   ]
   quiet, verbose = main.QuietLibraries(0), main.QuietLibraries(1)
-  assert [quiet.filter(r) for r in dropped + kept] == [False] * 3 + [True] * 4
+  assert [quiet.filter(r) for r in dropped + kept] == [False] * 3 + [True] * 5
   assert all(verbose.filter(r) for r in dropped + kept)
   assert main.argv_verbosity(["x", "--verbosity=1"]) == 1
   assert main.argv_verbosity(["x", "-v", "2"]) == 2

@@ -376,7 +376,9 @@ def test_finetuning_with_the_audio_branch_end_to_end(
 def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(finetuned, tmp_path):
   workdir = str(tmp_path / "killed")
   data_dir = os.path.join(finetuned, "tfds")  # Built already.
-  proc = _launch(workdir, data_dir, "--config.train.log_every_steps=1")
+  # Every step's line (--verbosity=1: the fold loop's INFO lines).
+  flags = ("--config.train.log_every_steps=1", "--verbosity=1")
+  proc = _launch(workdir, data_dir, *flags)
   kill_at.kill_at_step(proc, seed=0)  # Mid epoch 2, after a checkpoint.
   assert "resuming at step" in _finish(_launch(workdir, data_dir))
   _, resumed = _best(workdir)
