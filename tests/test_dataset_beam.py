@@ -3,10 +3,8 @@ skips included; a killed pipeline redoes only what it had not finished;
 the command line's own flags."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import pytest
 import tfds_trailers12k
 from divita_jax import run
 from divita_jax.configs import divita
-from tests import worker_fns
+from tests import kill_build, worker_fns
 from tfds_trailers12k import dummy_data, workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,13 +66,6 @@ def test_raw_beam_build_from_the_cli_equals_the_local_one(tmp_path):
   assert_same_dataset(local, beam)
 
 
-def _saved(folder):
-  """Prepared trailers renamed into place (not a kill's partial temp file)."""
-  if not os.path.isdir(folder):
-    return []
-  return [f for f in os.listdir(folder) if f.endswith(".npz") and f[0] != "."]
-
-
 def _killed_beam_build(data_dir, kwargs) -> int:
   """A Beam build (in-process FnApiRunner) killed after 2+ trailers;
   returns how many it saved."""
@@ -82,24 +73,11 @@ def _killed_beam_build(data_dir, kwargs) -> int:
     "import tfds_trailers12k as t; "
     f"t.build('synthetic', {data_dir!r}, beam_runner={RUNNER!r}, **{kwargs!r})"
   )
-  proc = subprocess.Popen(
-    [sys.executable, "-c", code],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-    start_new_session=True,  # Its worker children die with it.
-  )
   folder = tfds_trailers12k.Trailers12k(
     config=tfds_trailers12k.make_config("synthetic", **kwargs),
     data_dir=data_dir,
   )._prepared_root
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if len(_saved(folder)) >= 2:
-      break
-    time.sleep(0.05)
-  os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait()
-  return len(_saved(folder))
+  return kill_build.kill_after_saved(code, folder)
 
 
 def test_killed_beam_build_resumes_through_the_run_config(tmp_path, capsys):

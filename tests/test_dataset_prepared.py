@@ -1,15 +1,12 @@
 """Prepared trailers: saved per trailer, and a killed build resumes."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 import tfds_trailers12k
+from tests import kill_build
 from tfds_trailers12k import prepared
 
 NUM = 6
@@ -61,34 +58,17 @@ def test_round_trip_skips_and_unreadable(tmp_path):
     store.load("a")
 
 
-def _saved(folder):
-  """Prepared trailers renamed into place (not a kill's partial temp file)."""
-  return [f for f in os.listdir(folder) if f.endswith(".npz") and f[0] != "."]
-
-
 def test_killed_build_resumes_without_redoing(direct, tmp_path):
   data_dir = str(tmp_path)
   code = (
     "import tfds_trailers12k as t; "
     f"t.build('synthetic', {data_dir!r}, num_trailers={NUM}, num_workers=1)"
   )
-  proc = subprocess.Popen(
-    [sys.executable, "-c", code],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
   folder = tfds_trailers12k.Trailers12k(
     config=tfds_trailers12k.make_config("synthetic", num_trailers=NUM),
     data_dir=data_dir,
   )._prepared_root
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(folder) and len(_saved(folder)) >= 2:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  done = len(_saved(folder))
+  done = kill_build.kill_after_saved(code, folder)
   assert 2 <= done < NUM, "killed too late to test a resume"
   builder = tfds_trailers12k.build("synthetic", data_dir, **KW)
   assert builder.prepared_counts == dict(reused=done, computed=NUM - done)
