@@ -1,7 +1,10 @@
 """Representation stores: our .npy store and the official zarr v2 groups."""
 
+import gc
 import os
 import pickle
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -123,3 +126,51 @@ def test_in_memory_reader_checks_lengths_and_names_missing_ids(tmp_path):
     memory.read("c")
   with pytest.raises(KeyError, match="No representations for c"):
     stores.InMemoryReader(store, ["a", "c"])
+
+
+class _Cycle:
+  """A reference cycle whose finalizer runs Python code when collected."""
+
+  def __init__(self):
+    self.me = self
+
+  def __del__(self):
+    [0] * 8
+
+
+def test_npy_headers_parse_safely_from_many_threads(tmp_path):
+  """InMemoryReader reads headers from a thread pool; CPython 3.11's AST
+  state is per interpreter, so unlocked concurrent np.load headers fail
+  with "AST constructor recursion depth mismatch" once a GC finalizer
+  switches threads mid-parse (seen in CI). A tiny switch interval and a
+  GC that runs often make that switch frequent."""
+  store = stores.NpyStore(str(tmp_path), "tag")
+  for k in range(8):
+    store.write(f"t{k}", np.full((k + 1, 3), k, np.float32))
+  errors = []
+
+  def work(k):
+    for _ in range(4000):
+      try:
+        array = store.read(f"t{k % 8}", mmap=True)
+        assert array.shape == (k % 8 + 1, 3)
+        _Cycle(), _Cycle()
+      except SystemError as e:
+        errors.append(e)
+        return
+
+  interval, threshold = sys.getswitchinterval(), gc.get_threshold()
+  sys.setswitchinterval(1e-6)
+  gc.set_threshold(5)
+  try:
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(16)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+    gc.set_threshold(*threshold)
+  assert not errors, errors[0]
+  np.testing.assert_array_equal(store.read("t3"), np.full((4, 3), 3))
+  assert not isinstance(store.read("t3"), np.memmap)

@@ -22,10 +22,18 @@ import concurrent.futures
 import io
 import json
 import os
+import threading
 
 import numpy as np
 
 from divita_jax import atomic
+
+# np.load parses a .npy header with `ast.literal_eval`, and CPython 3.11's
+# AST constructor keeps its recursion depth in per-interpreter state, so two
+# threads parsing at once can fail with "SystemError: AST constructor
+# recursion depth mismatch" (cpython gh-106905). Headers are therefore
+# opened under one lock; the data is read outside it.
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 def group_tag(group: str) -> str:
@@ -87,7 +95,9 @@ class NpyStore:
     path = self._file(trailer_id)
     if not os.path.exists(path):
       raise KeyError(f"No representations for {trailer_id} in {self.path}.")
-    return np.load(path, mmap_mode="r" if mmap else None)
+    with _NPY_HEADER_LOCK:
+      array = np.load(path, mmap_mode="r")
+    return array if mmap else np.array(array)
 
   def write_manifest(self, info: dict) -> None:
     atomic.write_json(
