@@ -4,8 +4,9 @@ The one place that decides which trailers and batch rows a process owns:
 dataset preparation and extraction split trailers with `process_shard`;
 the head's loaders give each process the rows `process_rows` of every
 global batch; `global_batch` assembles the processes' rows into one
-jax.Array split along the mesh's data axis. `agree` makes process 0's view
-of the filesystem everyone's.
+jax.Array split along the mesh's data axis (`aligned_empty` arrays without
+a copy on CPU). `agree` makes process 0's view of the filesystem
+everyone's.
 """
 
 import jax
@@ -57,6 +58,22 @@ def process_rows(
     )
   local = global_batch_size // process_count
   return slice(process_index * local, (process_index + 1) * local)
+
+
+# XLA:CPU aliases a numpy array with this alignment instead of copying it.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on an `ALIGNMENT`-byte
+  boundary: `global_batch` / `jax.device_put` on the CPU backend then use
+  its memory as it is (numpy's own allocations are 16-byte aligned, and a
+  dispatch's 8 x 32 x 30 x 768 float32 windows took 13 ms to copy)."""
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(size + ALIGNMENT, np.uint8)
+  start = -raw.ctypes.data % ALIGNMENT
+  return raw[start : start + size].view(dtype).reshape(shape)
 
 
 def global_batch(

@@ -1,8 +1,10 @@
 """Representation pipeline: windows, masks, determinism, state, processes."""
 
+import jax
 import numpy as np
 import pytest
 
+from divita_jax import hosts
 from divita_jax.pipelines import common, reps, stores
 
 NUM_CLIPS = 4
@@ -187,6 +189,10 @@ def test_train_stacks_equal_the_stacked_batches(data):
       for k, v in got.items():
         np.testing.assert_array_equal(v, np.stack([w[k] for w in want]))
         assert v.dtype == want[0][k].dtype
+      for b in npy:  # Aligned: the CPU backend takes them without a copy.
+        assert got[b].ctypes.data % hosts.ALIGNMENT == 0
+        on_device = jax.device_put(got[b])
+        assert on_device.unsafe_buffer_pointer() == got[b].ctypes.data
   with pytest.raises(IndexError, match="outside the 6 steps"):
     stacks(5, 2)
 

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from divita_jax import hosts
 from divita_jax.pipelines import common, stores
 
 
@@ -116,7 +117,9 @@ class _Windows:
     out = {"mask": mask, "labels": self.fold.labels[self.indices[positions]]}
     for b, r in self.readers.items():
       rows = self.offsets[b][positions][..., None] + np.where(mask, clip, 0)
-      x = np.take(r.data, np.minimum(rows, len(r.data) - 1), axis=0)
+      # Aligned: the CPU backend takes the windows without a copy.
+      x = hosts.aligned_empty(rows.shape + r.data.shape[1:], r.data.dtype)
+      np.take(r.data, rows, axis=0, out=x, mode="clip")
       x[~mask] = 0
       out[b] = x  # [..., b, num_clips, D]
     return out
